@@ -1,0 +1,103 @@
+"""Calibrate: the data-dependent preparation of every site that asks for it.
+
+One pass over the user's batches serves every such site (lora-ga's init and rosa-robust's
+masks alike). For each site whose adapter ``wants_gradient()``, the weight the site reads
+is made to require grad for the duration; a post-accumulate hook hands each batch's
+gradient (out x in, fp32) to ``adapter.observe_gradient`` and frees it at once, so at
+most one full weight gradient is alive beyond the model's own memory. Every other
+parameter is frozen meanwhile. Afterwards ``adapter.end_calibration`` may return a new
+frozen base weight for its site (lora-ga's offset), which the graph then reads.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterable
+
+import torch
+from torch import fx
+from tqdm.auto import tqdm
+
+from rosafx.errors import RosafxError
+
+from .insert import adapter_nodes, adapters_of, set_base_weight
+
+aten = torch.ops.aten
+
+
+def site_weight_leaves(gm: fx.GraphModule) -> dict[str, tuple[torch.Tensor, bool]]:
+    """Adapter key -> (the leaf tensor its op nodes read as W, whether it is stored in x out)."""
+    leaves = {}
+    for node in adapter_nodes(gm):
+        key, weight_node = node.meta["rosafx"]["key"], node.args[1]
+        transposed = weight_node.op == "call_function" and weight_node.target is aten.t.default
+        target = weight_node.args[0].target if transposed else weight_node.target
+        owner, _, name = target.rpartition(".")
+        leaves[key] = (getattr(gm.get_submodule(owner) if owner else gm, name), transposed)
+    return leaves
+
+
+@contextmanager
+def _only_these_require_grad(gm: fx.GraphModule, leaves: list[torch.Tensor]):
+    saved = [(p, p.requires_grad) for p in gm.parameters()]
+    saved += [(t, t.requires_grad) for t in leaves]
+    try:
+        for p in gm.parameters():
+            p.requires_grad_(False)
+        for t in leaves:
+            t.requires_grad_(True)
+        gm._rosafx_calibrating = True
+        yield
+    finally:
+        gm._rosafx_calibrating = False
+        for t, flag in saved:
+            t.requires_grad_(flag)
+            t.grad = None
+
+
+def calibrate(adapted: fx.GraphModule, batches: Iterable, loss_fn: Callable, *,
+              progress: bool = True) -> fx.GraphModule:
+    """Average what each calibrating site needs over ``batches``; ``loss_fn(model, batch)``
+    returns a scalar loss. Returns the same module, ready to train."""
+    adapters = {k: a for k, a in adapters_of(adapted).items() if a.wants_gradient()}
+    if not adapters:
+        raise RosafxError("No site of this model needs calibration (only lora-ga and rosa-robust do).")
+    leaves = site_weight_leaves(adapted)
+    shared = [k for k in adapters if sum(leaves[k][0] is leaves[j][0] for j in leaves) > 1]
+    if shared:
+        raise RosafxError(f"Sites {shared} read the same weight tensor; calibrate them separately.")
+    hooks = []
+
+    def observer(key: str, transposed: bool):
+        def hook(tensor: torch.Tensor) -> None:
+            grad = tensor.grad.detach()
+            adapters[key].observe_gradient((grad.t() if transposed else grad).float())
+            tensor.grad = None  # free it now: one full gradient at a time
+        return hook
+
+    for key, adapter in adapters.items():
+        adapter.begin_calibration()
+    num_batches = 0
+    with _only_these_require_grad(adapted, [leaves[k][0] for k in adapters]):
+        for key in adapters:
+            tensor, transposed = leaves[key]
+            hooks.append(tensor.register_post_accumulate_grad_hook(observer(key, transposed)))
+        try:
+            total = len(batches) if hasattr(batches, "__len__") else None
+            for batch in tqdm(batches, total=total, desc="rosafx calibrate", disable=not progress, unit="batch"):
+                loss = loss_fn(adapted, batch)
+                if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
+                    raise RosafxError("loss_fn(model, batch) must return a scalar tensor.")
+                loss.backward()
+                num_batches += 1
+        finally:
+            for handle in hooks:
+                handle.remove()
+    if num_batches == 0:
+        raise RosafxError("calibrate got no batches: pass a non-empty iterable.")
+    for key, adapter in adapters.items():
+        tensor, transposed = leaves[key]
+        base = (tensor.t() if transposed else tensor).detach()
+        new_base = adapter.end_calibration(num_batches, base)
+        if new_base is not None:
+            set_base_weight(adapted, key, new_base.to(base.dtype))
+    return adapted

@@ -1,0 +1,113 @@
+"""Merge: fold every adapter into a plain weight; adapter nodes become linear calls again.
+
+    lowrank_linear = rosafx.lowrank_linear.default(x, W, b, lora_A, lora_B, 2.0, None)
+ -> linear = aten.linear.default(x, W_merged, b)         W_merged = W + ΔW  (fp32 sum)
+
+A Conv1D site goes back to ``addmm(b, x, W_merged)`` with W stored in x out, so the merged
+graph has exactly the base graph's matmuls. Merged weights are new tensors: the adapted
+model keeps working, and a weight tied elsewhere (GPT-2's lm_head = wte) is untied rather
+than changed behind the user's back.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import fx, nn
+
+from rosafx.errors import RosafxError
+
+from .insert import ADAPTERS, adapter_nodes, adapters_of
+
+aten = torch.ops.aten
+
+
+def merged_weight(weight: torch.Tensor, delta: torch.Tensor, path: str) -> torch.Tensor:
+    """W + ΔW accumulated in fp32, checked finite, cast back to W's dtype."""
+    total = weight.detach().float() + delta.float()
+    if not torch.isfinite(total).all():
+        raise RosafxError(f"Merging site '{path}' gives non-finite weights; the adapter has diverged "
+                          "(check the learning rate) or the base weight overflows its dtype.")
+    return total.to(weight.dtype)
+
+
+def _tensor_of(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    """The out x in weight an op node reads: get_attr W, or aten.t(get_attr W)."""
+    if node.op == "get_attr":
+        return _fetch(gm, node.target)
+    if node.op == "call_function" and node.target is aten.t.default:
+        return _fetch(gm, node.args[0].target).t()
+    raise RosafxError(f"Cannot read the weight of adapter node input {node.format_node()}.")
+
+
+def _fetch(gm: nn.Module, target: str):
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)
+
+
+def merge_adapters(adapted: fx.GraphModule) -> fx.GraphModule:
+    adapters = adapters_of(adapted)
+    for adapter in adapters.values():
+        adapter.check_ready("merge")
+    graph = copy.deepcopy(adapted.graph)
+    merged: dict[str, torch.Tensor] = {}
+    for node in adapter_nodes_in(graph):
+        info = node.meta["rosafx"]
+        adapter = adapters[info["key"]]
+        weight_node = node.args[1]
+        weight = _tensor_of(adapted, weight_node)
+        name = f"{info['weight_name']}"
+        if name not in merged:
+            total = merged_weight(weight, adapter.delta_weight().to(weight.device), info["site"])
+            merged[name] = total.t().contiguous() if info["form"] == "addmm" else total
+        x, bias = node.args[0], node.args[2]
+        with graph.inserting_before(node):
+            w = graph.create_node("get_attr", f"__rosafx_merged__.{name}")
+            if info["form"] == "addmm":
+                plain = graph.call_function(aten.addmm.default, (bias, x, w))
+            else:
+                plain = graph.call_function(aten.linear.default, (x, w, bias))
+        plain.meta = {k: v for k, v in node.meta.items() if k != "rosafx"}
+        node.replace_all_uses_with(plain)
+        graph.erase_node(node)
+    _drop_unused_adapter_inputs(graph)
+    _name_merged_weights(graph, merged)
+    root = {}
+    for node in graph.nodes:
+        if node.op in ("get_attr", "call_module") and node.target not in root:
+            root[node.target] = merged[node.target] if node.target in merged else _fetch(adapted, node.target)
+    root = {k: (nn.Parameter(v, requires_grad=False) if isinstance(v, torch.Tensor) and k in merged else v)
+            for k, v in root.items()}
+    result = fx.GraphModule(root, graph, class_name="RosafxMergedModule")
+    result.train(adapted.training)
+    result.meta["rosafx_merged_from"] = sorted(adapters)
+    if any(ADAPTERS in t for t in root):
+        raise RosafxError("Internal error: adapter tensors survived the merge.")
+    graph.lint()
+    return result
+
+
+def _drop_unused_adapter_inputs(graph: fx.Graph) -> None:
+    """Erase what only fed the adapter nodes: their tensors, dropout and weight transposes."""
+    for node in reversed(list(graph.nodes)):
+        if node.users:
+            continue
+        if node.op == "get_attr" or (node.op == "call_module" and node.target.startswith(ADAPTERS + ".")) \
+                or (node.op == "call_function" and node.target is aten.t.default):
+            graph.erase_node(node)
+
+
+def _name_merged_weights(graph: fx.Graph, merged: dict[str, torch.Tensor]) -> None:
+    """A merged weight takes its original name unless another node still reads the original
+    tensor there (a tied weight): then it gets a name of its own and the tie is broken."""
+    still_read = {n.target for n in graph.nodes if n.op == "get_attr" and not n.target.startswith("__rosafx_merged__.")}
+    for name in list(merged):
+        final = name if name not in still_read else f"{name}_merged"
+        merged[final] = merged.pop(name)
+        for n in graph.nodes:
+            if n.op == "get_attr" and n.target == f"__rosafx_merged__.{name}":
+                n.target = final
+
+
+def adapter_nodes_in(graph: fx.Graph) -> list[fx.Node]:
+    return [n for n in graph.nodes if n.op == "call_function" and "rosafx" in n.meta]

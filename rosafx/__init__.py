@@ -1,0 +1,14 @@
+"""rosafx: capture a model as an FX graph, insert adapters by rules, train, merge, export.
+
+    adapted = rosafx.transform(model, {"query": {"method": "lora", "rank": 8}})
+    ...train adapted like any module...
+    plain = rosafx.merge(adapted)
+    rosafx.export_onnx(adapted, "model.onnx")
+"""
+from . import ops  # noqa: F401  (registers the rosafx:: ops)
+from .api import calibrate, export_onnx, load, lower, merge, methods, resample, save, transform
+from .errors import RosafxError
+
+__all__ = ["transform", "merge", "export_onnx", "save", "load", "methods", "calibrate", "lower",
+           "resample", "RosafxError"]
+__version__ = "0.1.0"

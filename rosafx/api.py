@@ -1,0 +1,70 @@
+"""The public API, thin over the passes."""
+from __future__ import annotations
+
+from torch import fx, nn
+
+from .errors import RosafxError
+from .methods import FULL, REGISTRY
+from .transform import transform
+
+
+def merge(adapted: fx.GraphModule) -> fx.GraphModule:
+    """A plain graph: every adapter folded into its weight (fp32 accumulation, finite check)."""
+    from rosafx.passes.merge import merge_adapters
+    _require_adapted(adapted, "merge")
+    return merge_adapters(adapted)
+
+
+def methods() -> list[str]:
+    """The registered method ids (plus ``full``, which trains a whole module as is)."""
+    return sorted(REGISTRY) + [FULL]
+
+
+def export_onnx(model: nn.Module, path, *, example_inputs=None, merge: bool = True, **options):
+    """Export to ONNX (dynamo exporter, dynamic batch/sequence axes), verify with onnxruntime
+    against torch, and return an ``ExportReport`` (max error, latency against the base)."""
+    from rosafx.passes.export import export_onnx as _export
+    return _export(model, path, example_inputs=example_inputs, merge=merge, **options)
+
+
+def save(adapted: fx.GraphModule, directory, *, format: str = "rosafx") -> None:
+    """Write the adapter (safetensors + JSON). ``format="peft"`` writes an HF PEFT directory."""
+    from .serialize import save as _save
+    _require_adapted(adapted, "save")
+    _save(adapted, directory, format=format)
+
+
+def load(model: nn.Module, directory, *, example_inputs=None) -> fx.GraphModule:
+    """Rebuild the adapted model from ``model`` and a saved adapter directory (rosafx or HF PEFT)."""
+    from .serialize import load as _load
+    return _load(model, directory, example_inputs=example_inputs)
+
+
+def calibrate(adapted: fx.GraphModule, batches, loss_fn, **options) -> fx.GraphModule:
+    """Run the data-dependent preparation of every site that needs it (lora-ga, rosa-robust masks)."""
+    from rosafx.passes.calibrate import calibrate as _calibrate
+    _require_adapted(adapted, "calibrate")
+    return _calibrate(adapted, batches, loss_fn, **options)
+
+
+def lower(adapted: fx.GraphModule, backend: str = "auto") -> fx.GraphModule:
+    """Swap the adapter ops' implementation: ``auto`` (Triton on CUDA), ``triton`` or ``torch``."""
+    from rosafx.passes.lower import lower as _lower
+    _require_adapted(adapted, "lower")
+    return _lower(adapted, backend=backend)
+
+
+def resample(adapted: fx.GraphModule, optimizer=None) -> fx.GraphModule:
+    """ROSA: fold B·A into the frozen weight and factorise again with a fresh block."""
+    from rosafx.passes.resample import resample as _resample
+    _require_adapted(adapted, "resample")
+    return _resample(adapted, optimizer=optimizer)
+
+
+def _require_adapted(model, action: str) -> None:
+    if not (isinstance(model, fx.GraphModule) and "rosafx" in getattr(model, "meta", {})):
+        raise RosafxError(f"rosafx.{action} takes the module returned by rosafx.transform or rosafx.load, "
+                          f"got {type(model).__name__}.")
+
+
+__all__ = ["transform", "merge", "methods", "export_onnx", "save", "load", "calibrate", "lower", "resample"]

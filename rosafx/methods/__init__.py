@@ -1,0 +1,38 @@
+"""The method registry: one line per method. ``full`` is handled by the transform itself."""
+from __future__ import annotations
+
+from ..errors import RosafxError
+from .base import Adapter, Method, MethodConfig
+from .lora import Lora
+
+REGISTRY: dict[str, Method] = {m.id: m for m in (
+    Lora(),
+)}
+
+FULL = "full"  # HF PEFT's modules_to_save: the whole module trains as is
+
+
+def get_method(method_id: str) -> Method:
+    if method_id not in REGISTRY:
+        raise RosafxError(f"Unknown method '{method_id}'. Known methods: {sorted(REGISTRY) + [FULL]}.")
+    return REGISTRY[method_id]
+
+
+def parse_config(raw) -> MethodConfig | str:
+    """A rule value -> a method config object (or FULL)."""
+    if isinstance(raw, MethodConfig):
+        raw.validate()
+        return raw
+    if isinstance(raw, str):
+        raw = {"method": raw}
+    if not isinstance(raw, dict) or "method" not in raw:
+        raise RosafxError(f"A rule config must be a dict with a 'method' key, e.g. "
+                          f"{{'method': 'lora', 'rank': 8}}; got {raw!r}.")
+    if raw["method"] == FULL:
+        if len(raw) > 1:
+            raise RosafxError("The 'full' method takes no options.")
+        return FULL
+    return get_method(raw["method"]).Config.from_dict(raw)
+
+
+__all__ = ["REGISTRY", "FULL", "get_method", "parse_config", "Adapter", "Method", "MethodConfig"]

@@ -1,0 +1,130 @@
+"""What every method provides: a config, an adapter module per site, and a registry entry.
+
+A method is one module (``rosafx/methods/<id>.py``) holding:
+  * ``Config``: a dataclass of its options (``from_dict`` rejects unknown keys);
+  * ``Adapter``: an ``nn.Module`` per site that owns its tensors, emits its graph node
+    (``emit``), and gives the dense weight delta for merge (``delta_weight``);
+  * a ``Method`` instance registered in ``rosafx/methods/__init__.py``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import Tensor, fx, nn
+
+from ..errors import RosafxError
+from ..sites import Site
+
+
+@dataclasses.dataclass
+class MethodConfig:
+    method: ClassVar[str] = ""
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "MethodConfig":
+        raw = {k: v for k, v in raw.items() if k != "method"}
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - names)
+        if unknown:
+            raise RosafxError(f"Unknown option(s) {unknown} for method '{cls.method}'. "
+                              f"Valid options: {sorted(names)}.")
+        config = cls(**raw)
+        config.validate()
+        return config
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, **dataclasses.asdict(self)}
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("rank",) and (not isinstance(value, int) or value < 0):
+                raise RosafxError(f"{self.method}: rank must be a non-negative integer, got {value!r}.")
+            if f.name == "dropout" and not (0.0 <= float(value) < 1.0):
+                raise RosafxError(f"{self.method}: dropout must be in [0, 1), got {value!r}.")
+
+
+class GraphEmitter:
+    """The small vocabulary an adapter uses to write its node into the graph."""
+
+    def __init__(self, graph: fx.Graph, prefix: str):
+        self.graph, self.prefix = graph, prefix
+
+    def attr(self, name: str) -> fx.Node:
+        """A get_attr node for one of the adapter's own tensors."""
+        return self.graph.get_attr(f"{self.prefix}.{name}")
+
+    def shared(self, path: str) -> fx.Node:
+        """A get_attr node for a tensor shared across adapters (absolute path)."""
+        return self.graph.get_attr(path)
+
+    def module(self, name: str, *args: fx.Node) -> fx.Node:
+        return self.graph.call_module(f"{self.prefix}.{name}", args)
+
+    def call(self, op: Callable, *args: Any) -> fx.Node:
+        return self.graph.call_function(op, tuple(args))
+
+
+class Adapter(nn.Module):
+    """One site's adapter. Subclasses set tensors in ``__init__`` and implement ``emit`` and
+    ``delta_weight``. ``base_weight`` (optional buffer, out x in) replaces the site's frozen
+    weight when a method changes it (lora-ga's offset, rosa's remainder)."""
+
+    needs_calibration: ClassVar[bool] = False
+
+    def __init__(self, site: Site, config: MethodConfig):
+        super().__init__()
+        self.site_path = site.path
+        self.in_features, self.out_features = site.in_features, site.out_features
+        self.config = config
+
+    # graph
+    def emit(self, g: GraphEmitter, x: fx.Node, weight: fx.Node, bias: fx.Node | None) -> fx.Node:
+        raise NotImplementedError
+
+    # merge
+    def delta_weight(self) -> Tensor:
+        """Dense ΔW (out x in, fp32) to add to the weight the graph uses."""
+        raise NotImplementedError
+
+    def check_ready(self, action: str) -> None:
+        """Raise a RosafxError if the adapter cannot yet be trained or merged."""
+
+    # calibration (data-dependent preparation; see passes/calibrate.py)
+    def wants_gradient(self) -> bool:
+        return False
+
+    def begin_calibration(self) -> None: ...
+
+    def observe_gradient(self, grad: Tensor) -> None:
+        """One batch's gradient of the site's effective weight, out x in, fp32."""
+
+    def end_calibration(self, num_batches: int, base_weight: Tensor) -> Tensor | None:
+        """Finish; may return a new frozen base weight (out x in) for the site."""
+        return None
+
+    def trainable_count(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def kaiming_uniform_(tensor: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """nn.Linear's default init (kaiming_uniform with a = √5): bound = 1/√fan_in."""
+    bound = 1.0 / math.sqrt(tensor.shape[1]) if tensor.shape[1] else 0.0
+    with torch.no_grad():
+        return tensor.uniform_(-bound, bound, generator=generator)
+
+
+class Method:
+    """Registry entry. ``build`` turns (site, config) pairs into adapters; methods with
+    state shared across sites (VeRA's random pair) override it."""
+
+    id: str = ""
+    description: str = ""
+    Config: type[MethodConfig] = MethodConfig
+    Adapter: type[Adapter] = Adapter
+
+    def build(self, gm: fx.GraphModule, pairs: list[tuple[Site, MethodConfig]]) -> list[Adapter]:
+        return [self.Adapter(site, config) for site, config in pairs]

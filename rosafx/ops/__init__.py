@@ -1,0 +1,6 @@
+"""Registered adapter ops (``torch.library``): one opaque node each under torch.export.
+
+Each op has a torch reference implementation (CPU and any device), a fake (meta)
+implementation for export, and an autograd formula. ``rosafx.lower`` may swap in Triton.
+"""
+from . import lowrank  # noqa: F401  (registers rosafx::lowrank_linear)
