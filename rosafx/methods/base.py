@@ -106,6 +106,26 @@ class Adapter(nn.Module):
         """Finish; may return a new frozen base weight (out x in) for the site."""
         return None
 
+    # persistence (see rosafx/serialize.py)
+    save_base_weight: ClassVar[bool] = False  # True when base_weight cannot be rebuilt from the base model
+
+    def adapter_state(self) -> dict[str, Tensor]:
+        """Tensors to save for this site (default: the state dict, less a rebuildable base_weight)."""
+        state = self.state_dict()
+        if not self.save_base_weight:
+            state.pop("base_weight", None)
+        return state
+
+    def load_adapter_state(self, state: dict[str, Tensor]) -> None:
+        """Inverse of ``adapter_state`` on a freshly built adapter of the same config. A saved
+        ``base_weight`` is installed by the loader before this is called."""
+        state = {k: v for k, v in state.items() if k != "base_weight"}
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [m for m in missing if m != "base_weight"]
+        if missing or unexpected:
+            raise RosafxError(f"Saved adapter for '{self.site_path}' does not fit: missing {missing}, "
+                              f"unexpected {unexpected}.")
+
     def trainable_count(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
