@@ -45,20 +45,26 @@ def _fetch(gm: nn.Module, target: str):
     return getattr(gm.get_submodule(owner) if owner else gm, name)
 
 
-def merge_adapters(adapted: fx.GraphModule) -> fx.GraphModule:
+def merge_adapters(adapted: fx.GraphModule, *, original_weights: bool = False) -> fx.GraphModule:
+    """``original_weights=True`` gives the base model instead: every site back on the user's
+    own weight, no delta (used to compare latency and matmul counts with the base)."""
     adapters = adapters_of(adapted)
-    for adapter in adapters.values():
-        adapter.check_ready("merge")
+    if not original_weights:
+        for adapter in adapters.values():
+            adapter.check_ready("merge")
     graph = copy.deepcopy(adapted.graph)
     merged: dict[str, torch.Tensor] = {}
     for node in adapter_nodes_in(graph):
         info = node.meta["rosafx"]
         adapter = adapters[info["key"]]
-        weight_node = node.args[1]
-        weight = _tensor_of(adapted, weight_node)
-        name = f"{info['weight_name']}"
+        name = info["weight_name"]
         if name not in merged:
-            total = merged_weight(weight, adapter.delta_weight().to(weight.device), info["site"])
+            if original_weights:
+                original = _fetch(adapted, name)
+                total = original.t() if info["form"] == "addmm" else original
+            else:
+                weight = _tensor_of(adapted, node.args[1])
+                total = merged_weight(weight, adapter.delta_weight().to(weight.device), info["site"])
             merged[name] = total.t().contiguous() if info["form"] == "addmm" else total
         x, bias = node.args[0], node.args[2]
         with graph.inserting_before(node):

@@ -1,0 +1,192 @@
+"""Export: the (merged) plain graph -> ONNX, verified with onnxruntime against torch.
+
+The dynamo exporter (``torch.onnx.export(..., dynamo=True)``) with dynamic batch and
+sequence axes; the legacy exporter fails on exported GraphModules. The file is written
+under a temporary name and renamed only after onnxruntime agrees with torch.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from rosafx.capture import _dynamic_dims, _signature_names, normalize_example_inputs
+from rosafx.errors import RosafxError
+
+from .merge import merge_adapters
+
+MATMUL_OPS = ("MatMul", "Gemm")
+# the exporter logs a warning per missing torchvision op on every export; they are noise here
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+
+
+@dataclass
+class ExportReport:
+    path: str
+    max_abs_error: float          # onnxruntime vs torch on the example inputs
+    max_rel_error: float
+    tolerance: float
+    matmul_nodes: int             # MatMul + Gemm nodes in the exported graph
+    latency_ms: float | None      # onnxruntime median
+    base_matmul_nodes: int | None = None
+    base_latency_ms: float | None = None
+
+    @property
+    def latency_ratio(self) -> float | None:
+        if self.latency_ms is None or not self.base_latency_ms:
+            return None
+        return self.latency_ms / self.base_latency_ms
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "latency_ratio": self.latency_ratio}
+
+    def __str__(self) -> str:
+        lines = [f"ONNX written to {self.path}",
+                 f"  parity vs torch: max abs error {self.max_abs_error:.2e} (rel {self.max_rel_error:.2e}, "
+                 f"tolerance {self.tolerance:.0e})",
+                 f"  MatMul/Gemm nodes: {self.matmul_nodes}"
+                 + (f" (base model: {self.base_matmul_nodes})" if self.base_matmul_nodes is not None else "")]
+        if self.latency_ms is not None:
+            lines.append(f"  onnxruntime latency: {self.latency_ms:.2f} ms"
+                         + (f" vs base {self.base_latency_ms:.2f} ms (x{self.latency_ratio:.3f})"
+                            if self.base_latency_ms else ""))
+        return "\n".join(lines)
+
+
+def _is_adapted(model) -> bool:
+    return isinstance(model, fx.GraphModule) and "rosafx" in getattr(model, "meta", {})
+
+
+def _example(model, example_inputs) -> tuple[tuple, dict]:
+    if example_inputs is None and _is_adapted(model):
+        return model.meta["rosafx"]["example_inputs"]
+    return normalize_example_inputs(model, example_inputs)
+
+
+def _dynamic_shapes(model, args, kwargs):
+    if kwargs:
+        try:
+            return {**_signature_names(model, args), **_dynamic_dims(kwargs)}
+        except (ValueError, TypeError):
+            return None
+    return tuple(_dynamic_dims(a) for a in args)
+
+
+def _to_onnx(model: nn.Module, args: tuple, kwargs: dict, path: Path) -> None:
+    model.eval()
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(model, args, kwargs=kwargs, dynamo=True, verbose=False,
+                                        dynamic_shapes=_dynamic_shapes(model, args, kwargs))
+        program.save(str(path), external_data=False)
+    except Exception as exc:
+        raise RosafxError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+                          "(set ROSAFX_DEBUG=1 for the trace).") from exc
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _feed(session, args, kwargs) -> dict:
+    leaves = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    names = [i.name for i in session.get_inputs()]
+    if len(names) != len(leaves):
+        raise RosafxError(f"The ONNX graph takes {len(names)} inputs but the example has {len(leaves)} tensors.")
+    return {n: t.detach().cpu().numpy() for n, t in zip(names, leaves)}
+
+
+def _torch_outputs(model, args, kwargs) -> list[np.ndarray]:
+    with torch.no_grad():
+        out = model(*args, **kwargs)
+    return [t.detach().float().cpu().numpy() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def _median_latency_ms(session, feed, repeats: int) -> float:
+    session.run(None, feed)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def count_matmuls(path) -> int:
+    import onnx
+    graph = onnx.load(str(path), load_external_data=False).graph
+    count = sum(n.op_type in MATMUL_OPS for n in graph.node)
+    for function in onnx.load(str(path), load_external_data=False).functions:
+        count += sum(n.op_type in MATMUL_OPS for n in function.node)
+    return count
+
+
+def export_onnx(model: nn.Module, path, *, example_inputs=None, merge: bool = True, tolerance: float = 1e-4,
+                compare_base: bool = True, latency_repeats: int = 20) -> ExportReport:
+    path = Path(path)
+    args, kwargs = _example(model, example_inputs)
+    adapted = _is_adapted(model)
+    if adapted and merge:
+        plain = merge_adapters(model)
+    elif adapted:
+        raise RosafxError("Only merged graphs export to ONNX (adapter ops have no ONNX form): use merge=True.")
+    else:
+        plain = model
+    was_training = plain.training
+    plain.eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(suffix=".onnx.tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        _to_onnx(plain, args, kwargs, tmp)
+        session = _session(tmp)
+        feed = _feed(session, args, kwargs)
+        got = session.run(None, feed)
+        want = _torch_outputs(plain, args, kwargs)
+        if len(got) != len(want):
+            raise RosafxError(f"onnxruntime returned {len(got)} outputs, torch {len(want)}.")
+        abs_err = max(float(np.max(np.abs(g.astype(np.float32) - w))) if w.size else 0.0 for g, w in zip(got, want))
+        scale = max(float(np.max(np.abs(w))) if w.size else 0.0 for w in want) or 1.0
+        if abs_err > tolerance * max(1.0, scale):
+            raise RosafxError(f"ONNX output differs from torch by {abs_err:.3e} (tolerance {tolerance:.0e} "
+                              f"relative to output scale {scale:.3g}); the file was not written.")
+        report = ExportReport(str(path), abs_err, abs_err / scale, tolerance, count_matmuls(tmp),
+                              _median_latency_ms(session, feed, latency_repeats) if latency_repeats else None)
+        if adapted and compare_base:
+            _compare_with_base(model, args, kwargs, session, feed, report, latency_repeats)
+        os.replace(tmp, path)
+        return report
+    finally:
+        plain.train(was_training)
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _compare_with_base(adapted, args, kwargs, session, feed, report: ExportReport, repeats: int) -> None:
+    """Export the base model (the same graph with the original weights) and time both,
+    interleaved, so that machine noise hits both alike."""
+    base = merge_adapters(adapted, original_weights=True)
+    with tempfile.TemporaryDirectory() as tmpdir:
+        base_path = Path(tmpdir) / "base.onnx"
+        _to_onnx(base, args, kwargs, base_path)
+        report.base_matmul_nodes = count_matmuls(base_path)
+        if repeats:
+            base_session = _session(base_path)
+            ours, theirs = [], []
+            for _ in range(3):
+                ours.append(_median_latency_ms(session, feed, repeats))
+                theirs.append(_median_latency_ms(base_session, feed, repeats))
+            report.latency_ms, report.base_latency_ms = statistics.median(ours), statistics.median(theirs)

@@ -1,0 +1,168 @@
+"""HF PEFT interop: write a directory ``PeftModel.from_pretrained`` loads, and read one.
+
+Tables, not branches: ``PEFT_WRITERS`` maps a rosafx method id to a function that gives
+PEFT's config fields and tensors; ``PEFT_READERS`` maps a PEFT ``peft_type`` to a function
+that gives rosafx rules and the tensors to install.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import fx, nn
+
+from rosafx.passes.insert import ADAPTERS, adapter_key, adapters_of
+
+from .atomic import atomic_directory
+from .errors import RosafxError
+
+PREFIX = "base_model.model."
+CONFIG_NAME, TENSORS_NAME = "adapter_config.json", "adapter_model.safetensors"
+
+
+def _common_value(values: dict[str, object], field: str) -> tuple[object, dict]:
+    """PEFT has one global value plus a per-module pattern table for the exceptions."""
+    counts: dict[object, int] = {}
+    for v in values.values():
+        counts[v] = counts.get(v, 0) + 1
+    common = max(counts, key=counts.get)
+    return common, {path: v for path, v in values.items() if v != common}
+
+
+def _lora_to_peft(adapted: fx.GraphModule, sites: dict) -> tuple[dict, dict]:
+    configs = {p: s["config"] for p, s in sites.items()}
+    rank, rank_pattern = _common_value({p: c["rank"] for p, c in configs.items()}, "rank")
+    alpha, alpha_pattern = _common_value({p: c["alpha"] for p, c in configs.items()}, "alpha")
+    for field in ("dropout", "rslora"):
+        if len({c[field] for c in configs.values()}) > 1:
+            raise RosafxError(f"HF PEFT stores one '{field}' for all LoRA sites; these sites differ in it.")
+    first = next(iter(configs.values()))
+    transposed = {p for p, s in sites.items() if _is_transposed(adapted, p)}
+    config = {
+        "peft_type": "LORA", "r": rank, "lora_alpha": alpha, "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern, "lora_dropout": first["dropout"], "use_rslora": first["rslora"],
+        "target_modules": sorted(configs), "fan_in_fan_out": bool(transposed), "bias": "none",
+        "init_lora_weights": True, "use_dora": False, "lora_bias": False,
+    }
+    adapters = adapters_of(adapted)
+    tensors = {}
+    for path in configs:
+        adapter = adapters[adapter_key(path)]
+        tensors[f"{PREFIX}{path}.lora_A.weight"] = adapter.lora_A.detach()
+        tensors[f"{PREFIX}{path}.lora_B.weight"] = adapter.lora_B.detach()
+    return config, tensors
+
+
+def _is_transposed(adapted: fx.GraphModule, path: str) -> bool:
+    return any(n.meta["rosafx"]["form"] == "addmm" for n in adapted.graph.nodes
+               if n.op == "call_function" and n.meta.get("rosafx", {}).get("site") == path)
+
+
+PEFT_WRITERS: dict[str, Callable[[fx.GraphModule, dict], tuple[dict, dict]]] = {
+    "lora": _lora_to_peft,
+}
+
+
+def save_peft(adapted: fx.GraphModule, directory) -> None:
+    meta = adapted.meta["rosafx"]
+    methods = {s["config"]["method"] for s in meta["sites"].values()}
+    if len(methods) != 1 or next(iter(methods)) not in PEFT_WRITERS:
+        raise RosafxError(f"format='peft' writes one method of {sorted(PEFT_WRITERS)} per directory; this model "
+                          f"uses {sorted(methods)}. Save it with format='rosafx'.")
+    config, tensors = PEFT_WRITERS[next(iter(methods))](adapted, meta["sites"])
+    config.update({"task_type": None, "base_model_name_or_path": None, "revision": None,
+                   "inference_mode": True, "modules_to_save": meta["full"] or None})
+    for path in meta["full"]:
+        for name, value in adapted.get_submodule(path).state_dict().items():
+            tensors[f"{PREFIX}{path}.{name}"] = value.detach()
+    with atomic_directory(directory) as tmp:
+        save_file({k: v.contiguous().cpu().clone() for k, v in tensors.items()}, str(tmp / TENSORS_NAME))
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+# ---------------------------------------------------------------- reading
+UNSUPPORTED_IF_SET = (  # PEFT fields that rosafx cannot honour when they are set
+    "use_dora", "lora_bias", "layers_to_transform", "layers_pattern", "layer_replication", "target_parameters",
+    "trainable_token_indices", "alora_invocation_tokens", "exclude_modules", "use_qalora", "use_bdlora",
+)
+
+
+def _check_supported(config: dict) -> None:
+    for field in UNSUPPORTED_IF_SET:
+        if config.get(field) not in (None, False, {}, [], ""):
+            raise RosafxError(f"HF PEFT adapter field '{field}' = {config[field]!r} is not supported by rosafx.")
+    if config.get("bias", "none") != "none":
+        raise RosafxError(f"HF PEFT adapter field 'bias' = {config['bias']!r} is not supported (only 'none').")
+
+
+def _peft_targets(config: dict) -> object:
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        return targets  # PEFT: a string is a regular expression that must fully match
+    if not targets:
+        raise RosafxError("HF PEFT adapter has no 'target_modules'.")
+    return list(targets)
+
+
+def _lora_from_peft(config: dict, tensors: dict, site_paths: list[str]) -> tuple[dict, dict]:
+    from .serialize import exact_path_rule
+    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    rules, installs = {}, {}
+    for path in site_paths:
+        a_key, b_key = f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_B.weight"
+        if a_key not in tensors:
+            continue
+        rank = int(tensors[a_key].shape[0])
+        alpha = _pattern_value(alphas, path, config["lora_alpha"])
+        rules[exact_path_rule(path)] = {"method": "lora", "rank": rank, "alpha": float(alpha),
+                                        "dropout": float(config.get("lora_dropout", 0.0)),
+                                        "rslora": bool(config.get("use_rslora", False))}
+        installs[f"{ADAPTERS}.{adapter_key(path)}.lora_A"] = tensors[a_key]
+        installs[f"{ADAPTERS}.{adapter_key(path)}.lora_B"] = tensors[b_key]
+    del ranks  # ranks come from the tensors' shapes
+    return rules, installs
+
+
+def _pattern_value(pattern: dict, path: str, default):
+    import re
+    for key, value in pattern.items():
+        if path == key or path.endswith("." + key) or re.fullmatch(key, path):
+            return value
+    return default
+
+
+PEFT_READERS: dict[str, Callable[[dict, dict, list[str]], tuple[dict, dict]]] = {
+    "LORA": _lora_from_peft,
+}
+
+
+def load_peft(model: nn.Module, directory, *, example_inputs=None) -> fx.GraphModule:
+    from .capture import capture
+    from .serialize import exact_path_rule, install_tensors
+    from .sites import find_sites
+    from .transform import transform
+    directory = Path(directory)
+    config = json.loads((directory / CONFIG_NAME).read_text())
+    peft_type = config.get("peft_type")
+    if peft_type not in PEFT_READERS:
+        raise RosafxError(f"HF PEFT adapter type '{peft_type}' is not supported; rosafx reads {sorted(PEFT_READERS)}.")
+    _check_supported(config)
+    tensors_path = directory / TENSORS_NAME
+    if not tensors_path.exists():
+        raise RosafxError(f"{directory} has no {TENSORS_NAME} (rosafx reads safetensors PEFT adapters only).")
+    tensors = load_file(str(tensors_path))
+    probe, _, _ = capture(model, example_inputs)
+    site_paths = [s.path for s in find_sites(probe)]
+    rules, installs = PEFT_READERS[peft_type](config, tensors, site_paths)
+    if not rules:
+        raise RosafxError(f"No tensor in {tensors_path} names a linear site of this model.")
+    for path in config.get("modules_to_save") or []:
+        rules[exact_path_rule(path)] = {"method": "full"}
+        prefix = f"{PREFIX}{path}."
+        installs.update({f"full.{path}.{k[len(prefix):]}": v for k, v in tensors.items() if k.startswith(prefix)})
+    adapted = transform(model, rules, example_inputs=example_inputs)
+    install_tensors(adapted, installs)
+    return adapted
