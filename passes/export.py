@@ -20,6 +20,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from rosafx.capture import _dynamic_dims, _signature_names, normalize_example_inputs
+from rosafx.atomic import make_public
 from rosafx.errors import RosafxError
 
 from .merge import merge_adapters
@@ -150,6 +151,7 @@ def export_onnx(model: nn.Module, path, *, example_inputs=None, merge: bool = Tr
     fd, tmp_name = tempfile.mkstemp(suffix=".onnx.tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    make_public(tmp)
     try:
         _to_onnx(plain, args, kwargs, tmp)
         session = _session(tmp)

@@ -8,6 +8,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def make_public(path: Path) -> None:
+    """mkstemp/mkdtemp create owner-only files; give them the permissions a plain write would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 @contextmanager
 def atomic_directory(directory):
     """Yield a temporary directory beside ``directory``; on success it replaces ``directory``."""
@@ -16,6 +23,9 @@ def atomic_directory(directory):
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         yield tmp
+        make_public(tmp)
+        for item in tmp.iterdir():
+            make_public(item)
         if directory.exists():
             backup = directory.with_name(f".{directory.name}.old")
             shutil.rmtree(backup, ignore_errors=True)
@@ -37,6 +47,7 @@ def atomic_file(path):
     os.close(fd)
     try:
         yield Path(tmp)
+        make_public(Path(tmp))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

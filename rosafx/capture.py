@@ -8,6 +8,7 @@ share storage with the user's model, so freezing or replacing them never touches
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch
@@ -17,6 +18,8 @@ from torch.export import Dim
 from .errors import RosafxError
 
 ExampleInputs = tuple | dict
+# deep-copying an exported graph's pytree specs trips a torch-internal deprecation warning
+warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
 
 
 def is_hf_model(model: nn.Module) -> bool:

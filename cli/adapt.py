@@ -1,0 +1,44 @@
+"""rosafx adapt MODEL --method lora [--target P]... [--rank R] [--alpha A] [--rules FILE] -o OUT
+
+Writes OUT as an adapter directory (rosafx.json + adapter.safetensors) plus source.json,
+which names the base model so that `rosafx export OUT` can rebuild it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+import rosafx
+from rosafx.atomic import atomic_directory
+from rosafx.loading import identify, open_model
+
+from .inspect import print_sites
+from .options import AlphaOpt, MethodOpt, ModelArg, OptionOpt, RankOpt, RulesOpt, TargetOpt, TrustOpt, build_rules
+
+EXAMPLES = """
+Examples:
+  rosafx adapt ./bert --method lora --target query --target value --rank 8 -o bert-lora
+  rosafx adapt model.pt2 --method rosa --rank 8 -o rosa-out
+  rosafx adapt ./bert --rules rules.json -o out
+"""
+
+
+def adapt(model: ModelArg, out: Annotated[Path, typer.Option("--out", "-o", help="Output adapter directory")],
+          method: MethodOpt = None, target: TargetOpt = None, rank: RankOpt = None, alpha: AlphaOpt = None,
+          option: OptionOpt = None, rules: RulesOpt = None, trust_pickle: TrustOpt = False) -> None:
+    """Insert adapters into MODEL by rules and write the adapter directory OUT."""
+    source = identify(model)
+    module, example_inputs = open_model(source, trust_pickle=trust_pickle)
+    rule_set = build_rules(method, target, rank, alpha, option, rules)
+    adapted = rosafx.transform(module, rule_set, example_inputs=example_inputs)
+    print_sites(adapted)
+    rosafx.save(adapted, out)
+    with atomic_directory(out) as tmp:  # add source.json without ever leaving a half-written OUT
+        import shutil
+        for item in Path(out).iterdir():
+            shutil.copy2(item, tmp / item.name)
+        (tmp / "source.json").write_text(source.to_json())
+    typer.echo(f"wrote {out}")
+

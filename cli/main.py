@@ -1,0 +1,46 @@
+"""The ``rosafx`` command: thin over the library API, one file per command."""
+from __future__ import annotations
+
+import click
+import typer
+
+from rosafx.errors import RosafxError
+
+from .adapt import EXAMPLES as ADAPT_EXAMPLES, adapt
+from .errors import debug_enabled, fail
+from .export import export
+from .inspect import inspect
+from .methods import methods
+
+app = typer.Typer(name="rosafx", help="Insert adapters into PyTorch models by graph rewriting; merge; export ONNX.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+app.command(help="Insert adapters into MODEL by rules and write the adapter directory OUT.", epilog=ADAPT_EXAMPLES)(adapt)
+app.command(help="Merge an adapter directory into its base model and export ONNX (verified with onnxruntime).",
+            epilog="Example: rosafx export bert-lora --merge -o bert.onnx")(export)
+app.command(help="List MODEL's linear sites; with rule options, what each would get.",
+            epilog="Example: rosafx inspect ./bert --method lora --target query --target value")(inspect)
+app.command(help="List adapter methods (rosa = random subspace; rosa-robust = low-rank + sparse).")(methods)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, standalone_mode=False)
+    except RosafxError as exc:
+        if debug_enabled():
+            raise
+        fail(str(exc))
+    except click.exceptions.Abort:
+        fail("aborted")
+    except click.ClickException as exc:
+        exc.show()
+        raise SystemExit(2)
+    except SystemExit:
+        raise
+    except Exception as exc:  # an internal error: still no traceback unless asked
+        if debug_enabled():
+            raise
+        fail(f"internal error: {type(exc).__name__}: {exc}", code=1)
+
+
+if __name__ == "__main__":
+    main()
