@@ -11,6 +11,12 @@ from rosafx.loading import identify, open_model
 from rosafx.passes.insert import adapter_key, adapters_of
 from rosafx.sites import find_sites
 
+def _console() -> Console:
+    """Full site paths matter more than a tidy width: never truncate them in a pipe or log."""
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
+
+
 from .options import AlphaOpt, MethodOpt, ModelArg, OptionOpt, RankOpt, RulesOpt, TargetOpt, TrustOpt, build_rules
 
 
@@ -40,7 +46,7 @@ def print_sites(adapted: fx.GraphModule, all_sites=None) -> None:
         total += count
         table.add_row(path, "module", "", "full", f"{count:,}")
     base = sum(p.numel() for n, p in adapted.named_parameters() if not p.requires_grad and "rosafx" not in n)
-    console = Console()
+    console = _console()
     console.print(table)
     console.print(f"adapted sites: {len(meta['sites'])}   trainable parameters: {total:,}   "
                   f"frozen base parameters: {base:,} ({100 * total / max(base, 1):.3f} % trainable)")
@@ -64,8 +70,8 @@ def inspect(model: ModelArg, method: MethodOpt = None, target: TargetOpt = None,
         for site in sites:
             table.add_row(site.path, "addmm (Conv1D)" if site.transposed else "linear",
                           f"{site.out_features} x {site.in_features}", site.module_type.split(".")[-1])
-        Console().print(table)
-        Console().print(f"{len(sites)} sites. Add --method (and --target) to see what rules would select.")
+        _console().print(table)
+        _console().print(f"{len(sites)} sites. Add --method (and --target) to see what rules would select.")
         return
     adapted = rosafx.transform(module, build_rules(method, target, rank, alpha, option, rules),
                                example_inputs=example_inputs)
