@@ -2,7 +2,9 @@
 
 Used by lora, lora-ga and rosa. ``x_a`` is the adapter's input (dropout(x)); when it is
 None the adapter reads ``x`` itself. The low-rank path runs in the adapter's dtype (fp32
-by default) and is cast back to the base output's dtype.
+by default) and is cast back to the base output's dtype. The forward adds the low-rank
+term into the base output in place (one addmm, no extra N x out temporary) and keeps
+h = x_a·Aᵀ (N x r, small) for the backward.
 """
 from __future__ import annotations
 
@@ -13,18 +15,26 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def lowrank_delta(x_a: Tensor, A: Tensor, B: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """Return (h, delta) with h = x_a·Aᵀ and delta = scale·h·Bᵀ, in the adapter's dtype."""
-    h = x_a.to(A.dtype) @ A.t()
-    return h, (h @ B.t()) * scale
+def _rows(t: Tensor) -> Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, scale: float,
+             x_a: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    y = F.linear(x, weight, bias)
+    h = _rows(x if x_a is None else x_a).to(A.dtype) @ A.t()          # (N, r)
+    y2 = _rows(y)
+    if y.dtype == B.dtype and y2.data_ptr() == y.data_ptr() and y.is_contiguous():
+        y2.addmm_(h, B.t(), alpha=scale)                               # y += scale·h·Bᵀ, in place
+    else:
+        y = (y2 + (scale * (h @ B.t())).to(y.dtype)).reshape(y.shape)
+    return y, h
 
 
 @torch.library.custom_op("rosafx::lowrank_linear", mutates_args=())
 def lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor,
                    scale: float, x_a: Optional[Tensor] = None) -> Tensor:
-    y = F.linear(x, weight, bias)
-    _, delta = lowrank_delta(x if x_a is None else x_a, A, B, scale)
-    return y + delta.to(y.dtype)
+    return _forward(x, weight, bias, A, B, scale, x_a)[0]
 
 
 @lowrank_linear.register_fake
@@ -33,48 +43,50 @@ def _(x, weight, bias, A, B, scale, x_a=None):
 
 
 def _setup(ctx, inputs, output):
-    x, weight, bias, A, B, scale, x_a = inputs
+    x, weight, bias, A, B, scale, x_a = (tuple(inputs) + (None,))[:7]
     ctx.scale = scale
     ctx.has_bias = bias is not None
-    ctx.separate_adapter_input = x_a is not None
     ctx.save_for_backward(x, weight, A, B, x_a)
 
 
 def _backward(ctx, dy):
-    """Gradients, with h = x_a·Aᵀ and g = scale·dy·B (both (…, r)):
+    """Gradients, with every leading dim flattened to N rows, h = x_a·Aᵀ and g = scale·dy·B
+    (both N x r):
 
         dx   = dy·W (+ g·A when the adapter reads x itself)
         dx_a = g·A                       (when the adapter has its own input)
-        dB   = scale·dyᵀ·h               (out x r, summed over all leading dims)
+        dB   = scale·dyᵀ·h               (out x r)
         dA   = gᵀ·x_a                    (r x in)
         dW   = dyᵀ·x,  db = Σ dy         (only when asked: calibration hooks on W)
+
+    h is recomputed (N·in·r flops, a few percent of the base matmul) rather than saved,
+    since an extra saved tensor per site costs activation memory for every step.
     """
     x, weight, A, B, x_a = ctx.saved_tensors
     needs = tuple(ctx.needs_input_grad) + (False,) * (7 - len(ctx.needs_input_grad))
-    adapter_in = x if x_a is None else x_a
-    dy2 = dy.reshape(-1, dy.shape[-1])
-    a2 = adapter_in.reshape(-1, adapter_in.shape[-1]).to(A.dtype)
+    adapter_in = _rows(x if x_a is None else x_a).to(A.dtype)
+    dy2 = _rows(dy)
     dyA = dy2.to(A.dtype)
-    g = (dyA @ B) * ctx.scale                          # (N, r)
+    g = (dyA @ B).mul_(ctx.scale)                                       # (N, r)
     dx = dW = db = dA = dB = dx_a = None
-    if needs[0] or needs[6]:
-        g_in = (g @ A).to(x.dtype)
-        if needs[0]:
-            dx = (dy2 @ weight.to(dy2.dtype)).to(x.dtype)
-            if x_a is None:
-                dx = dx + g_in
-            dx = dx.reshape(x.shape)
-        if needs[6]:
-            dx_a = g_in.to(x_a.dtype).reshape(x_a.shape)
+    if needs[0]:
+        dx = dy2 @ weight.to(dy2.dtype)
+        if x_a is None:
+            if dx.dtype == A.dtype:
+                dx.addmm_(g, A)
+            else:
+                dx = dx + (g @ A).to(dx.dtype)
+        dx = dx.reshape(x.shape)
+    if needs[6]:
+        dx_a = (g @ A).to(x_a.dtype).reshape(x_a.shape)
     if needs[1]:
-        dW = (dy2.t() @ x.reshape(-1, x.shape[-1]).to(dy2.dtype)).to(weight.dtype)
+        dW = (dy2.t() @ _rows(x).to(dy2.dtype)).to(weight.dtype)
     if needs[2] and ctx.has_bias:
         db = dy2.sum(0)
     if needs[4]:
-        h = a2 @ A.t()
-        dB = (dyA.t() @ h) * ctx.scale
+        dB = dyA.t() @ (adapter_in @ A.t()).mul_(ctx.scale)
     if needs[3]:
-        dA = g.t() @ a2
+        dA = g.t() @ adapter_in
     return (dx, dW, db, dA, dB, None, dx_a)[: len(ctx.needs_input_grad)]
 
 
