@@ -54,13 +54,16 @@ def merge_adapters(adapted: fx.GraphModule, *, original_weights: bool = False) -
             adapter.check_ready("merge")
     graph = copy.deepcopy(adapted.graph)
     merged: dict[str, torch.Tensor] = {}
+    # a merged weight takes its original name unless another node still reads the original
+    # tensor there (a tied weight): then it gets a name of its own and the tie is broken
+    read_elsewhere = _targets_read_elsewhere(graph)
     for node in adapter_nodes_in(graph):
         info = node.meta["rosafx"]
         adapter = adapters[info["key"]]
-        name = info["weight_name"]
+        name = info["weight_name"] + ("_merged" if info["weight_name"] in read_elsewhere else "")
         if name not in merged:
             if original_weights:
-                original = _fetch(adapted, name)
+                original = _fetch(adapted, info["weight_name"])
                 total = original.t() if info["form"] == "addmm" else original
             else:
                 weight = _tensor_of(adapted, node.args[1])
@@ -68,7 +71,7 @@ def merge_adapters(adapted: fx.GraphModule, *, original_weights: bool = False) -
             merged[name] = total.t().contiguous() if info["form"] == "addmm" else total
         x, bias = node.args[0], node.args[2]
         with graph.inserting_before(node):
-            w = graph.create_node("get_attr", f"__rosafx_merged__.{name}")
+            w = graph.get_attr(name)
             if info["form"] == "addmm":
                 plain = graph.call_function(aten.addmm.default, (bias, x, w))
             else:
@@ -77,7 +80,6 @@ def merge_adapters(adapted: fx.GraphModule, *, original_weights: bool = False) -
         node.replace_all_uses_with(plain)
         graph.erase_node(node)
     _drop_unused_adapter_inputs(graph)
-    _name_merged_weights(graph, merged)
     root = {}
     for node in graph.nodes:
         if node.op in ("get_attr", "call_module") and node.target not in root:
@@ -103,16 +105,18 @@ def _drop_unused_adapter_inputs(graph: fx.Graph) -> None:
             graph.erase_node(node)
 
 
-def _name_merged_weights(graph: fx.Graph, merged: dict[str, torch.Tensor]) -> None:
-    """A merged weight takes its original name unless another node still reads the original
-    tensor there (a tied weight): then it gets a name of its own and the tie is broken."""
-    still_read = {n.target for n in graph.nodes if n.op == "get_attr" and not n.target.startswith("__rosafx_merged__.")}
-    for name in list(merged):
-        final = name if name not in still_read else f"{name}_merged"
-        merged[final] = merged.pop(name)
-        for n in graph.nodes:
-            if n.op == "get_attr" and n.target == f"__rosafx_merged__.{name}":
-                n.target = final
+def _targets_read_elsewhere(graph: fx.Graph) -> set[str]:
+    """get_attr targets that some non-adapter node reads (a tied weight's other use)."""
+    read = set()
+    for node in graph.nodes:
+        if node.op != "get_attr":
+            continue
+        for user in node.users:
+            feeds_adapter_only = user.op == "call_function" and user.target is aten.t.default \
+                and all("rosafx" in u.meta for u in user.users)
+            if "rosafx" not in user.meta and not feeds_adapter_only:
+                read.add(node.target)
+    return read
 
 
 def adapter_nodes_in(graph: fx.Graph) -> list[fx.Node]:
