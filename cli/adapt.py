@@ -13,6 +13,7 @@ import typer
 import rosafx
 from rosafx.atomic import atomic_directory
 from rosafx.loading import identify, open_model
+from rosafx.serialize import write_adapter
 
 from .inspect import print_sites
 from .options import AlphaOpt, MethodOpt, ModelArg, OptionOpt, RankOpt, RulesOpt, TargetOpt, TrustOpt, build_rules
@@ -34,11 +35,8 @@ def adapt(model: ModelArg, out: Annotated[Path, typer.Option("--out", "-o", help
     rule_set = build_rules(method, target, rank, alpha, option, rules)
     adapted = rosafx.transform(module, rule_set, example_inputs=example_inputs)
     print_sites(adapted)
-    rosafx.save(adapted, out)
-    with atomic_directory(out) as tmp:  # add source.json without ever leaving a half-written OUT
-        import shutil
-        for item in Path(out).iterdir():
-            shutil.copy2(item, tmp / item.name)
+    with atomic_directory(out) as tmp:  # OUT appears whole or not at all
+        write_adapter(adapted, tmp)
         (tmp / "source.json").write_text(source.to_json())
     typer.echo(f"wrote {out}")
 

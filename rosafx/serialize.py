@@ -52,15 +52,19 @@ def save(adapted: fx.GraphModule, directory, *, format: str = "rosafx") -> None:
         return
     if format != "rosafx":
         raise RosafxError(f"Unknown save format '{format}': use 'rosafx' or 'peft'.")
+    with atomic_directory(directory) as tmp:
+        write_adapter(adapted, tmp)
+
+
+def write_adapter(adapted: fx.GraphModule, directory: Path) -> None:
+    """Write the adapter files into an existing directory (callers make it atomic)."""
     meta = adapted.meta["rosafx"]
     record = {
         "format": "rosafx", "version": FORMAT_VERSION,
         "sites": meta["sites"], "full": meta["full"], "fingerprint": meta["fingerprint"],
     }
-    tensors = adapter_tensors(adapted)
-    with atomic_directory(directory) as tmp:
-        save_file(_unshare(tensors), str(tmp / TENSORS_NAME))
-        (tmp / JSON_NAME).write_text(json.dumps(record, indent=2, sort_keys=True))
+    save_file(_unshare(adapter_tensors(adapted)), str(Path(directory) / TENSORS_NAME))
+    (Path(directory) / JSON_NAME).write_text(json.dumps(record, indent=2, sort_keys=True))
 
 
 def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
