@@ -17,7 +17,7 @@ from torch import fx, nn
 
 from rosafx.errors import RosafxError
 
-from .insert import ADAPTERS, adapter_nodes, adapters_of
+from .insert import ADAPTERS, adapters_of
 
 aten = torch.ops.aten
 

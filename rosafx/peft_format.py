@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 from typing import Callable
 
-import torch
 from safetensors.torch import load_file, save_file
 from torch import fx, nn
 

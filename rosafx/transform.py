@@ -15,7 +15,7 @@ from .capture import capture
 from .errors import RosafxError
 from .methods import FULL, get_method, parse_config
 from .methods.base import MethodConfig
-from .rules import match_strength, no_match_error, resolve
+from .rules import no_match_error, resolve
 from .sites import Site, find_sites
 
 
