@@ -88,3 +88,11 @@ def test_errors_exit_2_without_traceback(hf_dir, tmp_path):
         assert "Traceback (most recent call last)" not in result.stderr and "\nerror: " in "\n" + result.stderr, \
             result.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_adapt_rosa_then_export(hf_dir, tmp_path):
+    assert run_cli("adapt", hf_dir, "--method", "rosa", "--rank", "4", "-o", tmp_path / "rosa") == 0
+    record = json.loads((tmp_path / "rosa" / "rosafx.json").read_text())
+    assert {s["config"]["method"] for s in record["sites"].values()} == {"rosa"}
+    assert run_cli("export", tmp_path / "rosa", "--merge", "-o", tmp_path / "rosa.onnx") == 0
+    assert (tmp_path / "rosa.onnx").exists()

@@ -4,9 +4,11 @@ from __future__ import annotations
 from ..errors import RosafxError
 from .base import Adapter, Method, MethodConfig
 from .lora import Lora
+from .rosa import Rosa
 
 REGISTRY: dict[str, Method] = {m.id: m for m in (
     Lora(),
+    Rosa(),
 )}
 
 FULL = "full"  # HF PEFT's modules_to_save: the whole module trains as is
