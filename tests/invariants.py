@@ -77,7 +77,7 @@ def check_only_adapters_train(case: Case, steps: int = 2):
     adapted.train()
     for _ in range(steps):
         optimizer.zero_grad()
-        main_output(adapted(*inputs)).float().pow(2).mean().backward()
+        main_output(adapted(*inputs)).float()[..., :2].pow(2).mean().backward()  # LayerNorm makes the full mean of squares constant
         optimizer.step()
     after = dict(adapted.named_parameters())
     assert all(torch.equal(after[n], v) for n, v in base_before.items()), "a frozen weight moved"

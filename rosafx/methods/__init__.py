@@ -5,10 +5,12 @@ from ..errors import RosafxError
 from .base import Adapter, Method, MethodConfig
 from .lora import Lora
 from .rosa import Rosa
+from .rosa_robust import RosaRobust
 
 REGISTRY: dict[str, Method] = {m.id: m for m in (
     Lora(),
     Rosa(),
+    RosaRobust(),
 )}
 
 FULL = "full"  # HF PEFT's modules_to_save: the whole module trains as is

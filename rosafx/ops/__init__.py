@@ -4,3 +4,4 @@ Each op has a torch reference implementation (CPU and any device), a fake (meta)
 implementation for export, and an autograd formula. ``rosafx.lower`` may swap in Triton.
 """
 from . import lowrank  # noqa: F401  (registers rosafx::lowrank_linear)
+from . import sparse  # noqa: F401  (registers rosafx::sparse_lowrank_linear)

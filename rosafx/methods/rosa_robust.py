@@ -1,0 +1,151 @@
+"""rosa-robust: RoSA, robust adaptation (Nikdan et al., ICML 2024): low-rank + sparse.
+
+    W_eff = W + s·B·A + S,   s = alpha/r,   S = CSR values on a fixed mask M
+
+A, B start as LoRA's (A Kaiming, B = 0); S has no entries until ``rosafx.calibrate``
+builds its mask. Until then a site trains as LoRA (the paper's warm-up). Calibration
+accumulates a statistic of the full weight gradient G over the batches ("mean_squared":
+the mean of G², a diagonal Fisher; "mean": the mean of G) and keeps exactly
+⌊density·out·in⌋ entries by top-|·| over the whole matrix. Values start at 0, so the
+function is unchanged. Indices are int64 buffers (no 32767 cap), values a Parameter in
+CSR order. ΔW at merge = s·B·A + S.
+
+Calibration replaces the ``sparse_values`` Parameter (its size changes): build the
+optimizer after ``rosafx.calibrate``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import RosafxError
+from .base import Adapter, GraphEmitter, Method, MethodConfig, kaiming_uniform_
+
+STATISTICS = ("mean_squared", "mean")
+
+
+@dataclasses.dataclass
+class RosaRobustConfig(MethodConfig):
+    method = "rosa-robust"
+    rank: int = 16
+    alpha: float = 16.0
+    density: float = 0.006
+    statistic: str = "mean_squared"
+    dropout: float = 0.0
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 <= self.density <= 1.0:
+            raise RosafxError(f"rosa-robust: density must be in [0, 1], got {self.density}.")
+        if self.statistic not in STATISTICS:
+            raise RosafxError(f"rosa-robust: statistic must be one of {STATISTICS}, got {self.statistic!r}.")
+        if self.rank == 0 and self.density == 0:
+            raise RosafxError("rosa-robust: rank 0 and density 0 adapt nothing; raise one of them.")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank if self.rank else 0.0
+
+
+def mask_from_statistic(stat: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k of |stat| over the whole matrix -> (crow_indices, col_indices), CSR order."""
+    out_features, in_features = stat.shape
+    flat = torch.topk(stat.abs().flatten(), k, sorted=False).indices if k else torch.zeros(0, dtype=torch.long)
+    flat = torch.sort(flat).values                               # row-major order = CSR order
+    rows, cols = flat // in_features, flat % in_features
+    crow = torch.zeros(out_features + 1, dtype=torch.long)
+    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=out_features), 0)
+    return crow, cols.to(torch.long)
+
+
+class RosaRobustAdapter(Adapter):
+    def __init__(self, site, config: RosaRobustConfig):
+        super().__init__(site, config)
+        self.scale = float(config.scale)
+        self.budget = math.floor(config.density * site.out_features * site.in_features)
+        self.lora_A = nn.Parameter(kaiming_uniform_(torch.zeros(config.rank, site.in_features)))
+        self.lora_B = nn.Parameter(torch.zeros(site.out_features, config.rank))
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
+        self._set_mask(torch.zeros(site.out_features + 1, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+
+    def _set_mask(self, crow: Tensor, col: Tensor, values: Tensor | None = None) -> None:
+        self.register_buffer("crow_indices", crow)
+        self.register_buffer("col_indices", col)
+        self.sparse_values = nn.Parameter(torch.zeros(col.numel()) if values is None else values.float().clone())
+
+    @property
+    def calibrated(self) -> bool:
+        return self.col_indices.numel() > 0 or self.budget == 0
+
+    def emit(self, g: GraphEmitter, x, weight, bias):
+        x_a = g.module("dropout", x) if self.dropout is not None else None
+        return g.call(torch.ops.rosafx.sparse_lowrank_linear.default, x, weight, bias, g.attr("lora_A"),
+                      g.attr("lora_B"), self.scale, g.attr("crow_indices"), g.attr("col_indices"),
+                      g.attr("sparse_values"), x_a)
+
+    def sparse_dense(self) -> Tensor:
+        S = torch.sparse_csr_tensor(self.crow_indices, self.col_indices, self.sparse_values.detach().float(),
+                                    (self.out_features, self.in_features))
+        return S.to_dense()
+
+    def delta_weight(self) -> Tensor:
+        low_rank = self.scale * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+        return low_rank + self.sparse_dense() if self.col_indices.numel() else low_rank
+
+    # calibration: the mask
+    def wants_gradient(self) -> bool:
+        return not self.calibrated
+
+    def begin_calibration(self) -> None:
+        self._statistic = torch.zeros(self.out_features, self.in_features, dtype=torch.float64)
+
+    def observe_gradient(self, grad: Tensor) -> None:
+        grad = grad.detach().to(self._statistic.device, torch.float64)
+        self._statistic += grad.square() if self.config.statistic == "mean_squared" else grad
+
+    def end_calibration(self, num_batches: int, base_weight: Tensor):
+        statistic = self._statistic / num_batches
+        del self._statistic
+        crow, col = mask_from_statistic(statistic, self.budget)
+        self.apply_mask(crow, col)
+        return None
+
+    def apply_mask(self, crow: Tensor, col: Tensor) -> None:
+        """Install a mask (e.g. one saved from a warm-up run) with zero values."""
+        if crow.numel() != self.out_features + 1 or (col.numel() and int(col.max()) >= self.in_features):
+            raise RosafxError(f"rosa-robust: a mask for {self.out_features} x {self.in_features} does not fit "
+                              f"site '{self.site_path}'.")
+        device = self.lora_A.device
+        self._set_mask(crow.to(device, torch.long), col.to(device, torch.long))
+
+    def load_adapter_state(self, state: dict[str, Tensor]) -> None:
+        self._set_mask(state["crow_indices"], state["col_indices"], state["sparse_values"])
+        super().load_adapter_state(state)
+
+
+class RosaRobust(Method):
+    id = "rosa-robust"
+    description = "RoSA, robust adaptation (Nikdan et al.): low-rank A, B plus sparse S on a gradient mask"
+    Config = RosaRobustConfig
+    Adapter = RosaRobustAdapter
+
+
+def masks_of(adapted) -> dict[str, tuple[Tensor, Tensor]]:
+    """Each rosa-robust site's mask (crow_indices, col_indices), for the restart flow."""
+    from rosafx.passes.insert import adapters_of
+    return {a.site_path: (a.crow_indices.clone(), a.col_indices.clone())
+            for a in adapters_of(adapted).values() if isinstance(a, RosaRobustAdapter)}
+
+
+def apply_masks(adapted, masks: dict[str, tuple[Tensor, Tensor]]) -> None:
+    """Install saved masks on a fresh adapted model (values 0): restart from pretrained weights."""
+    from rosafx.passes.insert import adapters_of
+    by_path = {a.site_path: a for a in adapters_of(adapted).values() if isinstance(a, RosaRobustAdapter)}
+    missing = sorted(set(masks) - set(by_path))
+    if missing:
+        raise RosafxError(f"rosa-robust: no site for saved masks {missing}.")
+    for path, (crow, col) in masks.items():
+        by_path[path].apply_mask(crow, col)
