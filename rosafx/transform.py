@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import warnings
 import re
 from typing import Any
 
@@ -15,7 +16,7 @@ from .capture import capture
 from .errors import RosafxError
 from .methods import FULL, get_method, parse_config
 from .methods.base import MethodConfig
-from .rules import no_match_error, resolve
+from .rules import match_strength, nearest_paths, no_match_error, resolve
 from .sites import Site, find_sites
 
 
@@ -45,6 +46,7 @@ def transform(model: nn.Module, rules: dict, *, example_inputs: Any = None) -> f
     adapted = {p: c for p, c in chosen.items() if c is not FULL}
     if not adapted and not full_paths:
         raise no_match_error(rules, sites)
+    _warn_unused_keys(parsed, sites, full_paths)
     _check_no_overlap(gm, adapted, sites, full_paths)
     gm = _insert(gm, sites, adapted)                    # sites -> rosafx op nodes
     _make_trainable(gm, full_paths)                     # full modules: own copy, requires_grad
@@ -56,6 +58,17 @@ def transform(model: nn.Module, rules: dict, *, example_inputs: Any = None) -> f
     }
     _install_ready_check(gm)
     return gm
+
+
+def _warn_unused_keys(rules: dict, sites: list[Site], full_paths: list[str]) -> None:
+    """A key that selects nothing is usually a typo or a path prefix the model lacks
+    (``encoder.`` vs ``bert.encoder.``): say so rather than train less than asked."""
+    for key, config in rules.items():
+        if config is None or config is FULL:
+            continue
+        if not any(match_strength(key, site) for site in sites):
+            near = ", ".join(nearest_paths([key], sites, n=3))
+            warnings.warn(f"rosafx: rule {key!r} matches no linear site (nearest: {near}).", stacklevel=3)
 
 
 def _site(sites: list[Site], path: str) -> Site:

@@ -67,3 +67,9 @@ def test_config_object_is_accepted():
     adapted = rosafx.transform(model, {"query": LoraConfig(rank=2, alpha=4)})
     assert len(adapted.meta["rosafx"]["sites"]) == 2
     assert adapted.meta["rosafx"]["sites"]["encoder.layer.0.attention.self.query"]["config"]["rank"] == 2
+
+
+def test_a_key_that_matches_nothing_warns():
+    model, _ = tiny_bert()
+    with pytest.warns(UserWarning, match="matches no linear site"):
+        rosafx.transform(model, {"query": {"method": "lora"}, r"bert\.encoder\..*": {"method": "lora"}})
