@@ -1,0 +1,53 @@
+"""Triton twins of the registered adapter ops, for ``rosafx.lower``.
+
+``rosafx::<op>_triton`` takes exactly the arguments of ``rosafx::<op>`` (x, weight, bias
+first, then the adapter tensors, then x_a), so lowering only retargets graph nodes and every
+pass that reads node.args (merge, resample) keeps working on a lowered graph. Each has a
+fake impl (shape only) and its autograd from the kernel file's backward launcher.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .lowrank_linear import lowrank_backward, lowrank_forward
+
+
+# --- rosafx::lowrank_linear_triton ------------------------------------------------------
+
+@torch.library.custom_op("rosafx::lowrank_linear_triton", mutates_args=())
+def lowrank_linear_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor,
+                          scale: float, x_a: Optional[Tensor] = None) -> Tensor:
+    return lowrank_forward(x, weight, bias, A, B, scale, x_a)[0]
+
+
+@lowrank_linear_triton.register_fake
+def _(x, weight, bias, A, B, scale, x_a=None):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _lowrank_setup(ctx, inputs, output):
+    x, weight, bias, A, B, scale, x_a = (tuple(inputs) + (None,))[:7]
+    ctx.scale, ctx.has_bias = scale, bias is not None
+    ctx.save_for_backward(x, weight, A, B, x_a)
+
+
+def _lowrank_backward(ctx, dy):
+    """Math in ``kernels.lowrank_linear.lowrank_backward``; h is recomputed, not saved."""
+    x, weight, A, B, x_a = ctx.saved_tensors
+    n = tuple(ctx.needs_input_grad) + (False,) * (7 - len(ctx.needs_input_grad))
+    dx, dW, db, dA, dB, dx_a = lowrank_backward(
+        dy, x, weight, A, B, ctx.scale, x_a, None,
+        (n[0], n[1], n[2] and ctx.has_bias, n[3], n[4], n[6] and x_a is not None))
+    return (dx, dW, db, dA, dB, None, dx_a)[: len(ctx.needs_input_grad)]
+
+
+lowrank_linear_triton.register_autograd(_lowrank_backward, setup_context=_lowrank_setup)
+
+
+# which reference op each Triton op replaces; lower.py reads this table
+TRITON_TWIN = {
+    torch.ops.rosafx.lowrank_linear.default: torch.ops.rosafx.lowrank_linear_triton.default,
+}
