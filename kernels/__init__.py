@@ -5,5 +5,6 @@ importing this package. ``rosafx.lower(adapted, backend="triton")`` puts these k
 an adapted graph (see kernels/ops.py for the registered Triton ops).
 """
 from .lowrank_linear import lowrank_linear
+from .sparse_lowrank_linear import sparse_lowrank_linear
 
-__all__ = ["lowrank_linear"]
+__all__ = ["lowrank_linear", "sparse_lowrank_linear"]

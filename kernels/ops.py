@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .lowrank_linear import lowrank_backward, lowrank_forward
+from .sparse_lowrank_linear import sparse_lowrank_backward, sparse_lowrank_forward
 
 
 # --- rosafx::lowrank_linear_triton ------------------------------------------------------
@@ -47,7 +48,41 @@ def _lowrank_backward(ctx, dy):
 lowrank_linear_triton.register_autograd(_lowrank_backward, setup_context=_lowrank_setup)
 
 
+# --- rosafx::sparse_lowrank_linear_triton -------------------------------------------------
+
+@torch.library.custom_op("rosafx::sparse_lowrank_linear_triton", mutates_args=())
+def sparse_lowrank_linear_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor,
+                                 scale: float, crow_indices: Tensor, col_indices: Tensor, values: Tensor,
+                                 x_a: Optional[Tensor] = None) -> Tensor:
+    return sparse_lowrank_forward(x, weight, bias, A, B, scale, crow_indices, col_indices, values, x_a)
+
+
+@sparse_lowrank_linear_triton.register_fake
+def _(x, weight, bias, A, B, scale, crow_indices, col_indices, values, x_a=None):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _sparse_setup(ctx, inputs, output):
+    x, weight, bias, A, B, scale, crow, col, values, x_a = (tuple(inputs) + (None,))[:10]
+    ctx.scale, ctx.has_bias = scale, bias is not None
+    ctx.save_for_backward(x, weight, A, B, crow, col, values, x_a)
+
+
+def _sparse_backward(ctx, dy):
+    """Math in ``kernels.sparse_lowrank_linear.sparse_lowrank_backward``."""
+    x, weight, A, B, crow, col, values, x_a = ctx.saved_tensors
+    n = tuple(ctx.needs_input_grad) + (False,) * (10 - len(ctx.needs_input_grad))
+    dx, dW, db, dA, dB, dvalues, dx_a = sparse_lowrank_backward(
+        dy, x, weight, A, B, ctx.scale, crow, col, values, x_a,
+        (n[0], n[1], n[2] and ctx.has_bias, n[3], n[4], n[8], n[9] and x_a is not None))
+    return (dx, dW, db, dA, dB, None, None, None, dvalues, dx_a)[: len(ctx.needs_input_grad)]
+
+
+sparse_lowrank_linear_triton.register_autograd(_sparse_backward, setup_context=_sparse_setup)
+
+
 # which reference op each Triton op replaces; lower.py reads this table
 TRITON_TWIN = {
     torch.ops.rosafx.lowrank_linear.default: torch.ops.rosafx.lowrank_linear_triton.default,
+    torch.ops.rosafx.sparse_lowrank_linear.default: torch.ops.rosafx.sparse_lowrank_linear_triton.default,
 }

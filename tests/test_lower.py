@@ -5,9 +5,9 @@ import torch
 
 import rosafx
 from rosafx.errors import RosafxError
-from rosafx.passes.insert import adapter_nodes
-from tests.invariants import perturb
-from tests.models import ZOO, main_output, other_inputs
+from rosafx.passes.insert import adapter_nodes, adapters_of
+from invariants import perturb
+from models import ZOO, main_output, other_inputs
 
 ops = torch.ops.rosafx
 CASES = {"bert": ("query", "lowrank_linear"), "gpt2": ("c_attn", "lowrank_linear")}
@@ -32,13 +32,29 @@ def rel_err(got, want):
     return ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30)).item()
 
 
-@pytest.mark.parametrize("zoo_name", sorted(CASES))
-def test_triton_backend_matches_torch_backend(zoo_name):
-    _, adapted, inputs = adapted_model(zoo_name)
+def rosa_robust_bert():
+    """rosa-robust after calibration: sparse masks (some rows empty) plus rank 2."""
+    model, example = ZOO["bert"]()
+    rule = {"method": "rosa-robust", "rank": 2, "alpha": 4, "density": 0.05}
+    adapted = rosafx.transform(model, {"query": rule, "value": rule}, example_inputs=example)
+    inputs = other_inputs(model, example)
+    rosafx.calibrate(adapted, [inputs], lambda m, batch: main_output(m(*batch))[..., :2].pow(2).mean(),
+                     progress=False)
+    perturb(adapted)
+    adapters = adapters_of(adapted).values()
+    assert all(a.sparse_values.numel() > 0 for a in adapters)
+    assert any((a.crow_indices.diff() == 0).any() for a in adapters)     # an empty sparse row
+    return model, adapted, inputs
+
+
+@pytest.mark.parametrize("case", sorted(CASES) + ["rosa_robust_bert"])
+def test_triton_backend_matches_torch_backend(case):
+    _, adapted, inputs = rosa_robust_bert() if case == "rosa_robust_bert" else adapted_model(case)
     want_out, want_grads = outputs_and_grads(adapted, inputs)
     lowered = rosafx.lower(adapted, backend="triton")
     targets = {n.target for n in adapter_nodes(lowered)}
-    assert targets == {getattr(ops, CASES[zoo_name][1] + "_triton").default}
+    op_name = "sparse_lowrank_linear" if case == "rosa_robust_bert" else CASES[case][1]
+    assert targets == {getattr(ops, op_name + "_triton").default}
     got_out, got_grads = outputs_and_grads(lowered, inputs)
     assert rel_err(got_out, want_out) < 1e-4
     assert len(got_grads) == len(want_grads) > 0
