@@ -6,5 +6,6 @@ an adapted graph (see kernels/ops.py for the registered Triton ops).
 """
 from .lowrank_linear import lowrank_linear
 from .sparse_lowrank_linear import sparse_lowrank_linear
+from .vera_linear import vera_linear
 
-__all__ = ["lowrank_linear", "sparse_lowrank_linear"]
+__all__ = ["lowrank_linear", "sparse_lowrank_linear", "vera_linear"]

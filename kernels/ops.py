@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .lowrank_linear import lowrank_backward, lowrank_forward
 from .sparse_lowrank_linear import sparse_lowrank_backward, sparse_lowrank_forward
+from .vera_linear import vera_backward, vera_forward
 
 
 # --- rosafx::lowrank_linear_triton ------------------------------------------------------
@@ -81,8 +82,45 @@ def _sparse_backward(ctx, dy):
 sparse_lowrank_linear_triton.register_autograd(_sparse_backward, setup_context=_sparse_setup)
 
 
+# --- rosafx::vera_linear_triton ---------------------------------------------------------------
+
+@torch.library.custom_op("rosafx::vera_linear_triton", mutates_args=())
+def vera_linear_triton(x: Tensor, weight: Tensor, bias: Optional[Tensor], A_shared: Tensor, B_shared: Tensor,
+                       d: Tensor, b: Tensor, x_a: Optional[Tensor] = None) -> Tensor:
+    return vera_forward(x, weight, bias, A_shared, B_shared, d, b, x_a)
+
+
+@vera_linear_triton.register_fake
+def _(x, weight, bias, A_shared, B_shared, d, b, x_a=None):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _vera_setup(ctx, inputs, output):
+    x, weight, bias, A_shared, B_shared, d, b, x_a = (tuple(inputs) + (None,))[:8]
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight, A_shared, B_shared, d, b, x_a)
+
+
+def _vera_backward(ctx, dy):
+    """Math in ``kernels.vera_linear.vera_backward``."""
+    x, weight, A_shared, B_shared, d, b, x_a = ctx.saved_tensors
+    n = tuple(ctx.needs_input_grad) + (False,) * (8 - len(ctx.needs_input_grad))
+    grads = vera_backward(dy, x, weight, A_shared, B_shared, d, b, x_a,
+                          (n[0], n[1], n[2] and ctx.has_bias, n[3], n[4], n[5], n[6], n[7] and x_a is not None))
+    return grads[: len(ctx.needs_input_grad)]
+
+
+vera_linear_triton.register_autograd(_vera_backward, setup_context=_vera_setup)
+
+
+def _reference_op(name: str):
+    """The torch reference op, or None while no method registers it yet."""
+    return getattr(torch.ops.rosafx, name).default if hasattr(torch.ops.rosafx, name) else None
+
+
 # which reference op each Triton op replaces; lower.py reads this table
-TRITON_TWIN = {
-    torch.ops.rosafx.lowrank_linear.default: torch.ops.rosafx.lowrank_linear_triton.default,
-    torch.ops.rosafx.sparse_lowrank_linear.default: torch.ops.rosafx.sparse_lowrank_linear_triton.default,
-}
+TRITON_TWIN = {ref: twin for ref, twin in (
+    (_reference_op("lowrank_linear"), torch.ops.rosafx.lowrank_linear_triton.default),
+    (_reference_op("sparse_lowrank_linear"), torch.ops.rosafx.sparse_lowrank_linear_triton.default),
+    (_reference_op("vera_linear"), torch.ops.rosafx.vera_linear_triton.default),
+) if ref is not None}
