@@ -5,7 +5,7 @@ train. The base product stays torch; the low-rank term uses the shared strided m
 kernel; two Triton kernels handle S without ever forming anything of size out x in:
 
 - ``_csr_rows_kernel``: out[n, o] += Σ_{j ∈ row o} values[j]·x[n, col[j]] (y += x·Sᵀ; with
-  Sᵀ's CSR it gives dx += dy·S). One program per (block of N rows, sparse row); an empty
+  Sᵀ's CSR it gives dx += dy·S). One program per (sparse row, block of N rows); an empty
   sparse row runs no iterations.
 - ``_sddmm_kernel``: dvalues[j] = Σ_n dy[n, row[j]]·x[n, col[j]], one program per block
   of nonzeros: the gradient of S sampled at its mask.
@@ -36,8 +36,8 @@ def _csr_rows_kernel(
     # meta-parameters
     BLOCK_N: tl.constexpr, BLOCK_NNZ: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    row = tl.program_id(1)
+    row = tl.program_id(0)
+    pid_n = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     start = tl.load(crow_ptr + row)
     end = tl.load(crow_ptr + row + 1)
@@ -92,7 +92,7 @@ def csr_add_rows(out: Tensor, x: Tensor, crow: Tensor, col: Tensor, values: Tens
     if values.numel() == 0 or x.shape[0] == 0:
         return out
     BLOCK_N = max(16, min(64, triton.next_power_of_2(x.shape[0])))
-    grid = (triton.cdiv(x.shape[0], BLOCK_N), n_rows)
+    grid = (n_rows, triton.cdiv(x.shape[0], BLOCK_N))        # rows on axis 0: CUDA caps axis 1 at 65535
     _csr_rows_kernel[grid](out, x, crow, col, values, x.shape[0],
                            out.stride(0), out.stride(1), x.stride(0), x.stride(1),
                            BLOCK_N=BLOCK_N, BLOCK_NNZ=16)

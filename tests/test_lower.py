@@ -63,6 +63,31 @@ def test_triton_backend_matches_torch_backend(case):
         assert rel_err(got, want) < 1e-4
 
 
+def test_training_mode_with_adapter_dropout_matches_torch_backend():
+    """x_a = dropout(x) feeds the op: same RNG seed, same mask, so the backends must agree."""
+    model, example = ZOO["bert"]()
+    adapted = rosafx.transform(model, {"query": {"method": "lora", "rank": 3, "dropout": 0.3}}, example_inputs=example)
+    perturb(adapted)
+    adapted.train()
+    inputs = other_inputs(model, example)
+    torch.manual_seed(5)
+    want_out, want_grads = outputs_and_grads(adapted, inputs)
+    rosafx.lower(adapted, backend="triton")
+    torch.manual_seed(5)
+    got_out, got_grads = outputs_and_grads(adapted, inputs)
+    assert rel_err(got_out, want_out) < 1e-4
+    for got, want in zip(got_grads, want_grads):
+        assert rel_err(got, want) < 1e-4
+
+
+def test_triton_without_cuda_or_interpreter_is_a_user_error(monkeypatch):
+    _, adapted, _ = adapted_model("bert")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RosafxError, match="TRITON_INTERPRET"):
+        rosafx.lower(adapted, backend="triton")
+
+
 def test_lowered_graph_merges_and_lowers_back():
     _, adapted, inputs = adapted_model("bert")
     want = main_output(rosafx.merge(adapted)(*inputs))
