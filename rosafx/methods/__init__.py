@@ -4,13 +4,17 @@ from __future__ import annotations
 from ..errors import RosafxError
 from .base import Adapter, Method, MethodConfig
 from .lora import Lora
+from .lora_ga import LoraGa
 from .rosa import Rosa
 from .rosa_robust import RosaRobust
+from .vera import Vera
 
 REGISTRY: dict[str, Method] = {m.id: m for m in (
     Lora(),
+    LoraGa(),
     Rosa(),
     RosaRobust(),
+    Vera(),
 )}
 
 FULL = "full"  # HF PEFT's modules_to_save: the whole module trains as is

@@ -5,3 +5,4 @@ implementation for export, and an autograd formula. ``rosafx.lower`` may swap in
 """
 from . import lowrank  # noqa: F401  (registers rosafx::lowrank_linear)
 from . import sparse  # noqa: F401  (registers rosafx::sparse_lowrank_linear)
+from . import vera  # noqa: F401  (registers rosafx::vera_linear)

@@ -1,0 +1,122 @@
+"""VeRA: the invariant matrix, the op against float64 autograd, the shared pair stored once."""
+import pytest
+import torch
+
+import rosafx
+from rosafx.errors import RosafxError
+from rosafx.passes.insert import adapters_of
+
+from invariants import ALL, Case, perturb, rel_err, run, run_check
+from models import ZOO, tiny_bert
+
+VERA = {"method": "vera", "rank": 8, "d_initial": 0.1, "seed": 0}
+RULES = {
+    "bert": {"query": VERA, "value": VERA, "dense": VERA},         # dense: 32->48 and 48->32, shared pair sliced
+    "gpt2": {"c_attn": VERA, "c_proj": VERA, "lm_head": VERA},
+    "llama": {"q_proj": VERA, "k_proj": VERA, "v_proj": VERA, "down_proj": VERA},
+    "functional": {"proj": VERA, "out": VERA},
+    "called_twice": {"shared": VERA},
+}
+ONNX_MODELS = {"bert", "gpt2", "llama"}  # ONNX checks cost seconds each; the rest share their code path
+
+
+@pytest.mark.parametrize("invariant", sorted(ALL))
+@pytest.mark.parametrize("model", sorted(ZOO))
+def test_vera_invariant(model, invariant, tmp_path):
+    if invariant == "onnx" and model not in ONNX_MODELS:
+        pytest.skip("ONNX export runs on three zoo models only, to keep the suite fast")
+    run_check(invariant, Case(ZOO[model], RULES[model]), tmp_path)
+
+
+def vera_reference(x, W, bias, A_shared, B_shared, d, b, x_a=None):
+    A, B = A_shared[:, : W.shape[1]], B_shared[: W.shape[0], :]
+    x_a = x if x_a is None else x_a
+    return x @ W.t() + bias + b * ((d * (x_a @ A.t())) @ B.t())
+
+
+@pytest.mark.parametrize("separate_input", [False, True])
+def test_op_forward_and_gradients_match_float64(separate_input):
+    g = torch.Generator().manual_seed(0)
+    out_f, in_f, r = 5, 7, 3
+    tensors = [torch.randn(2, 4, in_f, generator=g), torch.randn(out_f, in_f, generator=g),
+               torch.randn(out_f, generator=g), torch.randn(r, in_f + 3, generator=g),
+               torch.randn(out_f + 2, r, generator=g), torch.randn(r, generator=g), torch.randn(out_f, generator=g)]
+    if separate_input:
+        tensors.append(torch.randn(2, 4, in_f, generator=g))
+    grads = [True, True, True, False, False, True, True, True]
+    ours = [t.clone().requires_grad_(grads[i]) for i, t in enumerate(tensors)]
+    ref = [t.double().requires_grad_(grads[i]) for i, t in enumerate(tensors)]
+    y = torch.ops.rosafx.vera_linear.default(*ours)
+    y64 = vera_reference(*ref)
+    dy = torch.randn(y.shape, generator=g)
+    y.backward(dy)
+    y64.backward(dy.double())
+    assert rel_err(y.double(), y64.detach()) < 1e-6
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        if grads[i]:
+            assert rel_err(a.grad.double(), b.grad) < 1e-5, i
+        else:
+            assert a.grad is None
+
+
+def test_delta_weight_is_diag_b_B_diag_d_A_and_pair_is_stored_once():
+    model, _ = tiny_bert()
+    adapted = rosafx.transform(model, RULES["bert"])
+    perturb(adapted)
+    A, B = adapted.rosafx_shared.vera_A.double(), adapted.rosafx_shared.vera_B.double()
+    sites = adapters_of(adapted)
+    in_max = max(a.in_features for a in sites.values())
+    out_max = max(a.out_features for a in sites.values())
+    assert A.shape == (8, in_max) and B.shape == (out_max, 8)
+    for adapter in sites.values():
+        d, b = adapter.lambda_d.detach().double(), adapter.lambda_b.detach().double()
+        want = torch.diag(b) @ B[: adapter.out_features] @ torch.diag(d) @ A[:, : adapter.in_features]
+        assert rel_err(adapter.delta_weight().double(), want) < 1e-6
+        assert not any("vera_A" in n or "vera_B" in n for n, _ in adapter.named_buffers())
+    assert sum("vera_A" in n for n, _ in adapted.named_buffers()) == 1
+    assert not any(p.requires_grad for p in adapted.rosafx_shared.buffers())
+
+
+def test_trainable_count_is_out_plus_rank_per_site():
+    model, _ = tiny_bert()
+    adapted = rosafx.transform(model, RULES["bert"])
+    sites = adapters_of(adapted)
+    want = sum(a.out_features + 8 for a in sites.values())
+    assert sum(p.numel() for p in adapted.parameters() if p.requires_grad) == want
+    assert all(a.trainable_count() == a.out_features + 8 for a in sites.values())
+
+
+def test_merge_keeps_no_shared_tensor():
+    model, _ = tiny_bert()
+    adapted = rosafx.transform(model, RULES["bert"])
+    perturb(adapted)
+    merged = rosafx.merge(adapted)
+    names = [n for n, _ in merged.named_parameters()] + [n for n, _ in merged.named_buffers()]
+    assert not any("rosafx_shared" in n for n in names), names
+    assert not hasattr(merged, "rosafx_shared")
+
+
+def test_save_stores_the_pair_once(tmp_path):
+    from safetensors.torch import load_file
+    model, _ = tiny_bert()
+    adapted = rosafx.transform(model, RULES["bert"])
+    rosafx.save(adapted, tmp_path / "a")
+    keys = list(load_file(str(tmp_path / "a" / "adapter.safetensors")))
+    assert sum(k.endswith("vera_A") for k in keys) == 1 and sum(k.endswith("vera_B") for k in keys) == 1
+
+
+def test_sites_must_share_rank_and_seed():
+    model, _ = tiny_bert()
+    with pytest.raises(RosafxError, match="'rank'"):
+        rosafx.transform(model, {"query": VERA, "value": {**VERA, "rank": 4}})
+    with pytest.raises(RosafxError, match="'seed'"):
+        rosafx.transform(model, {"query": VERA, "value": {**VERA, "seed": 1}})
+
+
+def test_seed_changes_the_pair_and_identity_holds_with_dropout():
+    model, _ = tiny_bert()
+    one = rosafx.transform(model, {"query": VERA})
+    two = rosafx.transform(model, {"query": {**VERA, "seed": 5, "dropout": 0.1}})
+    assert not torch.equal(one.rosafx_shared.vera_A, two.rosafx_shared.vera_A)
+    ids = one.meta["rosafx"]["example_inputs"][1]["input_ids"]
+    assert rel_err(run(two.eval(), (ids,)), run(model, (ids,))) < 1e-6
