@@ -60,8 +60,32 @@ def _is_transposed(adapted: fx.GraphModule, path: str) -> bool:
                if n.op == "call_function" and n.meta.get("rosafx", {}).get("site") == path)
 
 
+def _vera_to_peft(adapted: fx.GraphModule, sites: dict) -> tuple[dict, dict]:
+    """PEFT's VeRA stores the shared pair once at ``base_model.vera_A`` / ``vera_B``."""
+    configs = {p: s["config"] for p, s in sites.items()}
+    for field in ("dropout", "d_initial"):
+        if len({c[field] for c in configs.values()}) > 1:
+            raise RosafxError(f"HF PEFT stores one '{field}' for all VeRA sites; these sites differ in it.")
+    first = next(iter(configs.values()))
+    config = {
+        "peft_type": "VERA", "r": first["rank"], "projection_prng_key": first["seed"], "save_projection": True,
+        "vera_dropout": first["dropout"], "d_initial": first["d_initial"], "target_modules": sorted(configs),
+        "fan_in_fan_out": any(_is_transposed(adapted, p) for p in configs), "bias": "none", "init_weights": True,
+        "layers_to_transform": None, "layers_pattern": None,
+    }
+    adapters = adapters_of(adapted)
+    tensors = {"base_model.vera_A": adapted.rosafx_shared.vera_A.detach(),
+               "base_model.vera_B": adapted.rosafx_shared.vera_B.detach()}
+    for path in configs:
+        adapter = adapters[adapter_key(path)]
+        tensors[f"{PREFIX}{path}.vera_lambda_d"] = adapter.lambda_d.detach()
+        tensors[f"{PREFIX}{path}.vera_lambda_b"] = adapter.lambda_b.detach()
+    return config, tensors
+
+
 PEFT_WRITERS: dict[str, Callable[[fx.GraphModule, dict], tuple[dict, dict]]] = {
     "lora": _lora_to_peft,
+    "vera": _vera_to_peft,
 }
 
 
@@ -133,8 +157,30 @@ def _pattern_value(pattern: dict, path: str, default):
     return default
 
 
+def _vera_from_peft(config: dict, tensors: dict, site_paths: list[str]) -> tuple[dict, dict]:
+    """Without a saved pair (save_projection=False) the pair is drawn again from the seed,
+    as PEFT itself does."""
+    from .serialize import SHARED, exact_path_rule
+    rules, installs = {}, {}
+    for path in site_paths:
+        d_key, b_key = f"{PREFIX}{path}.vera_lambda_d", f"{PREFIX}{path}.vera_lambda_b"
+        if d_key not in tensors:
+            continue
+        rules[exact_path_rule(path)] = {"method": "vera", "rank": int(tensors[d_key].shape[0]),
+                                        "d_initial": float(config.get("d_initial", 0.1)),
+                                        "seed": int(config.get("projection_prng_key", 0)),
+                                        "dropout": float(config.get("vera_dropout", 0.0))}
+        installs[f"{ADAPTERS}.{adapter_key(path)}.lambda_d"] = tensors[d_key]
+        installs[f"{ADAPTERS}.{adapter_key(path)}.lambda_b"] = tensors[b_key]
+    if rules and "base_model.vera_A" in tensors:
+        installs[f"{SHARED}.vera_A"] = tensors["base_model.vera_A"]
+        installs[f"{SHARED}.vera_B"] = tensors["base_model.vera_B"]
+    return rules, installs
+
+
 PEFT_READERS: dict[str, Callable[[dict, dict, list[str]], tuple[dict, dict]]] = {
     "LORA": _lora_from_peft,
+    "VERA": _vera_from_peft,
 }
 
 
