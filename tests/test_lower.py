@@ -48,13 +48,37 @@ def rosa_robust_bert():
     return model, adapted, inputs
 
 
-@pytest.mark.parametrize("case", sorted(CASES) + ["rosa_robust_bert"])
+def vera_bert():
+    """VeRA on 32 -> 32 (query), 32 -> 48 (intermediate) and 48 -> 32 (output) sites: the
+    shared pair is sized for the largest in and out, so every site reads a strict slice of A or B."""
+    model, example = ZOO["bert"]()
+    rule = {"method": "vera", "rank": 3, "d_initial": 0.1}
+    rules = {"query": rule, "intermediate.dense": rule, r".*layer\.\d+\.output\.dense": rule}
+    adapted = rosafx.transform(model, rules, example_inputs=example)
+    perturb(adapted)
+    return model, adapted, other_inputs(model, example)
+
+
+# case -> (builder, the reference op its adapter nodes call)
+MODEL_CASES = {
+    "bert": (lambda: adapted_model("bert"), "lowrank_linear"),
+    "gpt2": (lambda: adapted_model("gpt2"), "lowrank_linear"),
+    "rosa_robust_bert": (rosa_robust_bert, "sparse_lowrank_linear"),
+    "vera_bert": (vera_bert, "vera_linear"),
+}
+
+
+VERA_MISSING = pytest.mark.skipif("vera" not in rosafx.methods(), reason="the vera method is not registered")
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=VERA_MISSING) if c.startswith("vera") else c
+                                  for c in sorted(MODEL_CASES)])
 def test_triton_backend_matches_torch_backend(case):
-    _, adapted, inputs = rosa_robust_bert() if case == "rosa_robust_bert" else adapted_model(case)
+    build, op_name = MODEL_CASES[case]
+    _, adapted, inputs = build()
     want_out, want_grads = outputs_and_grads(adapted, inputs)
     lowered = rosafx.lower(adapted, backend="triton")
     targets = {n.target for n in adapter_nodes(lowered)}
-    op_name = "sparse_lowrank_linear" if case == "rosa_robust_bert" else CASES[case][1]
     assert targets == {getattr(ops, op_name + "_triton").default}
     got_out, got_grads = outputs_and_grads(lowered, inputs)
     assert rel_err(got_out, want_out) < 1e-4
