@@ -160,6 +160,8 @@ def main():
         "triton (rosafx.kernels)": lambda: vera_linear(x, W, None, A.detach(), Bv, d, b),
         "unfused torch ops": lambda: F.linear(x, W) + (b * ((d * (x.float() @ A.detach().t())) @ Bv.t())).to(dtype),
     }
+    if hasattr(torch.ops.rosafx, "vera_linear"):     # registered by the vera method
+        vera["torch reference op"] = lambda: torch.ops.rosafx.vera_linear.default(x, W, None, A.detach(), Bv, d, b)
     results["vera"] = {}
     for label, fn in vera.items():
         ms = timed(fwd_bwd(fn, [x, d, b], dy), args.iters)
