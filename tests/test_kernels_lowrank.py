@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernel_checks import DEVICE, N_IN, N_OUT, RANK, needs_cuda, randn, rel_err
+from kernel_checks import DEVICE, N_IN, N_OUT, RANK, half_error_within_torch_half_error, needs_cuda, randn, rel_err
 from rosafx.kernels import lowrank_linear
 from rosafx.kernels.matmul import matmul
 
@@ -73,18 +73,9 @@ def test_lowrank_rejects_mismatched_factors():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_lowrank_half_precision_error_within_torch_half_error(dtype):
     g = torch.Generator().manual_seed(0)
-    x = randn(8, 33, 4096 // 8 + 3, gen=g, dtype=dtype)
-    n_in = x.shape[-1]
-    W = randn(515, n_in, gen=g, dtype=dtype, grad=False) * 0.05
-    A, B = randn(16, n_in, gen=g, dtype=dtype) * 0.05, randn(515, 16, gen=g, dtype=dtype) * 0.05
-    A, B = A.detach().requires_grad_(), B.detach().requires_grad_()
-    y = lowrank_linear(x, W, None, A, B, 2.0)
-    dy = torch.randn(y.shape, device=DEVICE, dtype=dtype)
-    got = (y, *torch.autograd.grad(y, [x, A, B], dy))
-    torch_half = lowrank_reference(x, W, None, A, B, 2.0)
-    want_half = (torch_half, *torch.autograd.grad(torch_half, [x, A, B], dy))
-    d64 = [t.detach().double().requires_grad_() for t in (x, W, A, B)]
-    y64 = lowrank_reference(d64[0], d64[1], None, d64[2], d64[3], 2.0)
-    want64 = (y64, *torch.autograd.grad(y64, [d64[0], d64[2], d64[3]], dy.double()))
-    for name, mine, theirs, exact in zip(("y", "dx", "dA", "dB"), got, want_half, want64):
-        assert rel_err(mine, exact) <= 2 * rel_err(theirs, exact) + 1e-3, name
+    n_in, n_out, rank = 515, 517, 16
+    x = randn(8, 33, n_in, gen=g, dtype=dtype)
+    W = randn(n_out, n_in, gen=g, dtype=dtype, grad=False) * 0.05
+    A, B = (randn(*shape, gen=g, dtype=dtype, grad=False).mul_(0.05).requires_grad_()
+            for shape in ((rank, n_in), (n_out, rank)))
+    half_error_within_torch_half_error(lowrank_linear, lowrank_reference, [x, W, None, A, B, 2.0], wrt=[0, 3, 4])

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernel_checks import DEVICE, N_IN, N_OUT, RANK, randn, rel_err
+from kernel_checks import DEVICE, N_IN, N_OUT, RANK, half_error_within_torch_half_error, needs_cuda, randn, rel_err
 from rosafx.kernels import sparse_lowrank_linear
 
 
@@ -74,3 +74,22 @@ def test_sparse_rejects_csr_of_wrong_height():
     x, W = randn(4, N_IN, gen=g), randn(N_OUT, N_IN, gen=g, grad=False)
     with pytest.raises(ValueError, match="row pointers"):
         sparse_lowrank_linear(x, W, None, randn(0, N_IN, gen=g), randn(N_OUT, 0, gen=g), 1.0, crow, col, values)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sparse_half_precision_error_within_torch_half_error(dtype):
+    g = torch.Generator().manual_seed(0)
+    n_in, n_out, rank = 515, 517, 16
+    crow, col, values = random_csr(n_out, n_in, 0.02, g)
+    values = (values * 0.05).to(dtype).requires_grad_()
+    x = randn(8, 33, n_in, gen=g, dtype=dtype)
+    W = randn(n_out, n_in, gen=g, dtype=dtype, grad=False) * 0.05
+    A, B = (randn(*shape, gen=g, dtype=dtype, grad=False).mul_(0.05).requires_grad_()
+            for shape in ((rank, n_in), (n_out, rank)))
+
+    def reference(x, W, b, A, B, scale, crow, col, values):
+        return sparse_reference(x, W, b, A, B, scale, dense_of(crow, col, values, W.shape))
+
+    half_error_within_torch_half_error(sparse_lowrank_linear, reference,
+                                       [x, W, None, A, B, 2.0, crow, col, values], wrt=[0, 3, 4, 8])

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernel_checks import DEVICE, N_IN, N_OUT, RANK, randn, rel_err
+from kernel_checks import DEVICE, N_IN, N_OUT, RANK, half_error_within_torch_half_error, needs_cuda, randn, rel_err
 from rosafx.kernels import vera_linear
 
 
@@ -56,3 +56,15 @@ def test_vera_rejects_shared_matrices_smaller_than_the_site():
     with pytest.raises(ValueError, match="do not fit"):
         vera_linear(x, W, None, randn(RANK, N_IN - 1, gen=g), randn(N_OUT, RANK, gen=g),
                     randn(RANK, gen=g), randn(N_OUT, gen=g))
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_vera_half_precision_error_within_torch_half_error(dtype):
+    g = torch.Generator().manual_seed(0)
+    n_in, n_out, rank = 515, 517, 16
+    x = randn(8, 33, n_in, gen=g, dtype=dtype)
+    W = randn(n_out, n_in, gen=g, dtype=dtype, grad=False) * 0.05
+    A, B = (randn(*shape, gen=g, dtype=dtype, grad=False) * 0.05 for shape in ((rank, n_in + 4), (n_out + 4, rank)))
+    d, b = (randn(n, gen=g, dtype=dtype, grad=False).mul_(0.5).requires_grad_() for n in (rank, n_out))
+    half_error_within_torch_half_error(vera_linear, vera_reference, [x, W, None, A, B, d, b], wrt=[0, 5, 6])
