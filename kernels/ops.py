@@ -113,14 +113,16 @@ def _vera_backward(ctx, dy):
 vera_linear_triton.register_autograd(_vera_backward, setup_context=_vera_setup)
 
 
-def _reference_op(name: str):
-    """The torch reference op, or None while no method registers it yet."""
-    return getattr(torch.ops.rosafx, name).default if hasattr(torch.ops.rosafx, name) else None
+# reference op name -> its Triton twin's name; lower.py reads ``triton_twins()``
+TWIN_NAMES = {
+    "lowrank_linear": "lowrank_linear_triton",
+    "sparse_lowrank_linear": "sparse_lowrank_linear_triton",
+    "vera_linear": "vera_linear_triton",
+}
 
 
-# which reference op each Triton op replaces; lower.py reads this table
-TRITON_TWIN = {ref: twin for ref, twin in (
-    (_reference_op("lowrank_linear"), torch.ops.rosafx.lowrank_linear_triton.default),
-    (_reference_op("sparse_lowrank_linear"), torch.ops.rosafx.sparse_lowrank_linear_triton.default),
-    (_reference_op("vera_linear"), torch.ops.rosafx.vera_linear_triton.default),
-) if ref is not None}
+def triton_twins() -> dict:
+    """reference op -> Triton op, for the reference ops registered now (looked up on every
+    call, so a method module imported after this one is still covered)."""
+    return {getattr(torch.ops.rosafx, ref).default: getattr(torch.ops.rosafx, twin).default
+            for ref, twin in TWIN_NAMES.items() if hasattr(torch.ops.rosafx, ref)}

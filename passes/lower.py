@@ -27,11 +27,11 @@ BACKENDS = ("auto", "triton", "torch")
 def _twins() -> dict:
     """reference op -> Triton op (imports Triton only when a Triton backend is wanted)."""
     try:
-        from rosafx.kernels.ops import TRITON_TWIN
+        from rosafx.kernels.ops import triton_twins
     except ImportError as error:  # triton missing
         raise RosafxError(f"backend='triton' needs the triton package ({error}); "
                           "install triton or lower with backend='torch'.") from error
-    return TRITON_TWIN
+    return triton_twins()
 
 
 def _on_cuda(gm: fx.GraphModule, key: str) -> bool:
