@@ -87,6 +87,15 @@ def first_step_below(losses: list[float], threshold: float, window: int = 10) ->
     return None
 
 
+def _parse(value: str):
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -100,13 +109,23 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--calib-batches", type=int, default=8)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("docs/results"))
+    parser.add_argument("--combine", type=Path, nargs="*", default=None,
+                        help="instead of training: merge the results of earlier runs (one variant each, run "
+                             "side by side) into one record and plot")
     args = parser.parse_args()
-    torch.set_num_threads(2)
-    rows = read_glue_tsv(args.data)[: args.rows]
-    train_rows, valid_rows = split(rows, validation_fraction=0.2, seed=0)
-    valid_rows = valid_rows[: args.valid_rows]
-    results = {name: run(name, args, train_rows, valid_rows) for name in args.variants.split(",")}
+    torch.set_num_threads(args.threads)
+    if args.combine:
+        records = [json.loads(p.read_text()) for p in args.combine]
+        results = {k: v for r in records for k, v in r["results"].items()}
+        args = argparse.Namespace(**{**vars(args), **{k: _parse(v) for k, v in records[0]["args"].items()
+                                                      if k not in ("out", "combine", "variants")}})
+    else:
+        rows = read_glue_tsv(args.data)[: args.rows]
+        train_rows, valid_rows = split(rows, validation_fraction=0.2, seed=0)
+        valid_rows = valid_rows[: args.valid_rows]
+        results = {name: run(name, args, train_rows, valid_rows) for name in args.variants.split(",")}
     for threshold in (0.6, 0.5, 0.45, 0.4):
         for result in results.values():
             result.setdefault("steps_to_loss", {})[str(threshold)] = first_step_below(result["losses"], threshold)
