@@ -12,6 +12,13 @@ CSR order. ΔW at merge = s·B·A + S.
 
 Calibration replaces the ``sparse_values`` Parameter (its size changes): build the
 optimizer after ``rosafx.calibrate``.
+
+``lowrank_init="lora-ga"`` (beyond the paper): A = B = 0 until calibrate, and the same pass
+that builds the masks also gives A, B LoRA-GA's init from the mean gradient (``lora_ga.
+gradient_init``, the paper's "ArB2r" + stable scale γ = ``ga_gamma`` on both factors);
+the site then reads W − s·B0·A0 (saved with the adapter), so the function is unchanged.
+s stays alpha/r. A site that already has a mask keeps it (restart flow: apply_masks, then
+calibrate for the init only).
 """
 from __future__ import annotations
 
@@ -23,8 +30,10 @@ from torch import Tensor, nn
 
 from ..errors import RosafxError
 from .base import Adapter, GraphEmitter, Method, MethodConfig, kaiming_uniform_
+from .lora_ga import gradient_init
 
 STATISTICS = ("mean_squared", "mean")
+LOWRANK_INITS = ("lora", "lora-ga")
 
 
 @dataclasses.dataclass
@@ -35,9 +44,17 @@ class RosaRobustConfig(MethodConfig):
     density: float = 0.006
     statistic: str = "mean_squared"
     dropout: float = 0.0
+    lowrank_init: str = "lora"   # "lora-ga": A, B from LoRA-GA's gradient SVD in the calibration pass
+    ga_gamma: float = 16.0       # LoRA-GA's stable-scale γ (lowrank_init="lora-ga" only)
 
     def validate(self) -> None:
         super().validate()
+        if self.lowrank_init not in LOWRANK_INITS:
+            raise RosafxError(f"rosa-robust: lowrank_init must be one of {LOWRANK_INITS}, got {self.lowrank_init!r}.")
+        if self.lowrank_init == "lora-ga" and self.rank == 0:
+            raise RosafxError("rosa-robust: lowrank_init 'lora-ga' needs rank ≥ 1 (rank 0 has no low-rank part).")
+        if self.ga_gamma <= 0:
+            raise RosafxError(f"rosa-robust: ga_gamma must be positive, got {self.ga_gamma}.")
         if not 0.0 <= self.density <= 1.0:
             raise RosafxError(f"rosa-robust: density must be in [0, 1], got {self.density}.")
         if self.statistic not in STATISTICS:
@@ -66,8 +83,13 @@ class RosaRobustAdapter(Adapter):
         super().__init__(site, config)
         self.scale = float(config.scale)
         self.budget = math.floor(config.density * site.out_features * site.in_features)
-        self.lora_A = nn.Parameter(kaiming_uniform_(torch.zeros(config.rank, site.in_features)))
+        self.gradient_init = config.lowrank_init == "lora-ga"
+        A = torch.zeros(config.rank, site.in_features)
+        self.lora_A = nn.Parameter(A if self.gradient_init else kaiming_uniform_(A))
         self.lora_B = nn.Parameter(torch.zeros(site.out_features, config.rank))
+        if self.gradient_init:
+            self.save_base_weight = True  # W − s·B0·A0 depends on the calibration data
+            self.register_buffer("lowrank_initialised", torch.zeros((), dtype=torch.bool))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
         self._set_mask(torch.zeros(site.out_features + 1, dtype=torch.long), torch.zeros(0, dtype=torch.long))
 
@@ -77,8 +99,18 @@ class RosaRobustAdapter(Adapter):
         self.sparse_values = nn.Parameter(torch.zeros(col.numel()) if values is None else values.float().clone())
 
     @property
-    def calibrated(self) -> bool:
+    def masked(self) -> bool:
         return self.col_indices.numel() > 0 or self.budget == 0
+
+    @property
+    def calibrated(self) -> bool:
+        return self.masked and (not self.gradient_init or bool(self.lowrank_initialised))
+
+    def check_ready(self, action: str) -> None:
+        if self.gradient_init and not bool(self.lowrank_initialised):
+            raise RosafxError(f"rosa-robust site '{self.site_path}' uses lowrank_init 'lora-ga' and is not calibrated "
+                              f"yet (A = B = 0), so it cannot {action}. Call rosafx.calibrate(adapted, batches, "
+                              "loss_fn) first.")
 
     def emit(self, g: GraphEmitter, x, weight, bias):
         x_a = g.module("dropout", x) if self.dropout is not None else None
@@ -101,17 +133,29 @@ class RosaRobustAdapter(Adapter):
 
     def begin_calibration(self) -> None:
         self._statistic = torch.zeros(self.out_features, self.in_features, dtype=torch.float64)
+        self._grad_sum = torch.zeros(self.out_features, self.in_features) if self.gradient_init else None
 
     def observe_gradient(self, grad: Tensor) -> None:
         grad = grad.detach().to(self._statistic.device, torch.float64)
         self._statistic += grad.square() if self.config.statistic == "mean_squared" else grad
+        if self._grad_sum is not None:
+            self._grad_sum += grad.float()
 
     def end_calibration(self, num_batches: int, base_weight: Tensor):
-        statistic = self._statistic / num_batches
-        del self._statistic
-        crow, col = mask_from_statistic(statistic, self.budget)
-        self.apply_mask(crow, col)
-        return None
+        statistic, grad_sum = self._statistic / num_batches, self._grad_sum
+        del self._statistic, self._grad_sum
+        if not self.masked:
+            crow, col = mask_from_statistic(statistic, self.budget)
+            self.apply_mask(crow, col)
+        if not self.gradient_init or bool(self.lowrank_initialised):
+            return None
+        A, B = gradient_init(grad_sum / num_batches, self.config.rank, self.config.ga_gamma, "paper")
+        with torch.no_grad():
+            self.lora_A.copy_(A)
+            self.lora_B.copy_(B)
+            self.lowrank_initialised.fill_(True)
+        offset = self.scale * (self.lora_B.float() @ self.lora_A.float()).to(base_weight.device)
+        return (base_weight.float() - offset).to(base_weight.dtype)
 
     def apply_mask(self, crow: Tensor, col: Tensor) -> None:
         """Install a mask (e.g. one saved from a warm-up run) with zero values."""
