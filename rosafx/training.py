@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from .errors import RosafxError
+
 
 class ResampleEvery:
     """Call ``.step(adapted, optimizer)`` after each optimizer step; every ``n`` steps it runs
@@ -11,8 +13,8 @@ class ResampleEvery:
     state."""
 
     def __init__(self, n: int):
-        if n < 1:
-            raise ValueError("ResampleEvery needs n >= 1")
+        if not isinstance(n, int) or n < 1:
+            raise RosafxError(f"ResampleEvery(n) needs n >= 1 optimizer steps between resamples, got {n!r}.")
         self.n, self.steps = n, 0
 
     def step(self, adapted: fx.GraphModule, optimizer: torch.optim.Optimizer | None = None) -> bool:

@@ -1,15 +1,14 @@
 """rosa (random subspace adaptation): the invariant matrix, the SVD split against float64,
-resampling, determinism."""
+selection, determinism by seed, save/load after a resample. The resample pass itself:
+tests/test_resample.py."""
 import pytest
 import torch
+from invariants import ALL, Case, perturb, run, run_check
+from models import ZOO, functional_linear, tiny_bert
+from rosafx.passes.insert import adapters_of
 
 import rosafx
 from rosafx.errors import RosafxError
-from rosafx.passes.insert import adapters_of
-from rosafx.training import ResampleEvery
-
-from invariants import ALL, Case, perturb, rel_err, run, run_check
-from models import ZOO, functional_linear, tiny_bert
 
 ROSA = {"method": "rosa", "rank": 3, "seed": 0}
 RULES = {
@@ -19,7 +18,7 @@ RULES = {
     "functional": {"proj": ROSA, "out": ROSA},
     "called_twice": {"shared": ROSA},
 }
-MODELS_FOR = {"onnx": ["bert", "gpt2", "functional"]}  # ONNX checks are slow: three zoo models
+MODELS_FOR = {"onnx": ["gpt2", "functional"]}  # ONNX checks are slow: Conv1D (transposed) and F.linear
 
 
 MATRIX = [(m, i) for i in sorted(ALL) for m in sorted(ZOO) if m in MODELS_FOR.get(i, ZOO)]
@@ -67,39 +66,6 @@ def test_same_seed_same_subspace_other_seed_other():
     assert any(not torch.allclose(x.abs(), z.abs()) for x, z in zip(a, c))
 
 
-def test_resample_keeps_function_changes_factors_and_resets_optimizer():
-    model, _ = tiny_bert()
-    adapted = rosafx.transform(model, {"query": ROSA, "value": ROSA})
-    ids = adapted.meta["rosafx"]["example_inputs"][1]["input_ids"]
-    optimizer = torch.optim.AdamW([p for p in adapted.parameters() if p.requires_grad], lr=1e-2)
-    adapted.train()
-    for _ in range(2):
-        optimizer.zero_grad()
-        adapted(ids).last_hidden_state.pow(2).mean().backward()
-        optimizer.step()
-    adapted.eval()
-    before = run(adapted, (ids,))
-    factors = {k: a.lora_A.clone() for k, a in adapters_of(adapted).items()}
-    params = [p for p in adapted.parameters() if p.requires_grad]
-    assert all(p in optimizer.state for p in params)
-    rosafx.resample(adapted, optimizer)
-    assert rel_err(run(adapted, (ids,)), before) < 1e-5
-    assert any(not torch.equal(a.lora_A, factors[k]) for k, a in adapters_of(adapted).items())
-    assert not any(p in optimizer.state for p in params)
-    assert [p for g in optimizer.param_groups for p in g["params"]] == params  # same objects, same lr
-    merged = rosafx.merge(adapted)
-    assert rel_err(run(merged, (ids,)), before) < 1e-5
-
-
-def test_resample_every_n_steps_helper():
-    model, _ = tiny_bert()
-    adapted = rosafx.transform(model, {"query": ROSA})
-    schedule = ResampleEvery(2)
-    counts = [schedule.step(adapted) for _ in range(4)]
-    assert counts == [False, True, False, True]
-    assert all(int(a.resamples) == 2 for a in adapters_of(adapted).values())
-
-
 def test_save_load_after_resample(tmp_path):
     model, _ = tiny_bert()
     adapted = rosafx.transform(model, {"query": ROSA})
@@ -121,6 +87,3 @@ def test_errors():
         rosafx.transform(model, {"query": {"method": "rosa", "rank": 64}})
     with pytest.raises(RosafxError, match="selection"):
         rosafx.transform(model, {"query": {"method": "rosa", "selection": "middle"}})
-    lora = rosafx.transform(model, {"query": {"method": "lora"}})
-    with pytest.raises(RosafxError, match="rosa sites"):
-        rosafx.resample(lora)

@@ -81,7 +81,12 @@ def split_weights(adapters: list[RosaAdapter], weights: list[Tensor]) -> None:
     with torch.no_grad():
         for indices in by_shape.values():
             stack = torch.stack([weights[i].detach().float() for i in indices])
-            U, S, Vh = torch.linalg.svd(stack, full_matrices=False)
+            if stack.shape[-2] < stack.shape[-1]:
+                # LAPACK is about 2x faster on tall matrices: Wᵀ = V·Σ·Uᵀ, so swap the factors back
+                V, S, Uh = torch.linalg.svd(stack.mT, full_matrices=False)
+                U, Vh = Uh.mT, V.mT
+            else:
+                U, S, Vh = torch.linalg.svd(stack, full_matrices=False)
             for j, i in enumerate(indices):
                 adapter, rank = adapters[i], adapters[i].config.rank
                 start = adapter.block_start()
