@@ -111,6 +111,7 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("docs/results"))
+    parser.add_argument("--stem", default="lora_ga_convergence", help="file name of the JSON and PNG written")
     parser.add_argument("--combine", type=Path, nargs="*", default=None,
                         help="instead of training: merge the results of earlier runs (one variant each, run "
                              "side by side) into one record and plot")
@@ -120,7 +121,7 @@ def main() -> None:
         records = [json.loads(p.read_text()) for p in args.combine]
         results = {k: v for r in records for k, v in r["results"].items()}
         args = argparse.Namespace(**{**vars(args), **{k: _parse(v) for k, v in records[0]["args"].items()
-                                                      if k not in ("out", "combine", "variants")}})
+                                                      if k not in ("out", "combine", "variants", "stem")}})
     else:
         rows = read_glue_tsv(args.data)[: args.rows]
         train_rows, valid_rows = split(rows, validation_fraction=0.2, seed=0)
@@ -133,7 +134,7 @@ def main() -> None:
     record = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} CPU, no GPU, "
               f"{torch.get_num_threads()} threads", "args": {k: str(v) for k, v in vars(args).items()},
               "results": results}
-    (args.out / "lora_ga_convergence.json").write_text(json.dumps(record, indent=1))
+    (args.out / f"{args.stem}.json").write_text(json.dumps(record, indent=1))
     for name, result in results.items():
         print(f"{name:>12}: steps to 10-step mean loss below {result['steps_to_loss']}")
     import matplotlib
@@ -149,8 +150,8 @@ def main() -> None:
     ax.set_title(f"SST-2 subset, all-MiniLM-L6-v2, rank {args.rank}, alpha {args.alpha:g}, lr {args.lr:g}")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(args.out / "lora_ga_convergence.png", dpi=110)
-    print(f"wrote {args.out / 'lora_ga_convergence.json'} and {args.out / 'lora_ga_convergence.png'}")
+    fig.savefig(args.out / f"{args.stem}.png", dpi=110)
+    print(f"wrote {args.out / f'{args.stem}.json'} and {args.out / f'{args.stem}.png'}")
 
 
 if __name__ == "__main__":
