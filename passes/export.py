@@ -19,7 +19,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from rosafx.capture import _dynamic_dims, _signature_names, normalize_example_inputs
+from rosafx.capture import dynamic_shapes_for, normalize_example_inputs
 from rosafx.atomic import make_public
 from rosafx.errors import RosafxError
 
@@ -73,21 +73,12 @@ def _example(model, example_inputs) -> tuple[tuple, dict]:
     return normalize_example_inputs(model, example_inputs)
 
 
-def _dynamic_shapes(model, args, kwargs):
-    if kwargs:
-        try:
-            return {**_signature_names(model, args), **_dynamic_dims(kwargs)}
-        except (ValueError, TypeError):
-            return None
-    return tuple(_dynamic_dims(a) for a in args)
-
-
 def _to_onnx(model: nn.Module, args: tuple, kwargs: dict, path: Path) -> None:
     model.eval()
     try:
         with torch.no_grad():
             program = torch.onnx.export(model, args, kwargs=kwargs, dynamo=True, verbose=False,
-                                        dynamic_shapes=_dynamic_shapes(model, args, kwargs))
+                                        dynamic_shapes=dynamic_shapes_for(model, args, kwargs))
         program.save(str(path), external_data=False)
     except Exception as exc:
         raise RosafxError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "

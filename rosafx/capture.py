@@ -85,10 +85,7 @@ class _UseCacheOff:
 
 
 def export_program(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
-    if kwargs:  # keyword inputs: one spec per forward() parameter name
-        dynamic_shapes = {**_signature_names(model, args), **_dynamic_dims(kwargs)}
-    else:
-        dynamic_shapes = tuple(_dynamic_dims(a) for a in args)
+    dynamic_shapes = dynamic_shapes_for(model, args, kwargs)
     was_training = model.training
     try:
         with _UseCacheOff(model), torch.no_grad():
@@ -102,6 +99,14 @@ def export_program(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.
             "Check that example_inputs match the model's forward(); set ROSAFX_DEBUG=1 for the trace.") from exc
     finally:
         model.train(was_training)
+
+
+def dynamic_shapes_for(model: nn.Module, args: tuple, kwargs: dict):
+    """torch.export's dynamic_shapes for these inputs: with keyword inputs, one spec per
+    forward() parameter name; otherwise one per positional argument."""
+    if kwargs:
+        return {**_signature_names(model, args), **_dynamic_dims(kwargs)}
+    return tuple(_dynamic_dims(a) for a in args)
 
 
 def _signature_names(model: nn.Module, args: tuple) -> dict:

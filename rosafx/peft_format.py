@@ -22,7 +22,7 @@ PREFIX = "base_model.model."
 CONFIG_NAME, TENSORS_NAME = "adapter_config.json", "adapter_model.safetensors"
 
 
-def _common_value(values: dict[str, object], field: str) -> tuple[object, dict]:
+def _common_value(values: dict[str, object]) -> tuple[object, dict]:
     """PEFT has one global value plus a per-module pattern table for the exceptions."""
     counts: dict[object, int] = {}
     for v in values.values():
@@ -33,8 +33,8 @@ def _common_value(values: dict[str, object], field: str) -> tuple[object, dict]:
 
 def _lora_to_peft(adapted: fx.GraphModule, sites: dict) -> tuple[dict, dict]:
     configs = {p: s["config"] for p, s in sites.items()}
-    rank, rank_pattern = _common_value({p: c["rank"] for p, c in configs.items()}, "rank")
-    alpha, alpha_pattern = _common_value({p: c["alpha"] for p, c in configs.items()}, "alpha")
+    rank, rank_pattern = _common_value({p: c["rank"] for p, c in configs.items()})
+    alpha, alpha_pattern = _common_value({p: c["alpha"] for p, c in configs.items()})
     for field in ("dropout", "rslora"):
         if len({c[field] for c in configs.values()}) > 1:
             raise RosafxError(f"HF PEFT stores one '{field}' for all LoRA sites; these sites differ in it.")
@@ -132,7 +132,7 @@ def _peft_targets(config: dict) -> object:
 
 def _lora_from_peft(config: dict, tensors: dict, site_paths: list[str]) -> tuple[dict, dict]:
     from .serialize import exact_path_rule
-    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    alphas = config.get("alpha_pattern") or {}  # ranks come from the tensors' shapes
     rules, installs = {}, {}
     for path in site_paths:
         a_key, b_key = f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_B.weight"
@@ -145,7 +145,6 @@ def _lora_from_peft(config: dict, tensors: dict, site_paths: list[str]) -> tuple
                                         "rslora": bool(config.get("use_rslora", False))}
         installs[f"{ADAPTERS}.{adapter_key(path)}.lora_A"] = tensors[a_key]
         installs[f"{ADAPTERS}.{adapter_key(path)}.lora_B"] = tensors[b_key]
-    del ranks  # ranks come from the tensors' shapes
     return rules, installs
 
 

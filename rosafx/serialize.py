@@ -19,6 +19,7 @@ from rosafx.passes.insert import ADAPTERS, adapters_of, set_base_weight
 
 from .atomic import atomic_directory
 from .errors import RosafxError
+from .sites import is_parameter
 from .transform import fingerprint, transform
 
 FORMAT_VERSION = 1
@@ -124,12 +125,4 @@ def install_tensors(adapted: fx.GraphModule, tensors: dict[str, torch.Tensor]) -
         adapters[key].load_adapter_state(state)
     with torch.no_grad():
         for name, value in full.items():
-            adapted.get_parameter(name).copy_(value) if _is_param(adapted, name) else adapted.get_buffer(name).copy_(value)
-
-
-def _is_param(module: nn.Module, name: str) -> bool:
-    try:
-        module.get_parameter(name)
-        return True
-    except AttributeError:
-        return False
+            adapted.get_parameter(name).copy_(value) if is_parameter(adapted, name) else adapted.get_buffer(name).copy_(value)

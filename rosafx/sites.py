@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 aten = torch.ops.aten
 
@@ -93,7 +93,7 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
         if form is None:
             continue
         weight_node = node.args[form.weight]
-        weight = gm.get_parameter(weight_node.target) if _is_param(gm, weight_node.target) else None
+        weight = gm.get_parameter(weight_node.target) if is_parameter(gm, weight_node.target) else None
         if weight is None or weight.dim() != 2:
             continue
         key = weight_node.target
@@ -105,7 +105,7 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
     return _dedupe_paths(list(sites.values()))
 
 
-def _is_param(gm: fx.GraphModule, target: str) -> bool:
+def is_parameter(gm: nn.Module, target: str) -> bool:
     try:
         gm.get_parameter(target)
         return True

@@ -3,8 +3,7 @@
 Used by lora, lora-ga and rosa. ``x_a`` is the adapter's input (dropout(x)); when it is
 None the adapter reads ``x`` itself. The low-rank path runs in the adapter's dtype (fp32
 by default) and is cast back to the base output's dtype. The forward adds the low-rank
-term into the base output in place (one addmm, no extra N x out temporary) and keeps
-h = x_a·Aᵀ (N x r, small) for the backward.
+term into the base output in place (one addmm, no extra N x out temporary).
 """
 from __future__ import annotations
 
@@ -20,7 +19,7 @@ def _rows(t: Tensor) -> Tensor:
 
 
 def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, scale: float,
-             x_a: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+             x_a: Optional[Tensor]) -> Tensor:
     y = F.linear(x, weight, bias)
     h = _rows(x if x_a is None else x_a).to(A.dtype) @ A.t()          # (N, r)
     y2 = _rows(y)
@@ -28,13 +27,13 @@ def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Te
         y2.addmm_(h, B.t(), alpha=scale)                               # y += scale·h·Bᵀ, in place
     else:
         y = (y2 + (scale * (h @ B.t())).to(y.dtype)).reshape(y.shape)
-    return y, h
+    return y
 
 
 @torch.library.custom_op("rosafx::lowrank_linear", mutates_args=())
 def lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor,
                    scale: float, x_a: Optional[Tensor] = None) -> Tensor:
-    return _forward(x, weight, bias, A, B, scale, x_a)[0]
+    return _forward(x, weight, bias, A, B, scale, x_a)
 
 
 @lowrank_linear.register_fake
