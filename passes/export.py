@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-import statistics
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from rosafx.atomic import make_public
 from rosafx.errors import RosafxError
 
 from .merge import merge_adapters
+from .onnx_latency import LatencyComparison, compare_latency, op_histogram, time_one_session
 
 MATMUL_OPS = ("MatMul", "Gemm")
 # the exporter logs a warning per missing torchvision op on every export; they are noise here
@@ -40,15 +39,19 @@ class ExportReport:
     latency_ms: float | None      # onnxruntime median
     base_matmul_nodes: int | None = None
     base_latency_ms: float | None = None
+    latency: LatencyComparison | None = None   # medians, spreads, same-graph verdict (see onnx_latency.py)
 
     @property
     def latency_ratio(self) -> float | None:
-        if self.latency_ms is None or not self.base_latency_ms:
-            return None
-        return self.latency_ms / self.base_latency_ms
+        """Median of the per-round merged / base ratios (None without a base comparison)."""
+        return self.latency.ratio[1] if self.latency is not None else None
+
+    @property
+    def same_graph_as_base(self) -> bool | None:
+        return self.latency.same_graph if self.latency is not None else None
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "latency_ratio": self.latency_ratio}
+        return {**asdict(self), "latency_ratio": self.latency_ratio, "same_graph_as_base": self.same_graph_as_base}
 
     def __str__(self) -> str:
         lines = [f"ONNX written to {self.path}",
@@ -56,10 +59,10 @@ class ExportReport:
                  f"tolerance {self.tolerance:.0e})",
                  f"  MatMul/Gemm nodes: {self.matmul_nodes}"
                  + (f" (base model: {self.base_matmul_nodes})" if self.base_matmul_nodes is not None else "")]
-        if self.latency_ms is not None:
-            lines.append(f"  onnxruntime latency: {self.latency_ms:.2f} ms"
-                         + (f" vs base {self.base_latency_ms:.2f} ms (x{self.latency_ratio:.3f})"
-                            if self.base_latency_ms else ""))
+        if self.latency is not None:
+            lines.append(self.latency.describe())
+        elif self.latency_ms is not None:
+            lines.append(f"  onnxruntime latency: median {self.latency_ms:.2f} ms")
         return "\n".join(lines)
 
 
@@ -106,16 +109,6 @@ def _torch_outputs(model, args, kwargs) -> list[np.ndarray]:
     return [t.detach().float().cpu().numpy() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
-def _median_latency_ms(session, feed, repeats: int) -> float:
-    session.run(None, feed)  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def count_matmuls(path) -> int:
     import onnx
     graph = onnx.load(str(path), load_external_data=False).graph
@@ -126,7 +119,7 @@ def count_matmuls(path) -> int:
 
 
 def export_onnx(model: nn.Module, path, *, example_inputs=None, merge: bool = True, tolerance: float = 1e-4,
-                compare_base: bool = True, latency_repeats: int = 20) -> ExportReport:
+                compare_base: bool = True, latency_repeats: int = 100) -> ExportReport:
     path = Path(path)
     args, kwargs = _example(model, example_inputs)
     adapted = _is_adapted(model)
@@ -156,10 +149,11 @@ def export_onnx(model: nn.Module, path, *, example_inputs=None, merge: bool = Tr
         if abs_err > tolerance * max(1.0, scale):
             raise RosafxError(f"ONNX output differs from torch by {abs_err:.3e} (tolerance {tolerance:.0e} "
                               f"relative to output scale {scale:.3g}); the file was not written.")
-        report = ExportReport(str(path), abs_err, abs_err / scale, tolerance, count_matmuls(tmp),
-                              _median_latency_ms(session, feed, latency_repeats) if latency_repeats else None)
+        report = ExportReport(str(path), abs_err, abs_err / scale, tolerance, count_matmuls(tmp), None)
         if adapted and compare_base:
-            _compare_with_base(model, args, kwargs, session, feed, report, latency_repeats)
+            _compare_with_base(model, args, kwargs, tmp, session, feed, report, latency_repeats)
+        elif latency_repeats:
+            report.latency_ms = time_one_session(session, feed, latency_repeats)[1]
         os.replace(tmp, path)
         return report
     finally:
@@ -168,18 +162,16 @@ def export_onnx(model: nn.Module, path, *, example_inputs=None, merge: bool = Tr
             tmp.unlink()
 
 
-def _compare_with_base(adapted, args, kwargs, session, feed, report: ExportReport, repeats: int) -> None:
-    """Export the base model (the same graph with the original weights) and time both,
-    interleaved, so that machine noise hits both alike."""
+def _compare_with_base(adapted, args, kwargs, merged_path: Path, session, feed, report: ExportReport,
+                       runs: int) -> None:
+    """Export the base model (the same graph with the original weights), compare op
+    histograms, and time both interleaved (passes/onnx_latency.py)."""
     base = merge_adapters(adapted, original_weights=True)
     with tempfile.TemporaryDirectory() as tmpdir:
         base_path = Path(tmpdir) / "base.onnx"
         _to_onnx(base, args, kwargs, base_path)
         report.base_matmul_nodes = count_matmuls(base_path)
-        if repeats:
-            base_session = _session(base_path)
-            ours, theirs = [], []
-            for _ in range(3):
-                ours.append(_median_latency_ms(session, feed, repeats))
-                theirs.append(_median_latency_ms(base_session, feed, repeats))
-            report.latency_ms, report.base_latency_ms = statistics.median(ours), statistics.median(theirs)
+        if runs:
+            same = op_histogram(base_path) == op_histogram(merged_path)
+            report.latency = compare_latency(session, _session(base_path), feed, runs, same)
+            report.latency_ms, report.base_latency_ms = report.latency.ms[1], report.latency.base_ms[1]
