@@ -20,6 +20,11 @@ def _console() -> Console:
 from .options import AlphaOpt, MethodOpt, ModelArg, OptionOpt, RankOpt, RulesOpt, TargetOpt, TrustOpt, build_rules
 
 
+def site_form_label(site) -> str:
+    """The op a site was found as, and W's stored layout when it is in x out."""
+    return site.form + (" (W in x out)" if site.transposed else "")
+
+
 def print_sites(adapted: fx.GraphModule, all_sites=None) -> None:
     adapters = adapters_of(adapted)
     meta = adapted.meta["rosafx"]
@@ -33,7 +38,7 @@ def print_sites(adapted: fx.GraphModule, all_sites=None) -> None:
         adapter = adapters.get(adapter_key(site.path)) if site.path in meta["sites"] else None
         count = adapter.trainable_count() if adapter is not None else 0
         total += count
-        table.add_row(site.path, "addmm (Conv1D)" if site.transposed else "linear",
+        table.add_row(site.path, site_form_label(site),
                       f"{site.out_features} x {site.in_features}",
                       meta["sites"][site.path]["config"]["method"] if adapter is not None else "-", f"{count:,}")
     for path, info in meta["sites"].items():
@@ -68,7 +73,7 @@ def inspect(model: ModelArg, method: MethodOpt = None, target: TargetOpt = None,
         for column in ("path", "op", "shape (out x in)", "module type"):
             table.add_column(column)
         for site in sites:
-            table.add_row(site.path, "addmm (Conv1D)" if site.transposed else "linear",
+            table.add_row(site.path, site_form_label(site),
                           f"{site.out_features} x {site.in_features}", site.module_type.split(".")[-1])
         _console().print(table)
         _console().print(f"{len(sites)} sites. Add --method (and --target) to see what rules would select.")

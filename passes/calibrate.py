@@ -19,20 +19,14 @@ from tqdm.auto import tqdm
 
 from rosafx.errors import RosafxError
 
-from .insert import adapter_nodes, adapters_of, set_base_weight
-
-aten = torch.ops.aten
+from .insert import adapter_nodes, adapters_of, set_base_weight, site_weight
 
 
 def site_weight_leaves(gm: fx.GraphModule) -> dict[str, tuple[torch.Tensor, bool]]:
     """Adapter key -> (the leaf tensor its op nodes read as W, whether it is stored in x out)."""
     leaves = {}
     for node in adapter_nodes(gm):
-        key, weight_node = node.meta["rosafx"]["key"], node.args[1]
-        transposed = weight_node.op == "call_function" and weight_node.target is aten.t.default
-        target = weight_node.args[0].target if transposed else weight_node.target
-        owner, _, name = target.rpartition(".")
-        leaves[key] = (getattr(gm.get_submodule(owner) if owner else gm, name), transposed)
+        leaves[node.meta["rosafx"]["key"]] = site_weight(gm, node)
     return leaves
 
 

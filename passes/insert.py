@@ -10,8 +10,12 @@ After (lora)::
     lora_B = self.rosafx_adapters.encoder__layer__0__attention__self__query.lora_B
     lowrank_linear = rosafx.lowrank_linear.default(x, query_weight, query_bias, lora_A, lora_B, 2.0, None)
 
-A Conv1D site (``addmm(b, x, W)`` with W in x out) reads ``aten.t(W)``. Every adapter op
-takes ``(x, weight, bias, ...)`` first, so later passes can find and swap the weight.
+Argument positions and the stored layout come from the site-form table (rosafx/sites.py):
+a site whose W is stored in x out (Conv1D's ``addmm(b, x, W)``, ``x @ W``) reads
+``aten.t(W)``; views between W and the call (Falcon's ``numpy_T``) are dropped. Every
+adapter op takes ``(x, weight, bias, ...)`` with the weight out x in, so later passes can
+find and swap it; the node's ``meta["rosafx"]`` records the form, so that merge can write
+the original call again.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import torch
 from torch import fx, nn
 
 from rosafx.methods.base import Adapter, GraphEmitter
-from rosafx.sites import FORM_BY_TARGET, Site
+from rosafx.sites import Site, arg_at, form_constants, match_site_call
 
 ADAPTERS = "rosafx_adapters"
 
@@ -38,20 +42,21 @@ def insert_adapters(gm: fx.GraphModule, sites: list[Site], adapters: list[Adapte
         container[key] = adapter
         emitter = GraphEmitter(graph, f"{ADAPTERS}.{key}")
         for call in site.calls:
-            form = FORM_BY_TARGET[call.target]
-            x = call.args[form.x]
-            bias = call.args[form.bias] if form.bias is not None and len(call.args) > form.bias else None
+            match = match_site_call(call)
+            form = match.form
+            x = arg_at(call, form.x)
+            bias = arg_at(call, form.bias) if form.bias is not None else None
             with graph.inserting_before(call):
                 if "base_weight" in adapter._buffers:
                     weight = emitter.attr("base_weight")
-                elif form.transposed:
-                    weight = graph.call_function(torch.ops.aten.t.default, (call.args[form.weight],))
+                elif site.transposed:
+                    weight = graph.call_function(torch.ops.aten.t.default, (match.weight,))
                 else:
-                    weight = call.args[form.weight]
+                    weight = match.weight
                 out = adapter.emit(emitter, x, weight, bias)
             out.meta.update({k: v for k, v in call.meta.items() if k in ("nn_module_stack", "stack_trace", "val")})
-            out.meta["rosafx"] = {"site": site.path, "key": key, "form": "addmm" if form.transposed else "linear",
-                                  "weight_name": site.weight_name}
+            out.meta["rosafx"] = {"site": site.path, "key": key, "form": form.name, "transposed": site.transposed,
+                                  "form_args": form_constants(call), "weight_name": site.weight_name}
             call.replace_all_uses_with(out)
             graph.erase_node(call)
     graph.eliminate_dead_code()
@@ -67,6 +72,16 @@ def adapter_nodes(gm: fx.GraphModule) -> list[fx.Node]:
 def adapters_of(gm: fx.GraphModule) -> dict[str, Adapter]:
     container = getattr(gm, ADAPTERS, None)
     return dict(container.items()) if container is not None else {}
+
+
+def site_weight(gm: fx.GraphModule, node: fx.Node) -> tuple[torch.Tensor, bool]:
+    """The leaf tensor an adapter node reads as W (``args[1]``), and whether it reads it
+    through the transpose ``insert_adapters`` wrote (W stored in x out)."""
+    weight_node = node.args[1]
+    transposed = weight_node.op != "get_attr"  # insert writes get_attr W or aten.t(get_attr W)
+    target = weight_node.args[0].target if transposed else weight_node.target
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name), transposed
 
 
 def set_base_weight(gm: fx.GraphModule, key: str, weight: torch.Tensor) -> None:

@@ -3,8 +3,10 @@
     lowrank_linear = rosafx.lowrank_linear.default(x, W, b, lora_A, lora_B, 2.0, None)
  -> linear = aten.linear.default(x, W_merged, b)         W_merged = W + ΔW  (fp32 sum)
 
-A Conv1D site goes back to ``addmm(b, x, W_merged)`` with W stored in x out, so the merged
-graph has exactly the base graph's matmuls. Merged weights are new tensors: the adapted
+Each site goes back to its own form (the site-form table's ``rebuild``): a Conv1D site to
+``addmm(b, x, W_merged)`` with W stored in x out, Falcon's ``x @ W.T`` to a matmul, and so
+on, with the merged weight in the parameter's own layout, so the merged graph has exactly
+the base graph's matmuls and its state dict the base model's shapes. Merged weights are new tensors: the adapted
 model keeps working, and a weight tied elsewhere (GPT-2's lm_head = wte) is untied rather
 than changed behind the user's back.
 """
@@ -17,7 +19,9 @@ from torch import fx, nn
 
 from rosafx.errors import RosafxError
 
-from .insert import ADAPTERS, adapters_of
+from rosafx.sites import FORM_BY_NAME, WEIGHT_VIEWS
+
+from .insert import ADAPTERS, adapters_of, site_weight
 
 aten = torch.ops.aten
 
@@ -29,15 +33,6 @@ def merged_weight(weight: torch.Tensor, delta: torch.Tensor, path: str) -> torch
         raise RosafxError(f"Merging site '{path}' gives non-finite weights; the adapter has diverged "
                           "(check the learning rate) or the base weight overflows its dtype.")
     return total.to(weight.dtype)
-
-
-def _tensor_of(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
-    """The out x in weight an op node reads: get_attr W, or aten.t(get_attr W)."""
-    if node.op == "get_attr":
-        return _fetch(gm, node.target)
-    if node.op == "call_function" and node.target is aten.t.default:
-        return _fetch(gm, node.args[0].target).t()
-    raise RosafxError(f"Cannot read the weight of adapter node input {node.format_node()}.")
 
 
 def _fetch(gm: nn.Module, target: str):
@@ -63,19 +58,16 @@ def merge_adapters(adapted: fx.GraphModule, *, original_weights: bool = False) -
         name = info["weight_name"] + ("_merged" if info["weight_name"] in read_elsewhere else "")
         if name not in merged:
             if original_weights:
-                original = _fetch(adapted, info["weight_name"])
-                total = original.t() if info["form"] == "addmm" else original
+                merged[name] = _fetch(adapted, info["weight_name"])  # already in the stored layout
             else:
-                weight = _tensor_of(adapted, node.args[1])
+                leaf, reads_t = site_weight(adapted, node)
+                weight = leaf.t() if reads_t else leaf                         # out x in
                 total = merged_weight(weight, adapter.delta_weight().to(weight.device), info["site"])
-            merged[name] = total.t().contiguous() if info["form"] == "addmm" else total
+                merged[name] = total.t().contiguous() if info["transposed"] else total
         x, bias = node.args[0], node.args[2]
         with graph.inserting_before(node):
             w = graph.get_attr(name)
-            if info["form"] == "addmm":
-                plain = graph.call_function(aten.addmm.default, (bias, x, w))
-            else:
-                plain = graph.call_function(aten.linear.default, (x, w, bias))
+            plain = FORM_BY_NAME[info["form"]].rebuild(graph, x, w, bias, info["transposed"], info["form_args"])
         plain.meta = {k: v for k, v in node.meta.items() if k != "rosafx"}
         node.replace_all_uses_with(plain)
         graph.erase_node(node)
@@ -101,7 +93,7 @@ def _drop_unused_adapter_inputs(graph: fx.Graph) -> None:
         if node.users:
             continue
         if node.op == "get_attr" or (node.op == "call_module" and node.target.startswith(ADAPTERS + ".")) \
-                or (node.op == "call_function" and node.target is aten.t.default):
+                or (node.op == "call_function" and node.target in WEIGHT_VIEWS):
             graph.erase_node(node)
 
 
@@ -112,7 +104,7 @@ def _targets_read_elsewhere(graph: fx.Graph) -> set[str]:
         if node.op != "get_attr":
             continue
         for user in node.users:
-            feeds_adapter_only = user.op == "call_function" and user.target is aten.t.default \
+            feeds_adapter_only = user.op == "call_function" and user.target in WEIGHT_VIEWS \
                 and all("rosafx" in u.meta for u in user.users)
             if "rosafx" not in user.meta and not feeds_adapter_only:
                 read.add(node.target)

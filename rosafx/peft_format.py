@@ -56,7 +56,7 @@ def _lora_to_peft(adapted: fx.GraphModule, sites: dict) -> tuple[dict, dict]:
 
 
 def _is_transposed(adapted: fx.GraphModule, path: str) -> bool:
-    return any(n.meta["rosafx"]["form"] == "addmm" for n in adapted.graph.nodes
+    return any(n.meta["rosafx"]["transposed"] for n in adapted.graph.nodes
                if n.op == "call_function" and n.meta.get("rosafx", {}).get("site") == path)
 
 

@@ -1,10 +1,22 @@
 """Sites: every weight that the graph applies as a linear map.
 
-A site is keyed by its weight (a ``get_attr`` target). Recognised forms (a table, not
-branches):
+A site is keyed by its weight (a ``get_attr`` target). The forms a linear map takes in an
+ATen graph are a table (``SITE_FORMS``), not branches; passes read argument positions, the
+stored layout and how to rebuild a call from it:
 
-    aten.linear(x, W, b?)            nn.Linear, F.linear on any parameter   W: out x in
-    aten.addmm(b, x, W)              GPT-2 Conv1D                           W: in x out
+    form            call                                   W as stored     from
+    linear          aten.linear(x, W, b?)                  out x in        nn.Linear, F.linear
+    addmm           aten.addmm(b, x, W)                    in x out        GPT-2 Conv1D
+    addmm           aten.addmm(b, x, t(W))                 out x in        a decomposed nn.Linear
+    matmul          aten.matmul(x, numpy_T(W))  (+ add b)  out x in        Falcon's FalconLinear, x @ W.T
+    matmul          aten.matmul(x, W)                      in x out        x @ W
+    mm / bmm        aten.mm(x, t(W)), bmm(x, expand(t(W))) either          hand-written 2-D/3-D products
+    einsum          aten.einsum("...i,oi->...o", [x, W])    out x in / in x out by the equation
+
+Between the parameter and the call the weight may pass through views in ``WEIGHT_VIEWS``
+(a 2-D transpose flips the layout; an ``expand`` that only adds leading dims does not). A
+bias added by a separate ``add`` stays in the graph as it was: the site is the product
+alone, which is exact and keeps every later pass to one node per call.
 
 A module called twice yields one site with two call nodes.
 """
@@ -12,28 +24,136 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import fx, nn
 
 aten = torch.ops.aten
+ArgPos = int | tuple[int, int]  # an argument index, or (index of a list argument, index inside it)
 
 
 @dataclass(frozen=True)
 class SiteForm:
-    """Where x, W and b sit in a call's arguments, and whether W is stored transposed."""
+    """One way a graph applies a weight as a linear map.
+
+    ``reads_in_out``: the call's weight argument is in x out (``x @ W``) rather than out x in
+    (``F.linear``); views in between may flip that. ``accepts`` rejects calls of the target
+    that are not a plain linear map (addmm with beta/alpha, an einsum of another shape).
+    ``rebuild(graph, x, w, bias, call_args)`` writes the call again with a new weight ``w`` in
+    the stored layout (``call_args``: the original call's constant arguments)."""
+    name: str
     target: object
-    x: int
-    weight: int
-    bias: int | None
-    transposed: bool
+    x: ArgPos
+    weight: ArgPos
+    bias: ArgPos | None
+    reads_in_out: bool | Callable[[fx.Node], bool]
+    rebuild: Callable
+    accepts: Callable[[fx.Node], bool] = lambda node: True
+
+
+def _plain_addmm(node: fx.Node) -> bool:
+    return len(node.args) == 3 and not node.kwargs  # addmm with beta/alpha is not a plain linear map
+
+
+_EINSUM = re.compile(r"^\s*(\.\.\.)?([a-zA-Z]*)([a-zA-Z])\s*,\s*([a-zA-Z])([a-zA-Z])\s*->\s*(\.\.\.)?([a-zA-Z]*)([a-zA-Z])\s*$")
+
+
+def _einsum_parts(node: fx.Node):
+    """(contracted letter, weight letters, output letter) of ``x..k, W -> x..o``, or None."""
+    if len(node.args) != 2 or not isinstance(node.args[0], str) or not isinstance(node.args[1], (list, tuple)) \
+            or len(node.args[1]) != 2:
+        return None
+    m = _EINSUM.match(node.args[0])
+    if not m:
+        return None
+    dots_in, lead_in, k, w0, w1, dots_out, lead_out, o = m.groups()
+    if dots_in != dots_out or lead_in != lead_out or {w0, w1} != {k, o} or k == o or o in lead_in or k in lead_in:
+        return None
+    return k, w0 + w1, o
+
+
+def _einsum_accepts(node: fx.Node) -> bool:
+    return _einsum_parts(node) is not None
+
+
+def _einsum_reads_in_out(node: fx.Node) -> bool:
+    k, weight_letters, o = _einsum_parts(node)
+    return weight_letters == k + o
+
+
+def _t(graph: fx.Graph, w: fx.Node) -> fx.Node:
+    return graph.call_function(aten.t.default, (w,))
+
+
+def _as_read(graph, w, stored_in_out: bool, reads_in_out: bool) -> fx.Node:
+    return w if stored_in_out == reads_in_out else _t(graph, w)
 
 
 SITE_FORMS = [
-    SiteForm(aten.linear.default, x=0, weight=1, bias=2, transposed=False),
-    SiteForm(aten.addmm.default, x=1, weight=2, bias=0, transposed=True),
+    SiteForm("linear", aten.linear.default, x=0, weight=1, bias=2, reads_in_out=False,
+             rebuild=lambda g, x, w, b, stored_in_out, args: g.call_function(
+                 aten.linear.default, (x, _as_read(g, w, stored_in_out, False), b))),
+    SiteForm("addmm", aten.addmm.default, x=1, weight=2, bias=0, reads_in_out=True, accepts=_plain_addmm,
+             rebuild=lambda g, x, w, b, stored_in_out, args: g.call_function(
+                 aten.addmm.default, (b, x, _as_read(g, w, stored_in_out, True)))),
+    SiteForm("matmul", aten.matmul.default, x=0, weight=1, bias=None, reads_in_out=True,
+             rebuild=lambda g, x, w, b, stored_in_out, args: g.call_function(
+                 aten.matmul.default, (x, _as_read(g, w, stored_in_out, True)))),
+    SiteForm("mm", aten.mm.default, x=0, weight=1, bias=None, reads_in_out=True,
+             rebuild=lambda g, x, w, b, stored_in_out, args: g.call_function(
+                 aten.mm.default, (x, _as_read(g, w, stored_in_out, True)))),
+    # bmm over a broadcast 2-D weight is x @ W per batch; matmul broadcasts the same way
+    SiteForm("bmm", aten.bmm.default, x=0, weight=1, bias=None, reads_in_out=True,
+             rebuild=lambda g, x, w, b, stored_in_out, args: g.call_function(
+                 aten.matmul.default, (x, _as_read(g, w, stored_in_out, True)))),
+    SiteForm("einsum", aten.einsum.default, x=(1, 0), weight=(1, 1), bias=None,
+             reads_in_out=_einsum_reads_in_out, accepts=_einsum_accepts,
+             rebuild=lambda g, x, w, b, stored_in_out, args: g.call_function(
+                 aten.einsum.default, (args[0], [x, w]))),
 ]
-FORM_BY_TARGET = {form.target: form for form in SITE_FORMS}
+FORMS_BY_TARGET: dict[object, list[SiteForm]] = {}
+for _form in SITE_FORMS:
+    FORMS_BY_TARGET.setdefault(_form.target, []).append(_form)
+FORM_BY_NAME = {form.name: form for form in SITE_FORMS}
+
+
+def _is_2d_transpose(node: fx.Node) -> bool:
+    if node.target is aten.permute.default:
+        return list(node.args[1]) == [1, 0]
+    if node.target is aten.transpose.int:
+        return sorted(d % 2 for d in node.args[1:3]) == [0, 1]
+    return True
+
+
+def _expand_adds_leading_dims(node: fx.Node) -> bool:
+    size, source = node.args[1], node.args[0]
+    val = source.meta.get("val") if isinstance(source, fx.Node) else None
+    if val is None or val.dim() != 2 or not isinstance(size, (list, tuple)) or len(size) < 2:
+        return False
+    return all(s == -1 or s == d for s, d in zip(list(size)[-2:], val.shape))
+
+
+# views a weight may pass through on its way to the call: op -> (flips the layout?, valid here?)
+WEIGHT_VIEWS: dict[object, tuple[bool, Callable[[fx.Node], bool]]] = {
+    aten.t.default: (True, lambda n: True),
+    aten.numpy_T.default: (True, lambda n: True),
+    aten.permute.default: (True, _is_2d_transpose),
+    aten.transpose.int: (True, _is_2d_transpose),
+    aten.expand.default: (False, _expand_adds_leading_dims),
+}
+
+
+def arg_at(node: fx.Node, pos: ArgPos):
+    if isinstance(pos, tuple):
+        outer = node.args[pos[0]] if len(node.args) > pos[0] else None
+        return outer[pos[1]] if isinstance(outer, (list, tuple)) and len(outer) > pos[1] else None
+    return node.args[pos] if len(node.args) > pos else None
+
+
+def form_constants(node: fx.Node) -> list:
+    """The call's arguments that are not nodes (kept so that ``rebuild`` can write them back)."""
+    return [a if not isinstance(a, (fx.Node, list, tuple)) else None for a in node.args]
 
 
 @dataclass
@@ -43,13 +163,22 @@ class Site:
     module_type: str          # qualified class name of the owning module ("" if unknown)
     in_features: int
     out_features: int
-    transposed: bool          # True when W is stored in x out (Conv1D)
+    transposed: bool          # True when W is stored in x out (Conv1D, x @ W)
     dtype: torch.dtype
     calls: list[fx.Node] = field(default_factory=list)
+    form: str = "linear"      # SITE_FORMS name of the first call
 
     @property
     def shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features)
+
+
+@dataclass(frozen=True)
+class SiteCall:
+    """A matched call: its form, the weight's get_attr node and whether W is stored in x out."""
+    form: SiteForm
+    weight: fx.Node
+    stored_in_out: bool
 
 
 def _module_stack_entry(node: fx.Node) -> tuple[str, str] | None:
@@ -72,35 +201,51 @@ def _site_path(weight_name: str, stack_entry: tuple[str, str] | None) -> tuple[s
     return module_path, ""
 
 
-def site_call_form(node: fx.Node) -> SiteForm | None:
+def _weight_source(node) -> tuple[fx.Node, bool] | None:
+    """Follow ``WEIGHT_VIEWS`` back to a get_attr: (that node, whether the views flip W)."""
+    flipped = False
+    while isinstance(node, fx.Node) and node.op == "call_function":
+        view = WEIGHT_VIEWS.get(node.target)
+        if view is None or not view[1](node):
+            return None
+        flipped ^= view[0]
+        node = node.args[0]
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        return node, flipped
+    return None
+
+
+def match_site_call(node: fx.Node) -> SiteCall | None:
     if node.op != "call_function":
         return None
-    form = FORM_BY_TARGET.get(node.target)
-    if form is None or len(node.args) <= form.weight:
-        return None
-    weight = node.args[form.weight]
-    if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
-        return None
-    if form.target is aten.addmm.default and (len(node.args) > 3 or node.kwargs):
-        return None  # addmm with beta/alpha is not a plain linear map
-    return form
+    for form in FORMS_BY_TARGET.get(node.target, ()):
+        if not form.accepts(node):
+            continue
+        source = _weight_source(arg_at(node, form.weight))
+        if source is None or not isinstance(arg_at(node, form.x), fx.Node):
+            continue
+        reads_in_out = form.reads_in_out(node) if callable(form.reads_in_out) else form.reads_in_out
+        return SiteCall(form, source[0], reads_in_out ^ source[1])
+    return None
 
 
 def find_sites(gm: fx.GraphModule) -> list[Site]:
     sites: dict[str, Site] = {}
     for node in gm.graph.nodes:
-        form = site_call_form(node)
-        if form is None:
+        match = match_site_call(node)
+        if match is None:
             continue
-        weight_node = node.args[form.weight]
-        weight = gm.get_parameter(weight_node.target) if is_parameter(gm, weight_node.target) else None
+        key = match.weight.target
+        weight = gm.get_parameter(key) if is_parameter(gm, key) else None
         if weight is None or weight.dim() != 2:
             continue
-        key = weight_node.target
+        if key in sites and sites[key].transposed != match.stored_in_out:
+            continue  # read both as W and as Wᵀ: not one linear map
         if key not in sites:
             path, module_type = _site_path(key, _module_stack_entry(node))
-            out_f, in_f = (weight.shape[1], weight.shape[0]) if form.transposed else tuple(weight.shape)
-            sites[key] = Site(path, key, module_type, int(in_f), int(out_f), form.transposed, weight.dtype)
+            out_f, in_f = (weight.shape[1], weight.shape[0]) if match.stored_in_out else tuple(weight.shape)
+            sites[key] = Site(path, key, module_type, int(in_f), int(out_f), match.stored_in_out, weight.dtype,
+                              form=match.form.name)
         sites[key].calls.append(node)
     return _dedupe_paths(list(sites.values()))
 
