@@ -21,12 +21,15 @@ def make_mask(out_features, in_features, nnz, g):
 
 @pytest.mark.parametrize("rank", [0, 3])
 @pytest.mark.parametrize("separate_input", [False, True])
-def test_forward_and_gradients_match_float64(rank, separate_input):
+@pytest.mark.parametrize("transposed_weight", [False, True])  # a Conv1D site reads aten.t(W): strided
+def test_forward_and_gradients_match_float64(rank, separate_input, transposed_weight):
     g = torch.Generator().manual_seed(0)
     out_f, in_f = 29, 37
     crow, col, rows = make_mask(out_f, in_f, 60, g)
     x = torch.randn(3, 5, in_f, generator=g, requires_grad=True)
     W, b = torch.randn(out_f, in_f, generator=g), torch.randn(out_f, generator=g)
+    if transposed_weight:
+        W = W.t().contiguous().t()
     A = torch.randn(rank, in_f, generator=g, requires_grad=True)
     B = torch.randn(out_f, rank, generator=g, requires_grad=True)
     values = torch.randn(col.numel(), generator=g, requires_grad=True)
@@ -68,3 +71,46 @@ def test_opcheck():
     # aot_dispatch is left out: building a CSR tensor inside the op is not traceable by AOT
     # autograd (torch.compile), which rosafx does not use; export uses the fake impl only
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def _dense_reference(W, b, crow, col, rows, values, x, A, B, scale):
+    S = torch.zeros(W.shape, dtype=torch.float64).index_put((rows, col), values)
+    return F.linear(x, W + S, b) + scale * (x @ A.t()) @ B.t()
+
+
+def test_weight_and_bias_gradients_for_calibration():
+    """Calibration asks the op for dW (hooks on the frozen weight): dyᵀ·x, vs float64."""
+    g = torch.Generator().manual_seed(3)
+    crow, col, rows = make_mask(11, 13, 20, g)
+    x = torch.randn(2, 4, 13, generator=g)
+    W = torch.randn(11, 13, generator=g, requires_grad=True)
+    b = torch.randn(11, generator=g, requires_grad=True)
+    A, B, values = torch.randn(2, 13, generator=g), torch.randn(11, 2, generator=g), torch.randn(col.numel(), generator=g)
+    y = op(x, W, b, A, B, 0.5, crow, col, values, None)
+    dy = torch.randn(y.shape, generator=g)
+    dW, db = torch.autograd.grad(y, [W, b], dy)
+    W64, b64 = W.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    y64 = _dense_reference(W64, b64, crow, col, rows, values.double(), x.double(), A.double(), B.double(), 0.5)
+    dW64, db64 = torch.autograd.grad(y64, [W64, b64], dy.double())
+    assert torch.allclose(dW.double(), dW64, atol=1e-4) and torch.allclose(db.double(), db64, atol=1e-4)
+
+
+def test_bfloat16_weight_matches_float64():
+    """A bf16 base weight: S is added in the values' dtype (fp32); output and dvalues vs float64."""
+    g = torch.Generator().manual_seed(4)
+    crow, col, rows = make_mask(9, 10, 12, g)
+    x = torch.randn(3, 10, generator=g)
+    W = (torch.randn(9, 10, generator=g) * 8).bfloat16()
+    values = torch.full((col.numel(),), 1e-3, requires_grad=True)
+    A, B = torch.zeros(0, 10), torch.zeros(9, 0)
+    y = op(x.bfloat16(), W, None, A, B, 1.0, crow, col, values, None)
+    x64 = x.bfloat16().double()
+    want = _dense_reference(W.double(), None, crow, col, rows, values.detach().double(), x64, A.double(), B.double(), 1.0)
+    without_s = F.linear(x64, W.double())
+    assert y.dtype == torch.bfloat16
+    # the rounding of y itself to bf16 is the only error left
+    assert torch.allclose(y.double(), want, rtol=2 ** -7, atol=1e-6)
+    (dvalues,) = torch.autograd.grad(y.float().sum(), [values])
+    want_dv = x64.sum(0)[col]  # d(Σ y)/dS[r, c] = Σ_n x[n, c]
+    assert torch.allclose(dvalues.double(), want_dv, rtol=1e-2, atol=1e-2)
+    assert not torch.equal(want, without_s)

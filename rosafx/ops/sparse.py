@@ -1,9 +1,17 @@
 """``rosafx::sparse_lowrank_linear``: y = x·(W + S)ᵀ + b + scale·(x_a·Aᵀ)·Bᵀ.
 
 Used by rosa-robust. S (out x in) is a CSR matrix given by (crow_indices, col_indices,
-values); only ``values`` trains. Nothing of size out x in is formed: the forward applies S
-with a sparse-dense product, and the values' gradient is an SDDMM sampled at the mask.
-Rank 0 (A, B empty) is pure sparse adaptation.
+values); only ``values`` trains. Rank 0 (A, B empty) is pure sparse adaptation.
+
+How it runs on CPU, and why: a sparse-dense product costs far more per flop than a dense
+one (it gathers), and at 1 % density S·xᵀ and dy·S each took about as long as the dense
+x·Wᵀ on 2 cores. So the forward and dx read a transient dense W + S (one out x in copy of
+W plus an index_add of the values, freed at once; built again in the backward rather than
+saved), which costs one weight copy instead of two sparse products per step and needs no
+transposed copy of S at all. The only sparse kernel left is the values' gradient, an
+SDDMM sampled at the mask (``torch.sparse.sampled_addmm``, vectorised along the N rows),
+fed with both operands N-contiguous. Nothing of size out x in is kept between steps, and
+no N x out / N x in buffer is zero-filled.
 """
 from __future__ import annotations
 
@@ -26,28 +34,40 @@ def csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Te
     return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
-def csr_transposed(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
-    """Sᵀ as CSR (in x out): re-sort the entries by column."""
-    rows = torch.repeat_interleave(torch.arange(shape[0], device=crow.device), crow.diff())
-    order = torch.argsort(col * shape[0] + rows)
-    t_crow = torch.zeros(shape[1] + 1, dtype=crow.dtype, device=crow.device)
-    t_crow[1:] = torch.cumsum(torch.bincount(col, minlength=shape[1]), 0)
-    return csr(t_crow, rows[order], values[order], (shape[1], shape[0]))
+def dense_with_sparse(weight: Tensor, crow: Tensor, col: Tensor, values: Tensor) -> Tensor:
+    """W + S as a new dense tensor in ``values``' dtype (S's entries are not rounded to a
+    half-precision W's grid)."""
+    merged = weight.to(values.dtype, memory_format=torch.contiguous_format, copy=True)
+    if values.numel():
+        rows = torch.repeat_interleave(torch.arange(weight.shape[0], device=crow.device), crow.diff(),
+                                       output_size=col.numel())
+        merged.view(-1).index_add_(0, rows * weight.shape[1] + col, values.detach())
+    return merged
+
+
+def _forward(x, weight, bias, A, B, scale, crow, col, values, x_a) -> Tensor:
+    if values.numel() and weight.dtype != values.dtype:
+        y = F.linear(x.to(values.dtype), dense_with_sparse(weight, crow, col, values),
+                     None if bias is None else bias.to(values.dtype)).to(x.dtype)
+    elif values.numel():
+        y = F.linear(x, dense_with_sparse(weight, crow, col, values), bias)
+    else:
+        y = F.linear(x, weight, bias)
+    if A.shape[0] > 0:
+        h = _rows(x if x_a is None else x_a).to(A.dtype) @ A.t()                  # (N, r)
+        y2 = _rows(y)
+        if y.dtype == B.dtype and y.is_contiguous():
+            y2.addmm_(h, B.t(), alpha=scale)                                     # in place: no N x out temporary
+        else:
+            y = (y2 + (scale * (h @ B.t())).to(y.dtype)).reshape(y.shape)
+    return y
 
 
 @torch.library.custom_op("rosafx::sparse_lowrank_linear", mutates_args=())
 def sparse_lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, scale: float,
                           crow_indices: Tensor, col_indices: Tensor, values: Tensor,
                           x_a: Optional[Tensor] = None) -> Tensor:
-    y = F.linear(x, weight, bias)
-    x2 = _rows(x)
-    extra = torch.zeros(x2.shape[0], weight.shape[0], dtype=values.dtype, device=x.device)
-    if A.shape[0] > 0:
-        extra.addmm_(_rows(x if x_a is None else x_a).to(A.dtype) @ A.t(), B.t(), alpha=scale)
-    if values.numel() > 0:
-        S = csr(crow_indices, col_indices, values, tuple(weight.shape))
-        extra += torch.sparse.mm(S, x2.to(values.dtype).t()).t()
-    return (_rows(y) + extra.to(y.dtype)).reshape(y.shape)
+    return _forward(x, weight, bias, A, B, scale, crow_indices, col_indices, values, x_a)
 
 
 @sparse_lowrank_linear.register_fake
@@ -61,10 +81,21 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(x, weight, A, B, crow, col, values, x_a)
 
 
+def sampled_dyT_x(dy2: Tensor, x2: Tensor, crow: Tensor, col: Tensor, values: Tensor) -> Tensor:
+    """(dyᵀ·x)[M] as an SDDMM. The CPU kernel takes dot products along N between a row of
+    its first operand and a column of its second, so both are passed N-contiguous
+    (dyᵀ and xᵀ copied once each); x in its natural row-major layout made it several
+    times slower."""
+    mask = csr(crow, col, torch.zeros_like(values), (dy2.shape[1], x2.shape[1]))
+    dyT = dy2.to(values.dtype).t().contiguous()
+    x_by_column = x2.to(values.dtype).t().contiguous().t()
+    return torch.sparse.sampled_addmm(mask, dyT, x_by_column, beta=0.0).values()
+
+
 def _backward(ctx, dy):
     """With N rows, h = x_a·Aᵀ, g = scale·dy·B and S the CSR matrix at mask M:
 
-        dx      = dy·W + dy·S (+ g·A when the adapter reads x)      dy·S = (Sᵀ·dyᵀ)ᵀ, Sᵀ in CSR
+        dx      = dy·(W + S) (+ g·A when the adapter reads x)      W + S dense, transient
         dx_a    = g·A
         dA      = gᵀ·x_a,   dB = scale·dyᵀ·h
         dvalues = (dyᵀ·x)[M]          an SDDMM: only the |M| sampled dot products are computed
@@ -72,38 +103,36 @@ def _backward(ctx, dy):
     """
     x, weight, A, B, crow, col, values, x_a = ctx.saved_tensors
     needs = tuple(ctx.needs_input_grad) + (False,) * (10 - len(ctx.needs_input_grad))
-    shape = tuple(weight.shape)
     dy2, x2 = _rows(dy), _rows(x)
+    low_rank = A.shape[0] > 0
     adapter_in = _rows(x if x_a is None else x_a).to(A.dtype)
     dyA = dy2.to(A.dtype)
-    g = (dyA @ B).mul_(ctx.scale)
+    g = (dyA @ B).mul_(ctx.scale) if low_rank else None                 # (N, r)
     dx = dW = db = dA = dB = dvalues = dx_a = None
     if needs[0]:
-        dx = dy2 @ weight.to(dy2.dtype)
-        extra = torch.zeros(dx.shape, dtype=values.dtype, device=dx.device)
-        if values.numel() > 0:
-            extra += torch.sparse.mm(csr_transposed(crow, col, values, shape), dy2.to(values.dtype).t()).t()
-        if x_a is None and A.shape[0] > 0:
-            extra.addmm_(g.to(values.dtype), A.to(values.dtype))
-        dx = (dx + extra.to(dx.dtype)).reshape(x.shape)
+        if values.numel():
+            merged = dense_with_sparse(weight, crow, col, values)
+            dx = dy2.to(merged.dtype) @ merged
+        else:
+            dx = dy2 @ weight.to(dy2.dtype)
+        if x_a is None and low_rank:
+            if dx.dtype == A.dtype:
+                dx.addmm_(g, A)
+            else:
+                dx = dx + (g @ A).to(dx.dtype)
+        dx = dx.to(x.dtype).reshape(x.shape)
     if needs[9]:
-        dx_a = (g @ A).to(x_a.dtype).reshape(x_a.shape)
+        dx_a = (g @ A).to(x_a.dtype).reshape(x_a.shape) if low_rank else torch.zeros_like(x_a)
     if needs[1]:
         dW = (dy2.t() @ x2.to(dy2.dtype)).to(weight.dtype)
     if needs[2] and ctx.has_bias:
         db = dy2.sum(0)
     if needs[3]:
-        dA = g.t() @ adapter_in
+        dA = g.t() @ adapter_in if low_rank else torch.zeros_like(A)
     if needs[4]:
-        dB = dyA.t() @ (adapter_in @ A.t()).mul_(ctx.scale)
+        dB = dyA.t() @ (adapter_in @ A.t()).mul_(ctx.scale) if low_rank else torch.zeros_like(B)
     if needs[8]:
-        if values.numel() == 0:
-            dvalues = torch.zeros_like(values)
-        else:
-            mask = csr(crow, col, torch.zeros_like(values), shape)
-            sampled = torch.sparse.sampled_addmm(mask, dy2.to(values.dtype).t().contiguous(),
-                                                 x2.to(values.dtype), beta=0.0)
-            dvalues = sampled.values()
+        dvalues = sampled_dyT_x(dy2, x2, crow, col, values) if values.numel() else torch.zeros_like(values)
     return (dx, dW, db, dA, dB, None, None, None, dvalues, dx_a)[: len(ctx.needs_input_grad)]
 
 
