@@ -5,6 +5,17 @@ every VeRA site of a model; the op slices A_sl = A_shared[:, :in], B_sl = B_shar
 itself, so the graph holds one get_attr per shared tensor and no per-site copy. d (r) and
 b (out) are the trained vectors. ``x_a`` is the adapter's input (dropout(x)); None means x.
 The adapter path runs in d's dtype and is cast back to the base output's dtype.
+
+How it runs, and why: with VeRA's large rank (256 against in = out = 384 on MiniLM) the
+two N-row products x·A_slᵀ and (·)·B_slᵀ cost about 2/3 of the base matmul each. The
+site's update is a weight, ΔW = diag(b)·B_sl·diag(d)·A_sl (out·r·in flops, independent of
+N), so the forward and dx read a transient W + ΔW instead: one dense matmul each, as in
+the frozen model. Only d's and b's gradients need N-row work, both from one out x r matrix
+Mᵀ = dyᵀ·x_a·A_slᵀ, formed the cheaper way round (see ``_dyT_h``).
+
+``rosafx::vera_linear_given_h`` is the same op with h = x_a·A_slᵀ given (no gradient flows
+into h: y does not depend on it); sibling fusion (passes/fuse_siblings.py) computes h once
+for sites that read the same input with the same A slice.
 """
 from __future__ import annotations
 
@@ -27,14 +38,43 @@ def _slices(weight: Tensor, A_shared: Tensor, B_shared: Tensor) -> tuple[Tensor,
     return A_shared[:, :in_f], B_shared[:out_f, :]
 
 
+def delta_weight(A: Tensor, B: Tensor, d: Tensor, b: Tensor) -> Tensor:
+    """ΔW = diag(b)·B_sl·diag(d)·A_sl (out x in) in d's dtype."""
+    return (B.to(d.dtype) * b[:, None]) @ (A.to(d.dtype) * d[:, None])
+
+
+def _effective_weight(weight: Tensor, A: Tensor, B: Tensor, d: Tensor, b: Tensor) -> Tensor:
+    """W + ΔW, a new tensor in d's dtype."""
+    merged = weight.to(d.dtype, memory_format=torch.contiguous_format, copy=True)
+    return merged.addmm_(B.to(d.dtype) * b[:, None], A.to(d.dtype) * d[:, None])
+
+
+def _forward(x, weight, bias, A_shared, B_shared, d, b, x_a) -> Tensor:
+    A, B = _slices(weight, A_shared, B_shared)
+    if x_a is None:
+        if weight.dtype == d.dtype and x.dtype == d.dtype:
+            return F.linear(x, _effective_weight(weight, A, B, d, b), bias)
+        y = F.linear(x.to(d.dtype), _effective_weight(weight, A, B, d, b), None if bias is None else bias.to(d.dtype))
+        return y.to(x.dtype)
+    y = F.linear(x, weight, bias)
+    y2, delta_t = _rows(y), delta_weight(A, B, d, b).t()
+    x_a2 = _rows(x_a).to(d.dtype)
+    if y.dtype == d.dtype and y.is_contiguous():
+        y2.addmm_(x_a2, delta_t)
+        return y
+    return (y2 + (x_a2 @ delta_t).to(y.dtype)).reshape(y.shape)
+
+
 @torch.library.custom_op("rosafx::vera_linear", mutates_args=())
 def vera_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A_shared: Tensor, B_shared: Tensor,
                 d: Tensor, b: Tensor, x_a: Optional[Tensor] = None) -> Tensor:
-    A, B = _slices(weight, A_shared, B_shared)
-    y = F.linear(x, weight, bias)
-    hd = (_rows(x if x_a is None else x_a).to(d.dtype) @ A.t().to(d.dtype)) * d          # (N, r)
-    delta = (hd @ B.t().to(d.dtype)) * b                                                # (N, out)
-    return (_rows(y) + delta.to(y.dtype)).reshape(y.shape)
+    return _forward(x, weight, bias, A_shared, B_shared, d, b, x_a)
+
+
+@torch.library.custom_op("rosafx::vera_linear_given_h", mutates_args=())
+def vera_linear_given_h(x: Tensor, weight: Tensor, bias: Optional[Tensor], A_shared: Tensor, B_shared: Tensor,
+                        d: Tensor, b: Tensor, x_a: Optional[Tensor], h: Tensor) -> Tensor:
+    return _forward(x, weight, bias, A_shared, B_shared, d, b, x_a)
 
 
 @vera_linear.register_fake
@@ -42,53 +82,68 @@ def _(x, weight, bias, A_shared, B_shared, d, b, x_a=None):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+@vera_linear_given_h.register_fake
+def _(x, weight, bias, A_shared, B_shared, d, b, x_a, h):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 def _setup(ctx, inputs, output):
-    x, weight, bias, A_shared, B_shared, d, b, x_a = (tuple(inputs) + (None,))[:8]
+    x, weight, bias, A_shared, B_shared, d, b, x_a, h = (tuple(inputs) + (None, None))[:9]
     ctx.has_bias = bias is not None
-    ctx.save_for_backward(x, weight, A_shared, B_shared, d, b, x_a)
+    ctx.save_for_backward(x, weight, A_shared, B_shared, d, b, x_a, h)
+
+
+def _dyT_h(dy2: Tensor, adapter_in: Tensor, A: Tensor, h: Optional[Tensor]) -> Tensor:
+    """Mᵀ = dyᵀ·h = dyᵀ·x_a·A_slᵀ (out x r), the cheaper way round: through h = x_a·A_slᵀ
+    (N·r·(in + out) flops) or through G = dyᵀ·x_a (N·in·out + out·in·r), which wins when
+    the rank is large against in·out/(in + out)."""
+    n, out_f, in_f, r = dy2.shape[0], dy2.shape[1], A.shape[1], A.shape[0]
+    if h is not None:
+        return dy2.t() @ _rows(h).to(dy2.dtype)
+    if n * r * (in_f + out_f) <= n * in_f * out_f + out_f * in_f * r:
+        return dy2.t() @ (adapter_in @ A.t())
+    return (dy2.t() @ adapter_in) @ A.t()
 
 
 def _backward(ctx, dy):
     """Gradients, every leading dim flattened to N rows, h = x_a·A_slᵀ (N x r),
-    g = (dy ⊙ b)·B_sl (N x r):
+    ΔW = diag(b)·B_sl·diag(d)·A_sl and Mᵀ = dyᵀ·h (out x r):
 
-        dd    = Σ_n h ⊙ g                           (r)
-        db    = Σ_n dy ⊙ ((h ⊙ d)·B_slᵀ)            (out)
-        dx    = dy·W (+ (g ⊙ d)·A_sl when the adapter reads x itself)
-        dx_a  = (g ⊙ d)·A_sl                        (when the adapter has its own input)
-        dW    = dyᵀ·x,  dbias = Σ_n dy              (only when asked: calibration hooks on W)
+        dx    = dy·(W + ΔW)          when the adapter reads x itself (W + ΔW transient)
+        dx    = dy·W,  dx_a = dy·ΔW   when it has its own input
+        dd[k] = Σ_n h[n,k]·((dy ⊙ b)·B_sl)[n,k] = Σ_o Mᵀ[o,k]·b[o]·B_sl[o,k]
+        db[o] = Σ_n dy[n,o]·((h ⊙ d)·B_slᵀ)[n,o] = Σ_k Mᵀ[o,k]·d[k]·B_sl[o,k]
+        dW    = dyᵀ·x,  dbias = Σ_n dy   (only when asked: calibration hooks on W)
 
-    A_shared and B_shared are frozen: no gradient. h is recomputed (N·in·r flops) rather
-    than saved, to spare activation memory per site.
+    A_shared, B_shared and a given h get no gradient.
     """
-    x, weight, A_shared, B_shared, d, b, x_a = ctx.saved_tensors
-    needs = tuple(ctx.needs_input_grad) + (False,) * (8 - len(ctx.needs_input_grad))
+    x, weight, A_shared, B_shared, d, b, x_a, h = ctx.saved_tensors
+    needs = tuple(ctx.needs_input_grad) + (False,) * (9 - len(ctx.needs_input_grad))
     A, B = _slices(weight, A_shared, B_shared)
     A, B = A.to(d.dtype), B.to(d.dtype)
-    adapter_in = _rows(x if x_a is None else x_a).to(d.dtype)
     dy2 = _rows(dy)
     dyd = dy2.to(d.dtype)
-    h = adapter_in @ A.t()                                             # (N, r)
-    g = (dyd * b) @ B                                                  # (N, r)
     dx = dW = dbias = dd = db = dx_a = None
-    if needs[0] or needs[7]:
-        gA = (g * d) @ A                                               # (N, in)
     if needs[0]:
-        dx = dy2 @ weight.to(dy2.dtype)
         if x_a is None:
-            dx = dx + gA.to(dx.dtype)
+            dx = (dyd @ _effective_weight(weight, A, B, d, b)).to(x.dtype)
+        else:
+            dx = dy2 @ weight.to(dy2.dtype)
         dx = dx.reshape(x.shape)
     if needs[7] and x_a is not None:
-        dx_a = gA.to(x_a.dtype).reshape(x_a.shape)
+        dx_a = (dyd @ delta_weight(A, B, d, b)).to(x_a.dtype).reshape(x_a.shape)
     if needs[1]:
         dW = (dy2.t() @ _rows(x).to(dy2.dtype)).to(weight.dtype)
     if needs[2] and ctx.has_bias:
         dbias = dy2.sum(0)
-    if needs[5]:
-        dd = (h * g).sum(0)
-    if needs[6]:
-        db = (dyd * ((h * d) @ B.t())).sum(0)
-    return (dx, dW, dbias, None, None, dd, db, dx_a)[: len(ctx.needs_input_grad)]
+    if needs[5] or needs[6]:
+        Mt = _dyT_h(dyd, _rows(x if x_a is None else x_a).to(d.dtype), A, h)
+        if needs[5]:
+            dd = (Mt * B).mul_(b[:, None]).sum(0)
+        if needs[6]:
+            db = (Mt * B).mul_(d).sum(1)
+    return (dx, dW, dbias, None, None, dd, db, dx_a, None)[: len(ctx.needs_input_grad)]
 
 
 vera_linear.register_autograd(_backward, setup_context=_setup)
+vera_linear_given_h.register_autograd(_backward, setup_context=_setup)
