@@ -21,6 +21,7 @@ from rosafx.capture import dynamic_shapes_for, normalize_example_inputs
 from rosafx.atomic import make_public
 from rosafx.errors import RosafxError
 
+from .decompose import decompose_for_onnx
 from .merge import merge_adapters
 from .onnx_latency import LatencyComparison, compare_latency, op_histogram, time_one_session
 
@@ -78,6 +79,8 @@ def _example(model, example_inputs) -> tuple[tuple, dict]:
 
 def _to_onnx(model: nn.Module, args: tuple, kwargs: dict, path: Path) -> None:
     model.eval()
+    if isinstance(model, fx.GraphModule):
+        model = decompose_for_onnx(model)  # ops without an ONNX translation (grouped MoE matmuls)
     try:
         with torch.no_grad():
             program = torch.onnx.export(model, args, kwargs=kwargs, dynamo=True, verbose=False,

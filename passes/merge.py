@@ -22,6 +22,7 @@ from rosafx.errors import RosafxError
 from rosafx.sites import FORM_BY_NAME, WEIGHT_VIEWS
 
 from .insert import ADAPTERS, adapters_of, site_weight
+from .insert_experts import EXPERTS, PART, expert_nodes
 
 aten = torch.ops.aten
 
@@ -71,6 +72,8 @@ def merge_adapters(adapted: fx.GraphModule, *, original_weights: bool = False) -
         plain.meta = {k: v for k, v in node.meta.items() if k != "rosafx"}
         node.replace_all_uses_with(plain)
         graph.erase_node(node)
+    for node in expert_nodes(graph):
+        _merge_experts(adapted, graph, node, adapters, merged, read_elsewhere, original_weights)
     _drop_unused_adapter_inputs(graph)
     root = {}
     for node in graph.nodes:
@@ -85,6 +88,28 @@ def merge_adapters(adapted: fx.GraphModule, *, original_weights: bool = False) -
         raise RosafxError("Internal error: adapter tensors survived the merge.")
     graph.lint()
     return result
+
+
+def _merge_experts(adapted, graph: fx.Graph, node: fx.Node, adapters, merged: dict, read_elsewhere: set,
+                   original_weights: bool) -> None:
+    """W_eff = W + stack(ΔW_e) (passes/insert_experts.py) -> one plain parameter."""
+    info = node.meta[EXPERTS]
+    name = info["weight_name"] + ("_merged" if info["weight_name"] in read_elsewhere else "")
+    original = _fetch(adapted, info["weight_name"])
+    if original_weights:
+        merged[name] = original
+    else:
+        delta = torch.zeros(original.shape, dtype=torch.float32, device=original.device)
+        for expert, key in info["keys"].items():
+            expert_delta = adapters[key].delta_weight().to(original.device)
+            delta[expert] = expert_delta.t() if info["transposed"] else expert_delta
+        merged[name] = merged_weight(original, delta, info["weight_name"])
+    with graph.inserting_before(node):
+        plain = graph.get_attr(name)
+    node.replace_all_uses_with(plain)
+    for part in reversed(list(graph.nodes)):
+        if PART in part.meta and not part.users:
+            graph.erase_node(part)
 
 
 def _drop_unused_adapter_inputs(graph: fx.Graph) -> None:
@@ -106,7 +131,7 @@ def _targets_read_elsewhere(graph: fx.Graph) -> set[str]:
         for user in node.users:
             feeds_adapter_only = user.op == "call_function" and user.target in WEIGHT_VIEWS \
                 and all("rosafx" in u.meta for u in user.users)
-            if "rosafx" not in user.meta and not feeds_adapter_only:
+            if "rosafx" not in user.meta and PART not in user.meta and not feeds_adapter_only:
                 read.add(node.target)
     return read
 

@@ -39,16 +39,22 @@ def _lora_to_peft(adapted: fx.GraphModule, sites: dict) -> tuple[dict, dict]:
         if len({c[field] for c in configs.values()}) > 1:
             raise RosafxError(f"HF PEFT stores one '{field}' for all LoRA sites; these sites differ in it.")
     first = next(iter(configs.values()))
+    from .peft_experts import expert_groups, experts_to_peft
+    expert_paths = {p for group in expert_groups(adapted).values() for p in group.values()}
+    target_parameters, tensors = experts_to_peft(adapted, configs, rank, alpha)
+    rank_pattern = {p: v for p, v in rank_pattern.items() if p not in expert_paths}
+    alpha_pattern = {p: v for p, v in alpha_pattern.items() if p not in expert_paths}
     transposed = {p for p, s in sites.items() if _is_transposed(adapted, p)}
     config = {
         "peft_type": "LORA", "r": rank, "lora_alpha": alpha, "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern, "lora_dropout": first["dropout"], "use_rslora": first["rslora"],
-        "target_modules": sorted(configs), "fan_in_fan_out": bool(transposed), "bias": "none",
+        "target_modules": sorted(set(configs) - expert_paths), "fan_in_fan_out": bool(transposed), "bias": "none",
         "init_lora_weights": True, "use_dora": False, "lora_bias": False,
     }
+    if target_parameters:
+        config["target_parameters"] = target_parameters
     adapters = adapters_of(adapted)
-    tensors = {}
-    for path in configs:
+    for path in sorted(set(configs) - expert_paths):
         adapter = adapters[adapter_key(path)]
         tensors[f"{PREFIX}{path}.lora_A.weight"] = adapter.lora_A.detach()
         tensors[f"{PREFIX}{path}.lora_B.weight"] = adapter.lora_B.detach()
@@ -108,7 +114,7 @@ def save_peft(adapted: fx.GraphModule, directory) -> None:
 
 # ---------------------------------------------------------------- reading
 UNSUPPORTED_IF_SET = (  # PEFT fields that rosafx cannot honour when they are set
-    "use_dora", "lora_bias", "layers_to_transform", "layers_pattern", "layer_replication", "target_parameters",
+    "use_dora", "lora_bias", "layers_to_transform", "layers_pattern", "layer_replication",
     "trainable_token_indices", "alora_invocation_tokens", "exclude_modules", "use_qalora", "use_bdlora",
 )
 
@@ -125,7 +131,7 @@ def _peft_targets(config: dict) -> object:
     targets = config.get("target_modules")
     if isinstance(targets, str):
         return targets  # PEFT: a string is a regular expression that must fully match
-    if not targets:
+    if not targets and not config.get("target_parameters"):
         raise RosafxError("HF PEFT adapter has no 'target_modules'.")
     return list(targets)
 
@@ -199,8 +205,16 @@ def load_peft(model: nn.Module, directory, *, example_inputs=None) -> fx.GraphMo
         raise RosafxError(f"{directory} has no {TENSORS_NAME} (rosafx reads safetensors PEFT adapters only).")
     tensors = load_file(str(tensors_path))
     probe, _, _ = capture(model, example_inputs)
-    site_paths = [s.path for s in find_sites(probe)]
+    sites = find_sites(probe)
+    site_paths = [s.path for s in sites if s.expert is None]
     rules, installs = PEFT_READERS[peft_type](config, tensors, site_paths)
+    if config.get("target_parameters"):
+        if peft_type != "LORA":
+            raise RosafxError(f"HF PEFT field 'target_parameters' is read for LORA adapters only, not {peft_type}.")
+        from .peft_experts import experts_from_peft
+        expert_rules, expert_installs = experts_from_peft(config, tensors, probe, [s for s in sites if s.expert is not None])
+        rules.update(expert_rules)
+        installs.update(expert_installs)
     if not rules:
         raise RosafxError(f"No tensor in {tensors_path} names a linear site of this model.")
     for path in config.get("modules_to_save") or []:

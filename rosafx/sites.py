@@ -166,7 +166,8 @@ class Site:
     transposed: bool          # True when W is stored in x out (Conv1D, x @ W)
     dtype: torch.dtype
     calls: list[fx.Node] = field(default_factory=list)
-    form: str = "linear"      # SITE_FORMS name of the first call
+    form: str = "linear"      # SITE_FORMS name of the first call, or "expert"
+    expert: int | None = None # index into a 3-D expert parameter (E x out x in); None for a 2-D weight
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -247,7 +248,7 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
             sites[key] = Site(path, key, module_type, int(in_f), int(out_f), match.stored_in_out, weight.dtype,
                               form=match.form.name)
         sites[key].calls.append(node)
-    return _dedupe_paths(list(sites.values()))
+    return _dedupe_paths(list(sites.values())) + find_expert_sites(gm)
 
 
 def is_parameter(gm: nn.Module, target: str) -> bool:
@@ -267,4 +268,76 @@ def _dedupe_paths(sites: list[Site]) -> list[Site]:
     for site in sites:
         if counts[site.path] > 1:
             site.path = site.weight_name
+    return sites
+
+
+# ---------------------------------------------------------------- expert weights (3-D)
+# An MoE stores its experts as one E x out x in (or E x in x out) parameter. Each expert's
+# slice is a site ``<experts module>.<e>.<param>`` (so "gate_up_proj" selects every expert,
+# "experts.3.gate_up_proj" one); its adapter acts on the weight, not on a call (see
+# passes/insert_experts.py). The layout is read from how the graph consumes the parameter:
+# views it may pass through (op -> flips the two last dims?) and consumers (op, arg) -> whether
+# that argument is in x out.
+EXPERT_VIEWS: dict[object, Callable[[fx.Node], bool | None]] = {
+    aten.transpose.int: lambda n: True if sorted(d % 3 for d in n.args[1:3]) == [1, 2] else None,
+    aten.index.Tensor: lambda n: False,          # gathers experts by id: S x out x in
+    aten.select.int: lambda n: False if n.args[1] == 0 else None,
+}
+EXPERT_CONSUMERS: dict[tuple[object, int], bool] = {
+    (aten.bmm.default, 0): False,                # bmm(W[ids], x.unsqueeze(-1)): W out x in
+    (aten.bmm.default, 1): True,                 # bmm(x.unsqueeze(1), W[ids]): W in x out
+    (aten.linear.default, 1): False,             # F.linear(x, W[e])
+}
+
+
+def _expert_consumers() -> dict[tuple[object, int], bool]:
+    table = dict(EXPERT_CONSUMERS)
+    fallback = getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None)
+    if fallback is not None:
+        table[(fallback.default, 1)] = True      # grouped_mm_fallback(x, W: E x in x out, offs)
+    return table
+
+
+def _expert_layout(node: fx.Node, consumers, flipped: bool = False) -> bool | None:
+    """Whether the parameter behind ``node`` is stored E x in x out (None: no known consumer)."""
+    for user in node.users:
+        if user.op != "call_function":
+            continue
+        view = EXPERT_VIEWS.get(user.target)
+        if view is not None and user.args[0] is node:
+            flips = view(user)
+            if flips is not None:
+                found = _expert_layout(user, consumers, flipped ^ flips)
+                if found is not None:
+                    return found
+            continue
+        for index, arg in enumerate(user.args):
+            if arg is node and (user.target, index) in consumers:
+                return consumers[(user.target, index)] ^ flipped
+    return None
+
+
+def find_expert_sites(gm: fx.GraphModule) -> list[Site]:
+    consumers = _expert_consumers()
+    sites: list[Site] = []
+    seen: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or node.target in seen or not is_parameter(gm, node.target):
+            continue
+        weight = gm.get_parameter(node.target)
+        if weight.dim() != 3:
+            continue
+        stored_in_out = _expert_layout(node, consumers)
+        if stored_in_out is None:
+            continue
+        seen.add(node.target)
+        owner, _, short = node.target.rpartition(".")
+        stack = next((_module_stack_entry(u) for u in node.users if _module_stack_entry(u)), None)
+        module_type = stack[1] if stack is not None and stack[0] == owner else ""
+        num, d1, d2 = (int(s) for s in weight.shape)
+        out_f, in_f = (d2, d1) if stored_in_out else (d1, d2)
+        for expert in range(num):
+            path = f"{owner}.{expert}.{short}" if owner else f"{expert}.{short}"
+            sites.append(Site(path, node.target, module_type, in_f, out_f, stored_in_out, weight.dtype,
+                              form="expert", expert=expert))
     return sites

@@ -11,6 +11,7 @@ from torch import fx, nn
 
 from rosafx.passes.dropout import dropout_follows_mode
 from rosafx.passes.insert import adapters_of, insert_adapters
+from rosafx.passes.insert_experts import check_expert_methods, insert_expert_adapters
 
 from .capture import capture
 from .errors import RosafxError
@@ -81,8 +82,16 @@ def _insert(gm: fx.GraphModule, sites: list[Site], adapted: dict[str, MethodConf
         if site.path in adapted:
             by_method.setdefault(adapted[site.path].method, []).append((site, adapted[site.path]))
     for method_id, pairs in by_method.items():
+        check_expert_methods(pairs)
         adapters = get_method(method_id).build(gm, pairs)
-        gm = insert_adapters(gm, [s for s, _ in pairs], adapters)
+        calls = [(s, a) for s, a in zip([s for s, _ in pairs], adapters) if s.expert is None]
+        experts = [(s, a) for s, a in zip([s for s, _ in pairs], adapters) if s.expert is not None]
+        if calls:
+            gm = insert_adapters(gm, [s for s, _ in calls], [a for _, a in calls])
+        if experts:
+            if not hasattr(gm, "rosafx_adapters"):
+                gm = insert_adapters(gm, [], [])
+            gm = insert_expert_adapters(gm, [s for s, _ in experts], [a for _, a in experts])
     return gm
 
 

@@ -85,6 +85,11 @@ class Adapter(nn.Module):
     def emit(self, g: GraphEmitter, x: fx.Node, weight: fx.Node, bias: fx.Node | None) -> fx.Node:
         raise NotImplementedError
 
+    def emit_delta(self, g: GraphEmitter) -> fx.Node | None:
+        """A node computing ΔW (out x in) from the adapter's tensors, for sites whose adapter
+        acts on the weight rather than on a call (MoE expert slices). None: not supported."""
+        return None
+
     # merge
     def delta_weight(self) -> Tensor:
         """Dense ΔW (out x in, fp32) to add to the weight the graph uses."""

@@ -52,6 +52,15 @@ class LowRankAdapter(Adapter):
     def delta_weight(self) -> Tensor:
         return self.scale * (self.lora_B.detach().float() @ self.lora_A.detach().float())
 
+    def emit_delta(self, g: GraphEmitter):
+        """ΔW = s·B·A in the graph (expert sites). Dropout acts on x, which a weight-space
+        adapter never sees, so it is refused (as HF PEFT does for target_parameters)."""
+        if self.dropout is not None:
+            raise RosafxError(f"Site '{self.site_path}' is an expert weight: its adapter acts on the weight, "
+                              "so dropout cannot apply; use dropout 0 for it.")
+        product = g.call(torch.ops.aten.mm.default, g.attr("lora_B"), g.attr("lora_A"))
+        return g.call(torch.ops.aten.mul.Tensor, product, self.scale)
+
 
 class LoraAdapter(LowRankAdapter):
     def __init__(self, site, config):

@@ -1,0 +1,92 @@
+"""Insert adapters on MoE expert weights: the graph reads W + ΔW instead of W.
+
+An expert parameter W (E x out x in, or E x in x out) is consumed by a grouped or batched
+matmul that picks experts per token; no single call belongs to one expert. So the adapter
+acts on the weight, as HF PEFT's ``target_parameters`` does::
+
+    W = self.model.layers.0.mlp.experts.gate_up_proj
+ -> d0 = mul(mm(lora_B_0, lora_A_0), s)              one per adapted expert (out x in)
+    d1 = zeros_like(select(W, 0, 1))                 experts the rules left alone
+    ...
+    W_eff = add(W, type_as(stack([d0, d1, ...]), W)) read wherever W was
+
+Every inserted node carries ``meta["rosafx_expert_part"]``; ``W_eff`` carries
+``meta["rosafx_experts"]`` (weight name, layout, expert -> adapter key) for merge, which
+replaces it by the plain parameter W + ΔW. Only methods whose adapter needs nothing but its
+own tensors (``EXPERT_METHODS``) may adapt an expert.
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from rosafx.errors import RosafxError
+from rosafx.methods.base import Adapter, GraphEmitter
+from rosafx.sites import Site
+
+from .insert import ADAPTERS, adapter_key
+
+aten = torch.ops.aten
+EXPERT_METHODS = ("lora",)
+PART, EXPERTS = "rosafx_expert_part", "rosafx_experts"
+
+
+def check_expert_methods(pairs) -> None:
+    for site, config in pairs:
+        if site.expert is not None and config.method not in EXPERT_METHODS:
+            raise RosafxError(f"Site '{site.path}' is an MoE expert weight; only {list(EXPERT_METHODS)} can adapt "
+                              f"expert weights, not '{config.method}'. Exclude it or use lora for it.")
+
+
+def insert_expert_adapters(gm: fx.GraphModule, sites: list[Site], adapters: list[Adapter]) -> fx.GraphModule:
+    container = getattr(gm, ADAPTERS)
+    by_weight: dict[str, dict[int, tuple[Site, Adapter]]] = {}
+    for site, adapter in zip(sites, adapters):
+        container[adapter_key(site.path)] = adapter
+        by_weight.setdefault(site.weight_name, {})[site.expert] = (site, adapter)
+    graph = gm.graph
+    for weight_name, experts in by_weight.items():
+        readers = [n for n in graph.nodes if n.op == "get_attr" and n.target == weight_name]
+        first_use = next(n for n in graph.nodes if any(r in n.args for r in readers)
+                         or any(r in a for a in n.args if isinstance(a, (list, tuple)) for r in readers))
+        num_experts = gm.get_parameter(weight_name).shape[0]
+        stored_in_out = next(iter(experts.values()))[0].transposed
+        created = []
+        with graph.inserting_before(first_use):
+            weight = graph.get_attr(weight_name)
+            created.append(weight)
+            deltas = []
+            for expert in range(num_experts):
+                if expert in experts:
+                    site, adapter = experts[expert]
+                    before = set(graph.nodes)
+                    delta = adapter.emit_delta(GraphEmitter(graph, f"{ADAPTERS}.{adapter_key(site.path)}"))
+                    if delta is None:
+                        raise RosafxError(f"Method '{adapter.config.method}' cannot adapt expert weight '{site.path}'.")
+                    if stored_in_out:
+                        delta = graph.call_function(aten.t.default, (delta,))
+                    created += [n for n in graph.nodes if n not in before]
+                else:
+                    picked = graph.call_function(aten.select.int, (weight, 0, expert))
+                    delta = graph.call_function(aten.zeros_like.default, (picked,))
+                    created += [picked, delta]
+                deltas.append(delta)
+            stacked = graph.call_function(aten.stack.default, (deltas,))
+            cast = graph.call_function(aten.type_as.default, (stacked, weight))
+            effective = graph.call_function(aten.add.Tensor, (weight, cast))
+            created += [stacked, cast, effective]
+        for node in created:
+            node.meta[PART] = True
+        effective.meta[EXPERTS] = {"weight_name": weight_name, "transposed": stored_in_out,
+                                   "keys": {e: adapter_key(s.path) for e, (s, _) in experts.items()},
+                                   "sites": {e: s.path for e, (s, _) in experts.items()}}
+        for reader in readers:
+            reader.replace_all_uses_with(effective)
+            graph.erase_node(reader)
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
+def expert_nodes(graph: fx.Graph) -> list[fx.Node]:
+    return [n for n in graph.nodes if EXPERTS in n.meta]
