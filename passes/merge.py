@@ -113,12 +113,13 @@ def _merge_experts(adapted, graph: fx.Graph, node: fx.Node, adapters, merged: di
 
 
 def _drop_unused_adapter_inputs(graph: fx.Graph) -> None:
-    """Erase what only fed the adapter nodes: their tensors, dropout and weight transposes."""
+    """Erase what only fed the adapter nodes: their tensors, dropout, weight transposes and
+    the shared down-projections of sibling fusion (passes/fuse_siblings.py)."""
     for node in reversed(list(graph.nodes)):
         if node.users:
             continue
         if node.op == "get_attr" or (node.op == "call_module" and node.target.startswith(ADAPTERS + ".")) \
-                or (node.op == "call_function" and node.target in WEIGHT_VIEWS):
+                or (node.op == "call_function" and node.target in WEIGHT_VIEWS) or node.meta.get("rosafx_fused"):
             graph.erase_node(node)
 
 

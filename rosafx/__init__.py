@@ -6,9 +6,9 @@
     rosafx.export_onnx(adapted, "model.onnx")
 """
 from . import ops  # noqa: F401  (registers the rosafx:: ops)
-from .api import calibrate, export_onnx, load, lower, merge, methods, resample, save, transform
+from .api import calibrate, export_onnx, fuse_siblings, load, lower, merge, methods, resample, save, transform
 from .errors import RosafxError
 
 __all__ = ["transform", "merge", "export_onnx", "save", "load", "methods", "calibrate", "lower",
-           "resample", "RosafxError"]
+           "resample", "fuse_siblings", "RosafxError"]
 __version__ = "0.1.0"

@@ -54,6 +54,15 @@ def lower(adapted: fx.GraphModule, backend: str = "auto") -> fx.GraphModule:
     return _lower(adapted, backend=backend)
 
 
+def fuse_siblings(adapted: fx.GraphModule) -> fx.GraphModule:
+    """Adapter sites that read the same input (q, k, v; gate, up) share their down-projection:
+    one matmul over the stacked A's, forward and backward. In place (optimizers keep their
+    tensors); parameters, merge, save (both formats) and calibrate are unchanged."""
+    from rosafx.passes.fuse_siblings import fuse_siblings as _fuse
+    _require_adapted(adapted, "fuse_siblings")
+    return _fuse(adapted)
+
+
 def resample(adapted: fx.GraphModule, optimizer=None) -> fx.GraphModule:
     """ROSA: fold B·A into the frozen weight and factorise again with a fresh block."""
     from rosafx.passes.resample import resample as _resample
@@ -67,4 +76,5 @@ def _require_adapted(model, action: str) -> None:
                           f"got {type(model).__name__}.")
 
 
-__all__ = ["transform", "merge", "methods", "export_onnx", "save", "load", "calibrate", "lower", "resample"]
+__all__ = ["transform", "merge", "methods", "export_onnx", "save", "load", "calibrate", "lower", "resample",
+           "fuse_siblings"]
