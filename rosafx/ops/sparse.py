@@ -34,15 +34,22 @@ def csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Te
     return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
+@torch.library.custom_op("rosafx::dense_with_sparse", mutates_args=())
 def dense_with_sparse(weight: Tensor, crow: Tensor, col: Tensor, values: Tensor) -> Tensor:
     """W + S as a new dense tensor in ``values``' dtype (S's entries are not rounded to a
-    half-precision W's grid)."""
+    half-precision W's grid). An op of its own so that torch.compile traces the backward
+    without building index tensors of data-dependent size."""
     merged = weight.to(values.dtype, memory_format=torch.contiguous_format, copy=True)
     if values.numel():
         rows = torch.repeat_interleave(torch.arange(weight.shape[0], device=crow.device), crow.diff(),
                                        output_size=col.numel())
         merged.view(-1).index_add_(0, rows * weight.shape[1] + col, values.detach())
     return merged
+
+
+@dense_with_sparse.register_fake
+def _(weight, crow, col, values):
+    return weight.new_empty(weight.shape, dtype=values.dtype)
 
 
 def _forward(x, weight, bias, A, B, scale, crow, col, values, x_a) -> Tensor:
@@ -81,15 +88,21 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(x, weight, A, B, crow, col, values, x_a)
 
 
-def sampled_dyT_x(dy2: Tensor, x2: Tensor, crow: Tensor, col: Tensor, values: Tensor) -> Tensor:
-    """(dyᵀ·x)[M] as an SDDMM. The CPU kernel takes dot products along N between a row of
-    its first operand and a column of its second, so both are passed N-contiguous
-    (dyᵀ and xᵀ copied once each); x in its natural row-major layout made it several
-    times slower."""
-    mask = csr(crow, col, torch.zeros_like(values), (dy2.shape[1], x2.shape[1]))
-    dyT = dy2.to(values.dtype).t().contiguous()
-    x_by_column = x2.to(values.dtype).t().contiguous().t()
-    return torch.sparse.sampled_addmm(mask, dyT, x_by_column, beta=0.0).values()
+@torch.library.custom_op("rosafx::sampled_dyT_x", mutates_args=())
+def sampled_dyT_x(dy2: Tensor, x2: Tensor, crow: Tensor, col: Tensor) -> Tensor:
+    """(dyᵀ·x)[M] as an SDDMM, in dy's dtype. The CPU kernel takes dot products along N
+    between a row of its first operand and a column of its second, so both are passed
+    N-contiguous (dyᵀ and xᵀ copied once each); x in its natural row-major layout made it
+    several times slower. An op of its own: a CSR tensor cannot be built while
+    torch.compile traces the backward."""
+    mask = csr(crow, col, dy2.new_zeros(col.numel()), (dy2.shape[1], x2.shape[1]))
+    x_by_column = x2.to(dy2.dtype).t().contiguous().t()
+    return torch.sparse.sampled_addmm(mask, dy2.t().contiguous(), x_by_column, beta=0.0).values()
+
+
+@sampled_dyT_x.register_fake
+def _(dy2, x2, crow, col):
+    return dy2.new_empty(col.shape)
 
 
 def _backward(ctx, dy):
@@ -132,7 +145,7 @@ def _backward(ctx, dy):
     if needs[4]:
         dB = dyA.t() @ (adapter_in @ A.t()).mul_(ctx.scale) if low_rank else torch.zeros_like(B)
     if needs[8]:
-        dvalues = sampled_dyT_x(dy2, x2, crow, col, values) if values.numel() else torch.zeros_like(values)
+        dvalues = sampled_dyT_x(dy2.to(values.dtype), x2, crow, col) if values.numel() else torch.zeros_like(values)
     return (dx, dW, db, dA, dB, None, None, None, dvalues, dx_a)[: len(ctx.needs_input_grad)]
 
 
