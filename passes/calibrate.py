@@ -49,10 +49,13 @@ def _only_these_require_grad(gm: fx.GraphModule, leaves: list[torch.Tensor]):
 
 
 def calibrate(adapted: fx.GraphModule, batches: Iterable, loss_fn: Callable, *,
-              progress: bool = True) -> fx.GraphModule:
+              progress: bool = True, only: Iterable | None = None) -> fx.GraphModule:
     """Average what each calibrating site needs over ``batches``; ``loss_fn(model, batch)``
-    returns a scalar loss. Returns the same module, ready to train."""
-    adapters = {k: a for k, a in adapters_of(adapted).items() if a.wants_gradient()}
+    returns a scalar loss. Returns the same module, ready to train. ``only``: calibrate
+    just these adapters (a method's life cycle calibrates its own sites)."""
+    chosen = None if only is None else {id(a) for a in only}
+    adapters = {k: a for k, a in adapters_of(adapted).items()
+                if a.wants_gradient() and (chosen is None or id(a) in chosen)}
     if not adapters:
         raise RosafxError("No site of this model needs calibration (only lora-ga and rosa-robust do).")
     leaves = site_weight_leaves(adapted)

@@ -22,6 +22,12 @@ def resample(adapted: fx.GraphModule, optimizer: torch.optim.Optimizer | None = 
     adapters = [a for a in adapters_of(adapted).values() if isinstance(a, RosaAdapter)]
     if not adapters:
         raise RosafxError("rosafx.resample needs rosa sites; this model has none.")
+    resample_adapters(adapters, optimizer)
+    return adapted
+
+
+def resample_adapters(adapters: list[RosaAdapter], optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Resample these rosa sites (all of a model's, or one group of its life cycle)."""
     with torch.no_grad():
         folded = [a.base_weight.double() + a.lora_B.double() @ a.lora_A.double() for a in adapters]
         for adapter in adapters:
@@ -31,4 +37,3 @@ def resample(adapted: fx.GraphModule, optimizer: torch.optim.Optimizer | None = 
         for adapter in adapters:
             for param in (adapter.lora_A, adapter.lora_B):
                 optimizer.state.pop(param, None)
-    return adapted

@@ -1,14 +1,15 @@
 """rosafx: capture a model as an FX graph, insert adapters by rules, train, merge, export.
 
     adapted = rosafx.transform(model, {"query": {"method": "lora", "rank": 8}})
-    ...train adapted like any module...
+    history = rosafx.fit(adapted, batches, loss_fn, steps=500)   # or your own loop
     plain = rosafx.merge(adapted)
     rosafx.export_onnx(adapted, "model.onnx")
 """
 from . import ops  # noqa: F401  (registers the rosafx:: ops)
 from .api import calibrate, export_onnx, fuse_siblings, load, lower, merge, methods, resample, save, transform
 from .errors import RosafxError
+from .fit import evaluate, fit
 
 __all__ = ["transform", "merge", "export_onnx", "save", "load", "methods", "calibrate", "lower",
-           "resample", "fuse_siblings", "RosafxError"]
+           "resample", "fuse_siblings", "fit", "evaluate", "RosafxError"]
 __version__ = "0.1.0"

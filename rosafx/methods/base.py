@@ -5,12 +5,31 @@ A method is one module (``rosafx/methods/<id>.py``) holding:
   * ``Adapter``: an ``nn.Module`` per site that owns its tensors, emits its graph node
     (``emit``), and gives the dense weight delta for merge (``delta_weight``);
   * a ``Method`` instance registered in ``rosafx/methods/__init__.py``.
+
+Training life cycle. What a method needs while it trains (calibration before the first
+step, resampling every K steps, a mask built after a warm-up) belongs to the method, not
+to the loop. ``Method.lifecycle(adapters)`` returns a ``Lifecycle`` for the method's
+adapters in one model (or ``None``: lora and vera need nothing). ``rosafx.fit`` (and any
+other loop: DDP, a ``transformers.Trainer`` callback) asks every method present in the
+model for one and calls, in this order:
+
+  * ``before_training(ctx)``: once, before the first optimizer step (also on resume, so it
+    must be a no-op when its work is already in the adapters' tensors);
+  * ``after_step(ctx)``: after every optimizer step; ``ctx.step`` counts the steps done;
+  * ``state_dict()`` / ``load_state_dict(state)``: what a checkpoint must hold beyond the
+    adapters' tensors (which are saved anyway) to resume exactly.
+
+``ctx`` is a ``TrainingContext``: the adapted model, the optimizer, the loss, the step,
+calibration batches, and ``rebuild_optimizer()``, which a hook calls after it replaced a
+Parameter (rosa-robust's mask changes ``sparse_values``' size). A hook that changes an
+optimizer's view of a Parameter in place (rosa's resample) clears that Parameter's
+``optimizer.state`` itself.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 from torch import Tensor, fx, nn
@@ -142,9 +161,55 @@ def kaiming_uniform_(tensor: Tensor, generator: torch.Generator | None = None) -
         return tensor.uniform_(-bound, bound, generator=generator)
 
 
+@dataclasses.dataclass
+class TrainingContext:
+    """What a training loop hands to life-cycle hooks (see the module docstring)."""
+    model: fx.GraphModule
+    optimizer: torch.optim.Optimizer | None
+    loss_fn: Callable[[nn.Module, Any], Tensor]
+    step: int = 0                          # optimizer steps done
+    total_steps: int | None = None         # planned optimizer steps, when known
+    steps_per_epoch: int | None = None     # when the training batches have a length
+    calibration_batches: Callable[[], Iterable] = lambda: ()  # a fresh iterable of a few training batches
+    rebuild_optimizer: Callable[[], None] = lambda: None       # after a hook replaced a Parameter
+
+
+class Lifecycle:
+    """One method's training events for its adapters in one model. Every hook is optional."""
+
+    def __init__(self, adapters: list[Adapter]):
+        self.adapters = adapters
+
+    def before_training(self, ctx: TrainingContext) -> None: ...
+
+    def after_step(self, ctx: TrainingContext) -> None: ...
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def calibrate_pending(adapters: list[Adapter], ctx: TrainingContext) -> bool:
+    """Calibrate those of ``adapters`` that still want a gradient; True if any did."""
+    pending = [a for a in adapters if a.wants_gradient()]
+    if pending:
+        from rosafx.passes.calibrate import calibrate
+        calibrate(ctx.model, ctx.calibration_batches(), ctx.loss_fn, only=pending)
+    return bool(pending)
+
+
+class CalibrateFirst(Lifecycle):
+    """Calibrate before the first step (lora-ga). A resumed run is calibrated already."""
+
+    def before_training(self, ctx: TrainingContext) -> None:
+        calibrate_pending(self.adapters, ctx)
+
+
 class Method:
     """Registry entry. ``build`` turns (site, config) pairs into adapters; methods with
-    state shared across sites (VeRA's random pair) override it."""
+    state shared across sites (VeRA's random pair) override it. ``lifecycle`` gives the
+    method's training events (None: nothing to do while training)."""
 
     id: str = ""
     description: str = ""
@@ -153,3 +218,6 @@ class Method:
 
     def build(self, gm: fx.GraphModule, pairs: list[tuple[Site, MethodConfig]]) -> list[Adapter]:
         return [self.Adapter(site, config) for site, config in pairs]
+
+    def lifecycle(self, adapters: list[Adapter]) -> Lifecycle | None:
+        return None

@@ -1,7 +1,7 @@
 """lora-ga: LoRA initialised from the full-weight gradient (Wang et al., NeurIPS 2024).
 
 Training is plain LoRA (``rosafx::lowrank_linear``). A and B are zero until
-``rosafx.calibrate`` hands each site the mean gradient G (out x in) of its weight; then
+``rosafx.calibrate`` (``rosafx.fit`` calls it before the first step) hands each site the mean gradient G (out x in) of its weight; then
 
     U, S, V = svd_lowrank(G, q=min(4r, out, in), niter=4)
     A0 = Vᵀ[:r]            (top-r right singular vectors)
@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..errors import RosafxError
-from .base import Method
+from .base import CalibrateFirst, Method
 from .lora import LoraConfig, LowRankAdapter
 
 CONVENTIONS = ("paper", "peft")
@@ -124,3 +124,6 @@ class LoraGa(Method):
     description = "LoRA-GA (Wang et al. 2024): LoRA with A, B from the SVD of the full gradient (rosafx.calibrate)"
     Config = LoraGaConfig
     Adapter = LoraGaAdapter
+
+    def lifecycle(self, adapters):
+        return CalibrateFirst(adapters)  # A, B come from the gradient before step 1

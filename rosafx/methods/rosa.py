@@ -10,6 +10,10 @@ singular components, in LoRA's shapes:
 
 ``rosafx.resample`` folds B·A back into the frozen weight and factorises again with a
 fresh block. ΔW at merge = B·A relative to base_weight: merge is exact.
+
+In ``rosafx.fit`` the life cycle resamples every ``resample_every`` optimizer steps (None:
+once per epoch, the paper's schedule, when the loop knows the epoch length; 0: never)
+and clears the factors' optimizer state, as the reference code's new optimizer does.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..errors import RosafxError
-from .base import Method, MethodConfig
+from .base import Lifecycle, Method, MethodConfig, TrainingContext
 from .lora import LowRankAdapter
 
 SELECTIONS = ("random", "top", "bottom")
@@ -32,6 +36,7 @@ class RosaConfig(MethodConfig):
     seed: int = 0
     selection: str = "random"
     dropout: float = 0.0
+    resample_every: int | None = None  # optimizer steps between resamples in fit; None: each epoch; 0: never
 
     def validate(self) -> None:
         super().validate()
@@ -39,6 +44,9 @@ class RosaConfig(MethodConfig):
             raise RosafxError(f"rosa: rank must be at least 1, got {self.rank}.")
         if self.selection not in SELECTIONS:
             raise RosafxError(f"rosa: selection must be one of {SELECTIONS}, got {self.selection!r}.")
+        if self.resample_every is not None and (not isinstance(self.resample_every, int) or self.resample_every < 0):
+            raise RosafxError(f"rosa: resample_every must be a number of steps ≥ 0 (0: never) or null (each "
+                              f"epoch), got {self.resample_every!r}.")
 
     @property
     def scale(self) -> float:
@@ -98,6 +106,21 @@ def split_weights(adapters: list[RosaAdapter], weights: list[Tensor]) -> None:
                 adapter.base_weight.copy_(remainder.to(adapter.base_weight.dtype))
 
 
+class ResampleSchedule(Lifecycle):
+    """Resample each group of sites (same ``resample_every``) when its interval comes round."""
+
+    def after_step(self, ctx: TrainingContext) -> None:
+        from rosafx.passes.resample import resample_adapters
+        groups: dict[int, list[RosaAdapter]] = {}
+        for adapter in self.adapters:
+            every = adapter.config.resample_every
+            every = (ctx.steps_per_epoch or 0) if every is None else every
+            if every and ctx.step % every == 0:
+                groups.setdefault(every, []).append(adapter)
+        for group in groups.values():
+            resample_adapters(group, ctx.optimizer)
+
+
 class Rosa(Method):
     id = "rosa"
     description = "ROSA, random subspace adaptation (Hameed et al.): train a random block of W's singular components"
@@ -112,3 +135,6 @@ class Rosa(Method):
             weights.append(weight.t() if site.transposed else weight)
         split_weights(adapters, weights)
         return adapters
+
+    def lifecycle(self, adapters):
+        return ResampleSchedule(adapters)

@@ -13,6 +13,14 @@ CSR order. ΔW at merge = s·B·A + S.
 Calibration replaces the ``sparse_values`` Parameter (its size changes): build the
 optimizer after ``rosafx.calibrate``.
 
+In ``rosafx.fit`` the life cycle follows the paper's schedule ("wl64"): LoRA alone for
+``mask_warmup_steps`` optimizer steps, then one calibration pass builds the masks and the
+optimizer is rebuilt (learning rate and schedule kept) so S trains from then on. With
+``mask_warmup_steps = 0``, or a run no longer than the warm-up, or ``lowrank_init =
+"lora-ga"`` (A = B = 0 cannot warm up), it calibrates before the first step. The
+authors' restart from the pretrained weights with the saved masks is ``masks_of`` /
+``apply_masks`` below, not part of fit.
+
 ``lowrank_init="lora-ga"`` (beyond the paper): A = B = 0 until calibrate, and the same pass
 that builds the masks also gives A, B LoRA-GA's init from the mean gradient (``lora_ga.
 gradient_init``, the paper's "ArB2r" + stable scale γ = ``ga_gamma`` on both factors);
@@ -29,7 +37,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import RosafxError
-from .base import Adapter, GraphEmitter, Method, MethodConfig, kaiming_uniform_
+from .base import (Adapter, GraphEmitter, Lifecycle, Method, MethodConfig, TrainingContext, calibrate_pending,
+                   kaiming_uniform_)
 from .lora_ga import gradient_init
 
 STATISTICS = ("mean_squared", "mean")
@@ -46,6 +55,7 @@ class RosaRobustConfig(MethodConfig):
     dropout: float = 0.0
     lowrank_init: str = "lora"   # "lora-ga": A, B from LoRA-GA's gradient SVD in the calibration pass
     ga_gamma: float = 16.0       # LoRA-GA's stable-scale γ (lowrank_init="lora-ga" only)
+    mask_warmup_steps: int = 64  # fit: LoRA-only steps before the masks are built (paper: 64)
 
     def validate(self) -> None:
         super().validate()
@@ -59,6 +69,8 @@ class RosaRobustConfig(MethodConfig):
             raise RosafxError(f"rosa-robust: density must be in [0, 1], got {self.density}.")
         if self.statistic not in STATISTICS:
             raise RosafxError(f"rosa-robust: statistic must be one of {STATISTICS}, got {self.statistic!r}.")
+        if not isinstance(self.mask_warmup_steps, int) or self.mask_warmup_steps < 0:
+            raise RosafxError(f"rosa-robust: mask_warmup_steps must be an integer ≥ 0, got {self.mask_warmup_steps!r}.")
         if self.rank == 0 and self.density == 0:
             raise RosafxError("rosa-robust: rank 0 and density 0 adapt nothing; raise one of them.")
 
@@ -170,11 +182,34 @@ class RosaRobustAdapter(Adapter):
         super().load_adapter_state(state)
 
 
+class MaskSchedule(Lifecycle):
+    """Warm-up as LoRA, then build the masks (see the module docstring)."""
+
+    def _warmup(self, adapter: RosaRobustAdapter, ctx: TrainingContext) -> int:
+        if adapter.gradient_init or (ctx.total_steps is not None and ctx.total_steps <= adapter.config.mask_warmup_steps):
+            return 0
+        return adapter.config.mask_warmup_steps
+
+    def _calibrate_due(self, ctx: TrainingContext) -> None:
+        due = [a for a in self.adapters if self._warmup(a, ctx) <= ctx.step]
+        if calibrate_pending(due, ctx):
+            ctx.rebuild_optimizer()  # sparse_values changed size: the optimizer must see the new Parameters
+
+    def before_training(self, ctx: TrainingContext) -> None:
+        self._calibrate_due(ctx)
+
+    def after_step(self, ctx: TrainingContext) -> None:
+        self._calibrate_due(ctx)
+
+
 class RosaRobust(Method):
     id = "rosa-robust"
     description = "RoSA, robust adaptation (Nikdan et al.): low-rank A, B plus sparse S on a gradient mask"
     Config = RosaRobustConfig
     Adapter = RosaRobustAdapter
+
+    def lifecycle(self, adapters):
+        return MaskSchedule(adapters)
 
 
 def masks_of(adapted) -> dict[str, tuple[Tensor, Tensor]]:
