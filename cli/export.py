@@ -10,12 +10,16 @@ import typer
 import rosafx
 from rosafx.errors import RosafxError
 from rosafx.loading import ModelSource, open_model
+from rosafx.run_model import export_run
+from rosafx.runs import is_run
 
 from .options import TrustOpt
 
 
-def export(adapted: Annotated[Path, typer.Argument(help="Adapter directory written by `rosafx adapt`")],
-           out: Annotated[Path, typer.Option("--out", "-o", help="ONNX file to write")],
+def export(adapted: Annotated[Path, typer.Argument(help="Adapter directory written by `rosafx adapt`, or a RUN "
+                                                    "from `rosafx train`")],
+           out: Annotated[Path, typer.Option("--out", "-o", help="ONNX file to write (for a RUN: a directory with "
+                                             "model.onnx, tokenizer and config)")],
            merge: Annotated[bool, typer.Option("--merge/--no-merge", help="Fold adapters into the weights "
                                                "(required: adapter ops have no ONNX form)")] = True,
            trust_pickle: TrustOpt = False) -> None:
@@ -23,6 +27,9 @@ def export(adapted: Annotated[Path, typer.Argument(help="Adapter directory writt
 
     Example: rosafx export bert-lora --merge -o bert.onnx
     """
+    if is_run(adapted):
+        typer.echo(str(export_run(adapted, out, merge=merge)))
+        return
     source_file = Path(adapted) / "source.json"
     if not source_file.exists():
         raise RosafxError(f"{adapted} has no source.json: pass a directory written by `rosafx adapt`.")

@@ -8,15 +8,21 @@ from rosafx.errors import RosafxError
 
 from .adapt import EXAMPLES as ADAPT_EXAMPLES, adapt
 from .errors import debug_enabled, fail
+from .evaluate import evaluate
 from .export import export
 from .inspect import inspect
 from .methods import methods
+from .train import EXAMPLES as TRAIN_EXAMPLES, train
 
 app = typer.Typer(name="rosafx", help="Insert adapters into PyTorch models by graph rewriting; merge; export ONNX.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 app.command(help="Insert adapters into MODEL by rules and write the adapter directory OUT.", epilog=ADAPT_EXAMPLES)(adapt)
-app.command(help="Merge an adapter directory into its base model and export ONNX (verified with onnxruntime).",
-            epilog="Example: rosafx export bert-lora --merge -o bert.onnx")(export)
+app.command(help="Train adapters on MODEL with a data file into the run directory RUN (resumable).",
+            epilog=TRAIN_EXAMPLES)(train)
+app.command(help="Score a RUN or its exported ONNX on a data file.",
+            epilog="Example: rosafx evaluate run --data dev.tsv --json")(evaluate)
+app.command(help="Merge an adapter directory or a RUN into its base model and export ONNX (verified with "
+            "onnxruntime).", epilog="Example: rosafx export run --merge -o out   (out/model.onnx + tokenizer + config)")(export)
 app.command(help="List MODEL's linear sites; with rule options, what each would get.",
             epilog="Example: rosafx inspect ./bert --method lora --target query --target value")(inspect)
 app.command(help="List adapter methods (rosa = random subspace; rosa-robust = low-rank + sparse).")(methods)

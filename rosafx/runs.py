@@ -125,3 +125,55 @@ class Run:
             fig.savefig(tmp, format="png", dpi=100)
         plt.close(fig)
         return self.path / PLOT
+
+
+RUN_FORMAT = "rosafx-run"
+
+
+def is_run(path) -> bool:
+    return (Path(path) / CONFIG).is_file()
+
+
+def read_run(path) -> dict:
+    path = Path(path)
+    if not is_run(path):
+        raise RosafxError(f"{path} is not a rosafx run directory (no {CONFIG}); `rosafx train ... -o RUN` makes one.")
+    record = json.loads((path / CONFIG).read_text())
+    if record.get("format") != RUN_FORMAT:
+        raise RosafxError(f"{path / CONFIG} is not a rosafx run record.")
+    return record
+
+
+def write_run(path, record: dict) -> None:
+    with atomic_file(Path(path) / CONFIG) as tmp:
+        tmp.write_text(json.dumps({"format": RUN_FORMAT, "version": 1, **record}, indent=2, sort_keys=True))
+
+
+def check_run_dir(path, inputs: list, *, resume: bool, overwrite: bool) -> Path:
+    """Check RUN before anything is written: never an input, never a directory of someone
+    else's files; an earlier run only with --resume (continue) or --overwrite (start again)."""
+    path = Path(path).resolve()
+    for item in inputs:
+        item = Path(item).resolve()
+        if path == item or path in item.parents or item in path.parents:
+            raise RosafxError(f"-o {path} overlaps the input {item}: choose an output directory apart from the "
+                              "model and the data.")
+    if resume:
+        read_run(path)
+        return path
+    if path.exists() and not path.is_dir():
+        raise RosafxError(f"-o {path} is a file; RUN is a directory.")
+    if path.is_dir() and any(path.iterdir()):
+        if not is_run(path):
+            raise RosafxError(f"-o {path} is a directory that rosafx did not write; choose a new or empty directory.")
+        if not overwrite:
+            raise RosafxError(f"{path} holds an earlier run: --resume continues it, --overwrite starts it again.")
+    return path
+
+
+def start_run_dir(path: Path, *, resume: bool) -> Path:
+    """After ``check_run_dir`` and once the inputs have been read: clear an earlier run, create RUN."""
+    if not resume and is_run(path):
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path

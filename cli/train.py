@@ -1,0 +1,105 @@
+"""rosafx train MODEL --method rosa --rank 8 --data train.tsv [--eval dev.tsv] ... -o RUN
+
+Thin over ``rosafx.fit`` and the data readers: the configuration (flags over --config over
+defaults) is written into RUN/run.json, and every rebuild of the model (resume, export,
+evaluate) reads it from there.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+import rosafx
+from rosafx import recipe
+from rosafx.errors import RosafxError
+from rosafx.runs import check_run_dir, read_run, start_run_dir, write_run
+
+from .options import AlphaOpt, MethodOpt, OptionOpt, RankOpt, RulesOpt, TargetOpt
+
+EXAMPLES = """
+Examples:
+  rosafx train ./MiniLM --method lora --rank 8 --data train.tsv --eval dev.tsv --epochs 3 -o run
+  rosafx train ./gpt2 --method rosa --rank 8 -O resample_every=200 --task causal-lm --data text.txt --max-steps 1000 -o run
+  rosafx train ... -o run --resume
+"""
+
+Opt = typer.Option
+
+
+def train(
+    model: Annotated[Optional[Path], typer.Argument(help="HF model directory, or `rosafx adapt` output")] = None,
+    out: Annotated[Path, Opt("--out", "-o", help="Run directory (RUN)")] = ...,
+    method: MethodOpt = None, target: TargetOpt = None, rank: RankOpt = None, alpha: AlphaOpt = None,
+    option: OptionOpt = None, rules: RulesOpt = None,
+    data: Annotated[Optional[Path], Opt(help="Training data: .tsv (GLUE layouts), .csv, .jsonl, .txt")] = None,
+    eval: Annotated[Optional[Path], Opt("--eval", help="Evaluation data, same layout")] = None,
+    task: Annotated[Optional[str], Opt(help="classification | regression | causal-lm (default: from the layout)")] = None,
+    text_column: Annotated[Optional[str], Opt(help="Column with the text")] = None,
+    pair_column: Annotated[Optional[str], Opt(help="Column with the second text of a pair")] = None,
+    label_column: Annotated[Optional[str], Opt(help="Column with the label or score")] = None,
+    max_length: Annotated[Optional[int], Opt(help="Tokens per example (default 128)")] = None,
+    epochs: Annotated[Optional[float], Opt(help="Passes over the data")] = None,
+    max_steps: Annotated[Optional[int], Opt(help="Optimizer steps (instead of --epochs)")] = None,
+    batch_size: Annotated[Optional[int], Opt(help="Examples per batch (default 32)")] = None,
+    grad_accum: Annotated[Optional[int], Opt(help="Batches per optimizer step (default 1)")] = None,
+    lr: Annotated[Optional[float], Opt(help="Peak learning rate (default 5e-4)")] = None,
+    warmup_ratio: Annotated[Optional[float], Opt(help="Fraction of steps of linear warm-up")] = None,
+    schedule: Annotated[Optional[str], Opt(help="linear | cosine | constant")] = None,
+    weight_decay: Annotated[Optional[float], Opt(help="AdamW weight decay")] = None,
+    eval_every: Annotated[Optional[int], Opt(help="Evaluate every N steps (and at the end)")] = None,
+    save_every: Annotated[Optional[int], Opt(help="Checkpoint every N steps (and at the end)")] = None,
+    best_metric: Annotated[Optional[str], Opt(help="Keep RUN/best by this metric (default: the task's)")] = None,
+    seed: Annotated[Optional[int], Opt(help="Seed for the head, adapters, shuffling, dropout")] = None,
+    precision: Annotated[Optional[str], Opt(help="fp32 | bf16 (autocast)")] = None,
+    config: Annotated[Optional[Path], Opt(help="YAML or JSON file with these options (flags override it)")] = None,
+    resume: Annotated[bool, Opt("--resume", help="Continue RUN from its last checkpoint")] = False,
+    overwrite: Annotated[bool, Opt("--overwrite", help="Replace an earlier run in RUN")] = False,
+) -> None:
+    """Train adapters on MODEL with the data, into the run directory RUN."""
+    flags = {k: v for k, v in locals().items() if k in recipe.DEFAULTS}
+    if resume:
+        record = read_run(out)
+        asked = recipe.resolve({**record["config"], **{k: v for k, v in flags.items() if v is not None}})
+        given = [k for k, v in flags.items() if v is not None and asked[k] != record["config"].get(k)]
+        if given:
+            raise RosafxError(f"{out} was started with other options ({given}); --resume continues it as it "
+                              "was. Drop those flags, or start a new run.")
+        settings = record["config"]
+    else:
+        settings = recipe.resolve(flags, config)
+    inputs = [p for p in (settings["model"], settings["data"], settings["eval"]) if p]
+    run_dir = check_run_dir(out, inputs, resume=resume, overwrite=overwrite)
+
+    spec = recipe.model_spec(settings["model"])
+    tokenizer = recipe.open_tokenizer(spec.source)
+    train_examples = recipe.read_examples(settings["data"], settings)
+    settings["task"] = train_examples.task
+    label_names = train_examples.label_names
+    eval_examples = recipe.read_examples(settings["eval"], settings, label_names) if settings["eval"] else None
+    recipe.check_head(settings, spec, label_names)
+    start_run_dir(run_dir, resume=resume)
+    cache = run_dir / "cache"
+    train_batches = recipe.batches_of(train_examples, tokenizer, settings, cache, train=True)
+    eval_batches = recipe.batches_of(eval_examples, tokenizer, settings, cache, train=False) if eval_examples else None
+    inputs = recipe.example_inputs(tokenizer, settings, pairs=train_examples.pairs is not None)
+    adapted = recipe.build_adapted(settings, spec, label_names, inputs)
+    if not resume:
+        write_run(run_dir, {"config": settings, "label_names": label_names, "task": settings["task"],
+                            "pairs": train_examples.pairs is not None})
+    typer.echo(f"{len(train_examples)} training examples ({settings['task']}"
+               + (f", labels {label_names}" if label_names else "") + ")"
+               + (f", {len(eval_examples)} for evaluation" if eval_examples else ""))
+    loss, metrics = recipe.task_loss_and_metrics(settings["task"])
+    best = settings["best_metric"] or (recipe.best_metric_of(settings["task"]) if eval_batches else None)
+    history = rosafx.fit(
+        adapted, train_batches, loss, eval_batches=eval_batches, metrics=metrics,
+        steps=settings["max_steps"], epochs=None if settings["max_steps"] else (settings["epochs"] or 1),
+        lr=settings["lr"], weight_decay=settings["weight_decay"], schedule=settings["schedule"],
+        warmup_ratio=settings["warmup_ratio"], grad_accum=settings["grad_accum"], precision=settings["precision"],
+        eval_every=settings["eval_every"], save_every=settings["save_every"], run=run_dir, resume=resume,
+        best_metric=best, calibration_batches=settings["calibration_batches"], seed=settings["seed"])
+    last = history.evals[-1] if history.evals else history.steps[-1]
+    typer.echo("final: " + ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float)))
+    typer.echo(f"wrote {run_dir} (adapter in {run_dir / 'adapter'}; `rosafx export {out} --merge -o OUT`)")

