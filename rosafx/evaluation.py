@@ -40,7 +40,6 @@ def _evaluate_run(run_dir: Path, data, progress: bool) -> dict:
 
 
 def _evaluate_onnx(onnx_file: Path, data) -> dict:
-    import onnxruntime as ort
     from transformers import AutoTokenizer
     folder = onnx_file.parent
     mark = folder / EXPORT_MARK
@@ -54,15 +53,22 @@ def _evaluate_onnx(onnx_file: Path, data) -> dict:
     settings = {**recipe.DEFAULTS, **{k: v for k, v in run_config.items() if v is not None}, "task": info["task"]}
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     examples = recipe.read_examples(data, settings, info["label_names"])
+    batches = Batches(encode(examples, tokenizer, settings["max_length"]), settings["batch_size"])
+    return {"examples": len(examples), **onnx_scores(onnx_file, batches, info["task"])}
+
+
+def onnx_scores(onnx_file, batches, task: str) -> dict:
+    """The task's metrics of an ONNX model (onnxruntime, CPU) over labelled batches."""
+    import onnxruntime as ort
     session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     logits, labels = [], []
-    for batch in Batches(encode(examples, tokenizer, settings["max_length"]), settings["batch_size"]):
+    for batch in batches:
         inputs = model_inputs(batch)
         missing = [n for n in names if n not in inputs]
         if missing:
-            raise RosafxError(f"The ONNX model takes inputs {names}; the tokenizer gives {sorted(inputs)}.")
+            raise RosafxError(f"The ONNX model takes inputs {names}; the batches give {sorted(inputs)}.")
         out = session.run(None, {n: inputs[n].numpy() for n in names})
         logits.append(torch.from_numpy(out[0]).float())
         labels.append(batch["labels"])
-    return {"examples": len(examples), **{f"eval_{k}": v for k, v in scores(info["task"], logits, labels).items()}}
+    return {f"eval_{k}": v for k, v in scores(task, logits, labels).items()}

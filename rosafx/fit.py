@@ -72,6 +72,9 @@ def fit(adapted: fx.GraphModule, train_batches: Iterable, loss_fn: LossFn, *,
     if resume:
         loop, history = _resume(adapted, run, optimization, lifecycles)
     else:
+        if run is not None and run.checkpoints():
+            raise RosafxError(f"{run.path} holds checkpoints of an earlier run: resume=True continues it; use a new "
+                              "directory to start again.")
         if seed is not None:
             torch.manual_seed(seed)
             random.seed(seed)

@@ -72,7 +72,7 @@ def test_fit_equals_a_hand_loop_lora():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     tensors_close(adapter_tensors(adapted), adapter_tensors(reference), rel=1e-6)
     assert [r["loss"] for r in history.steps] == pytest.approx(losses, rel=1e-6)
     assert [r["step"] for r in history.steps] == list(range(1, 9))

@@ -96,3 +96,17 @@ def _floats(table: Table, name: str, raw: list) -> list[float]:
         except (TypeError, ValueError):
             raise RosafxError(f"{table.path}, line {line}: regression needs a number in '{name}', got {value!r}.") from None
     return out
+
+
+def held_apart(examples: Examples, fraction: float, seed: int = 0) -> tuple[Examples, Examples]:
+    """(rest, a random ``fraction`` held apart for validation), reproducible from ``seed``."""
+    import random
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    cut = len(order) - int(len(order) * fraction)
+
+    def pick(index):
+        take = lambda values: None if values is None else [values[i] for i in index]  # noqa: E731
+        return dataclasses.replace(examples, texts=take(examples.texts), pairs=take(examples.pairs),
+                                   labels=take(examples.labels))
+    return pick(order[:cut]), pick(order[cut:])
