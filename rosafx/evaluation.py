@@ -14,9 +14,6 @@ from .errors import RosafxError
 from .run_model import EXPORT_MARK, ONNX_NAME, open_run
 from .runs import is_run
 
-# how each data file is read: the run's own column choices
-COLUMN_KEYS = ("task", "text_column", "pair_column", "label_column", "max_length", "batch_size", "seed")
-
 
 def evaluate_path(target, data, *, progress: bool = True) -> dict:
     target = Path(target)
@@ -46,11 +43,7 @@ def _evaluate_onnx(onnx_file: Path, data) -> dict:
     if not mark.exists():
         raise RosafxError(f"{folder} has no {EXPORT_MARK}: evaluate reads ONNX written by `rosafx export RUN`.")
     info = json.loads(mark.read_text())
-    run_config = {k: None for k in COLUMN_KEYS}
-    if is_run(info.get("run", "")):
-        run_config.update({k: v for k, v in json.loads((Path(info["run"]) / "run.json").read_text())["config"].items()
-                           if k in COLUMN_KEYS})
-    settings = {**recipe.DEFAULTS, **{k: v for k, v in run_config.items() if v is not None}, "task": info["task"]}
+    settings = {**recipe.DEFAULTS, **info.get("reading", {}), "task": info["task"]}
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     examples = recipe.read_examples(data, settings, info["label_names"])
     batches = Batches(encode(examples, tokenizer, settings["max_length"]), settings["batch_size"])

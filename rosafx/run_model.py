@@ -16,6 +16,8 @@ from .errors import RosafxError
 from .runs import ADAPTER, read_run
 
 EXPORT_MARK = "rosafx_export.json"
+# how the run read its data: evaluate reads other files the same way
+READING_KEYS = ("text_column", "pair_column", "label_column", "max_length", "batch_size")
 ONNX_NAME = "model.onnx"
 
 
@@ -64,9 +66,10 @@ def export_run(run_dir, out, *, merge: bool = True):
         hf_config = _hf_config(record)
         hf_config.rosafx_task = record["task"]
         hf_config.save_pretrained(tmp)
+        reading = {k: record["config"][k] for k in READING_KEYS}
         (tmp / EXPORT_MARK).write_text(json.dumps({"run": str(run_dir.resolve()), "task": record["task"],
-                                                   "label_names": record["label_names"],
-                                                   "pairs": record["pairs"]}, indent=2))
+                                                   "label_names": record["label_names"], "pairs": record["pairs"],
+                                                   "reading": reading}, indent=2))
     return report
 
 

@@ -269,3 +269,11 @@ def test_eval_and_best_checkpoint(tmp_path):
     assert (tmp_path / "run" / "best" / "rosafx.json").exists()
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 9
+
+
+def test_bf16_autocast_tracks_fp32():
+    batches = make_batches(n=2)
+    fp32 = rosafx.fit(adapt({"method": "lora", "rank": 4}), batches, loss_fn, steps=2, lr=1e-2, progress=False)
+    bf16 = rosafx.fit(adapt({"method": "lora", "rank": 4}), batches, loss_fn, steps=2, lr=1e-2, precision="bf16",
+                      progress=False)
+    assert [r["loss"] for r in bf16.steps] == pytest.approx([r["loss"] for r in fp32.steps], rel=2e-2)
