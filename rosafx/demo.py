@@ -73,8 +73,10 @@ def main(argv=None) -> None:
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--data", type=Path, default=Path(SAMPLES) / "sst2_sample.tsv", help="a GLUE-layout TSV")
     parser.add_argument("--out", type=Path, default=Path("demo-out"))
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch threads (default: every core; 1 is faster on a machine others load)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(max(1, args.threads))
     start = time.perf_counter()
 
     examples = examples_from(read_table(args.data))

@@ -108,8 +108,12 @@ def example_inputs(tokenizer, config: dict, pairs: bool) -> dict:
 def check_head(config: dict, spec: ModelSpec, label_names) -> None:
     """Refuse a task that does not fit the model's head before anything is written."""
     from .heads import check_task_fits
-    if spec.source.kind == "hf":
-        check_task_fits(spec.source.path, config["task"], label_names)
+    if spec.source.kind != "hf":
+        return
+    _, kind = check_task_fits(spec.source.path, config["task"], label_names)
+    if spec.adapter_dir is not None and kind is None:
+        raise RosafxError(f"{spec.adapter_dir} was adapted on {spec.source.path}, which has no {config['task']} "
+                          "head; adapt the model with its task head, or train from the base model with --method.")
 
 
 def build_adapted(config: dict, spec: ModelSpec, label_names, inputs: dict):
@@ -118,9 +122,6 @@ def build_adapted(config: dict, spec: ModelSpec, label_names, inputs: dict):
     torch.manual_seed(config["seed"])  # a new head and the adapters start the same in every rebuild
     module, head_is_new = open_task_model(spec.source.path, config["task"], label_names)
     if spec.adapter_dir is not None:
-        if head_is_new:
-            raise RosafxError(f"{spec.adapter_dir} was adapted on {spec.source.path}, which has no {config['task']} "
-                              "head; adapt the model with its task head, or train from the base model with --method.")
         return rosafx.load(module, spec.adapter_dir, example_inputs=inputs)
     from rosafx.cli.options import build_rules  # the same rule flags as `rosafx adapt`
     rules = build_rules(config["method"], config["target"], config["rank"], config["alpha"], config["option"],

@@ -136,3 +136,20 @@ def test_bad_input_exits_2(encoder_dir, tmp_path, tokenizer, capsys):
     assert run_cli(*base, "--data", sst, "-o", encoder_dir / "run") == 2  # never inside the input
     assert not (encoder_dir / "run").exists()
     assert not any((tmp_path / name).exists() for name in ("r1", "r2", "r3", "r4", "r5"))
+
+
+def test_train_continues_from_adapt_output(encoder_dir, tmp_path, tokenizer, capsys):
+    from transformers import BertForSequenceClassification
+    sst = GLUE / "SST-2" / "train.tsv"
+    classifier = save_tiny(tmp_path / "cls", BertForSequenceClassification, tokenizer, num_labels=2)
+    assert run_cli("adapt", classifier, "--method", "vera", "--rank", "8", "--target", "query", "-o",
+                   tmp_path / "adapted") == 0
+    assert run_cli("train", tmp_path / "adapted", "--data", sst, "--max-steps", "1", *TRAIN, "-o", tmp_path / "run") == 0
+    adapted = json.loads((tmp_path / "adapted" / "rosafx.json").read_text())["sites"]
+    trained = json.loads((tmp_path / "run" / "adapter" / "rosafx.json").read_text())["sites"]
+    assert trained.keys() == adapted.keys() and all(s["config"]["method"] == "vera" for s in trained.values())
+    # adapted on a base encoder: no head to train the task with
+    assert run_cli("adapt", encoder_dir, "--method", "lora", "--target", "query", "-o", tmp_path / "base") == 0
+    assert run_cli("train", tmp_path / "base", "--data", sst, "--max-steps", "1", *TRAIN, "-o", tmp_path / "r2") == 2
+    assert "has no classification head" in capsys.readouterr().err
+    assert not (tmp_path / "r2").exists()
