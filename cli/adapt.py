@@ -13,10 +13,12 @@ import typer
 import rosafx
 from rosafx.atomic import atomic_directory
 from rosafx.loading import identify, open_model
+from rosafx.outputs import check_output
 from rosafx.serialize import write_adapter
 
 from .inspect import print_sites
-from .options import AlphaOpt, MethodOpt, ModelArg, OptionOpt, RankOpt, RulesOpt, TargetOpt, TrustOpt, build_rules
+from .options import (AlphaOpt, MethodOpt, ModelArg, OptionOpt, OverwriteOpt, RankOpt, RulesOpt, TargetOpt,
+                      TrustOpt, build_rules)
 
 EXAMPLES = """
 Examples:
@@ -28,13 +30,16 @@ Examples:
 
 def adapt(model: ModelArg, out: Annotated[Path, typer.Option("--out", "-o", help="Output adapter directory")],
           method: MethodOpt = None, target: TargetOpt = None, rank: RankOpt = None, alpha: AlphaOpt = None,
-          option: OptionOpt = None, rules: RulesOpt = None, trust_pickle: TrustOpt = False) -> None:
+          option: OptionOpt = None, rules: RulesOpt = None, trust_pickle: TrustOpt = False,
+          overwrite: OverwriteOpt = False) -> None:
     """Insert adapters into MODEL by rules and write the adapter directory OUT."""
     source = identify(model)
-    module, example_inputs = open_model(source, trust_pickle=trust_pickle)
+    check_output(out, inputs=[model, rules], overwrite=overwrite)  # before the slow work, and again below
     rule_set = build_rules(method, target, rank, alpha, option, rules)
+    module, example_inputs = open_model(source, trust_pickle=trust_pickle)
     adapted = rosafx.transform(module, rule_set, example_inputs=example_inputs)
     print_sites(adapted)
+    check_output(out, inputs=[model, rules], overwrite=overwrite)
     with atomic_directory(out) as tmp:  # OUT appears whole or not at all
         write_adapter(adapted, tmp)
         (tmp / "source.json").write_text(source.to_json())

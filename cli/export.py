@@ -1,15 +1,14 @@
 """rosafx export ADAPTED --merge -o model.onnx"""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 import rosafx
-from rosafx.errors import RosafxError
-from rosafx.loading import ModelSource, open_model
+from rosafx.loading import open_model, read_source
+from rosafx.outputs import check_output
 from rosafx.run_model import export_run
 from rosafx.runs import is_run
 
@@ -30,10 +29,8 @@ def export(adapted: Annotated[Path, typer.Argument(help="Adapter directory writt
     if is_run(adapted):
         typer.echo(str(export_run(adapted, out, merge=merge)))
         return
-    source_file = Path(adapted) / "source.json"
-    if not source_file.exists():
-        raise RosafxError(f"{adapted} has no source.json: pass a directory written by `rosafx adapt`.")
-    source = ModelSource(**json.loads(source_file.read_text()))
+    source = read_source(adapted)  # untrusted: it names the model, the user's flags decide what may load
+    check_output(out, inputs=[adapted, source.path], kind="file")
     module, example_inputs = open_model(source, trust_pickle=trust_pickle)
     model = rosafx.load(module, adapted, example_inputs=example_inputs)
     report = rosafx.export_onnx(model, out, merge=merge)

@@ -4,6 +4,11 @@ from __future__ import annotations
 import click
 import typer
 
+try:  # newer typer vendors click as typer._click: its exceptions are not click's
+    from typer._click.exceptions import ClickException as TyperClickException
+except ImportError:  # pragma: no cover - older typer uses click itself
+    TyperClickException = click.ClickException
+
 from rosafx.errors import RosafxError
 
 from .adapt import EXAMPLES as ADAPT_EXAMPLES, adapt
@@ -30,15 +35,15 @@ app.command(help="List adapter methods (rosa = random subspace; rosa-robust = lo
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, prog_name="rosafx", standalone_mode=False)
     except RosafxError as exc:
         if debug_enabled():
             raise
         fail(str(exc))
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, typer.Abort):
         fail("aborted")
-    except click.ClickException as exc:
-        exc.show()
+    except (click.ClickException, TyperClickException) as exc:
+        exc.show()  # usage text and the one-line reason
         raise SystemExit(2)
     except SystemExit:
         raise

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from rosafx.errors import RosafxError
+from rosafx.files import read_json
 
 ModelArg = Annotated[Path, typer.Argument(help="HF model directory, .pt2 (torch.export.save) or pickled .pt")]
 MethodOpt = Annotated[Optional[str], typer.Option("--method", "-m", help="Adapter method id (see `rosafx methods`)")]
@@ -19,29 +21,40 @@ OptionOpt = Annotated[Optional[list[str]], typer.Option("--option", "-O", help="
                       "(e.g. density=0.01); repeatable")]
 RulesOpt = Annotated[Optional[Path], typer.Option("--rules", help="JSON file {pattern: config}; overrides the "
                      "options above")]
-TrustOpt = Annotated[bool, typer.Option("--trust-pickle", help="Allow loading a pickled .pt (runs code from the file)")]
+TrustOpt = Annotated[bool, typer.Option("--trust-pickle", help="Allow unpickling: a pickled .pt, or a .pt2 with "
+                     "pickled entries (runs code from the file; see docs/security.md)")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace OUT even if it holds files rosafx did not "
+                         "write (never the input)")]
 
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls", "pooler")
 DEFAULT_TARGET = r"(?!(?:.*\.)?(?:" + "|".join(HEAD_NAMES) + r")(?:\.|$)).*"
 
 
 def _parse_value(text: str):
+    """A JSON value (number, bool, null, list) or else the text itself; never NaN/Infinity."""
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError:
-        return text
+        value = text
+    numeric = value if isinstance(value, float) else _float_or_none(text)
+    if numeric is not None and not math.isfinite(numeric):
+        raise RosafxError(f"--option value '{text}' is not a finite number.")
+    return value
+
+
+def _float_or_none(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def build_rules(method: str | None, targets: list[str] | None, rank: int | None, alpha: float | None,
                 options: list[str] | None, rules_file: Path | None) -> dict:
     if rules_file is not None:
-        try:
-            rules = json.loads(Path(rules_file).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise RosafxError(f"Cannot read rules from {rules_file}: {exc}. It must be a JSON object "
-                              '{"pattern": {"method": "lora", "rank": 8}}.') from exc
-        if not isinstance(rules, dict):
-            raise RosafxError(f"{rules_file} must hold a JSON object mapping patterns to configs.")
+        rules = read_json(rules_file, 'rules: a JSON object {"pattern": {"method": "lora", "rank": 8}}')
+        if not rules:
+            raise RosafxError(f"{rules_file} holds no rules; add {{\"pattern\": {{\"method\": \"lora\"}}}}.")
         return rules
     if method is None:
         raise RosafxError("Say which adapter to insert: --method lora (see `rosafx methods`) or --rules FILE.")

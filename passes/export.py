@@ -18,7 +18,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from rosafx.capture import dynamic_shapes_for, normalize_example_inputs
-from rosafx.atomic import make_public
+from rosafx.atomic import temp_file_beside
 from rosafx.errors import RosafxError
 
 from .decompose import decompose_for_onnx
@@ -134,11 +134,7 @@ def export_onnx(model: nn.Module, path, *, example_inputs=None, merge: bool = Tr
         plain = model
     was_training = plain.training
     plain.eval()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(suffix=".onnx.tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    make_public(tmp)
+    tmp = temp_file_beside(path)  # hidden, cleaned by the next export to path if this one is killed
     try:
         _to_onnx(plain, args, kwargs, tmp)
         session = _session(tmp)

@@ -14,10 +14,10 @@ A value of ``None`` excludes the matched sites. A value is a config dict such as
 from __future__ import annotations
 
 import difflib
-import re
 from dataclasses import dataclass
 from typing import Any
 
+from . import safe_regex
 from .errors import RosafxError
 from .sites import Site
 
@@ -50,11 +50,8 @@ def match_strength(key: Any, site: Site) -> int:
         return EXACT
     if site.path.endswith("." + key):
         return SUFFIX
-    try:
-        if re.fullmatch(key, site.path):
-            return REGEX
-    except re.error:
-        pass
+    if safe_regex.fullmatch(key, site.path, source="rule pattern"):
+        return REGEX
     return 0
 
 

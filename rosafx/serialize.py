@@ -12,13 +12,15 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import fx, nn
 
 from rosafx.passes.insert import ADAPTERS, adapters_of, set_base_weight
 
 from .atomic import atomic_directory
 from .errors import RosafxError
+from .files import read_json, read_safetensors
+from .outputs import check_output
 from .sites import is_parameter
 from .transform import fingerprint, transform
 
@@ -53,6 +55,7 @@ def save(adapted: fx.GraphModule, directory, *, format: str = "rosafx") -> None:
         return
     if format != "rosafx":
         raise RosafxError(f"Unknown save format '{format}': use 'rosafx' or 'peft'.")
+    check_output(directory)
     with atomic_directory(directory) as tmp:
         write_adapter(adapted, tmp)
 
@@ -65,7 +68,7 @@ def write_adapter(adapted: fx.GraphModule, directory: Path) -> None:
         "sites": meta["sites"], "full": meta["full"], "fingerprint": meta["fingerprint"],
     }
     save_file(_unshare(adapter_tensors(adapted)), str(Path(directory) / TENSORS_NAME))
-    (Path(directory) / JSON_NAME).write_text(json.dumps(record, indent=2, sort_keys=True))
+    (Path(directory) / JSON_NAME).write_text(json.dumps(record, indent=2, sort_keys=True, allow_nan=False))
 
 
 def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -79,11 +82,33 @@ def read_record(directory) -> dict:
     if not path.exists():
         raise RosafxError(f"{directory} is not a rosafx adapter directory (no {JSON_NAME}); "
                           "an HF PEFT directory has adapter_config.json.")
-    record = json.loads(path.read_text())
-    if record.get("format") != "rosafx" or record.get("version", 0) > FORMAT_VERSION:
-        raise RosafxError(f"{path} has format {record.get('format')} version {record.get('version')}; "
-                          f"this rosafx reads rosafx version ≤ {FORMAT_VERSION}.")
+    record = read_json(path, "the adapter record")
+    version = record.get("version")
+    if record.get("format") != "rosafx" or not isinstance(version, int) or isinstance(version, bool) \
+            or not 1 <= version <= FORMAT_VERSION:
+        raise RosafxError(f"{path} has format {record.get('format')!r} version {version!r}; this rosafx reads "
+                          f"rosafx versions 1 to {FORMAT_VERSION}. Re-save the adapter with this rosafx.")
+    _check_record(record, path)
     return record
+
+
+def _check_record(record: dict, path: Path) -> None:
+    """The record's shape, before any of it reaches transform (which allocates)."""
+    sites, full = record.get("sites"), record.get("full")
+    bad = None
+    if not isinstance(sites, dict):
+        bad = "'sites' must be an object"
+    elif not all(isinstance(p, str) and isinstance(s, dict) and isinstance(s.get("config"), dict)
+                 and isinstance(s.get("weight_name"), str) for p, s in sites.items()):
+        bad = "each site must be {'config': {...}, 'weight_name': '...'}"
+    elif not isinstance(full, list) or not all(isinstance(p, str) for p in full):
+        bad = "'full' must be a list of module paths"
+    elif not isinstance(record.get("fingerprint"), str):
+        bad = "'fingerprint' must be a string"
+    elif not sites and not full:
+        bad = "it names no site and no module"
+    if bad:
+        raise RosafxError(f"{path} is not a valid rosafx adapter record: {bad}. Re-save the adapter.")
 
 
 def load(model: nn.Module, directory, *, example_inputs=None) -> fx.GraphModule:
@@ -99,7 +124,7 @@ def load(model: nn.Module, directory, *, example_inputs=None) -> fx.GraphModule:
     if fingerprint(adapted, weight_names) != record["fingerprint"]:
         raise RosafxError(f"The adapter in {directory} was built on other base weights than this model's "
                           "(fingerprint mismatch). Load it onto the model it was trained from.")
-    install_tensors(adapted, load_file(str(directory / TENSORS_NAME)))
+    install_tensors(adapted, read_safetensors(directory / TENSORS_NAME, "the adapter tensors"))
     return adapted
 
 
@@ -117,6 +142,7 @@ def install_tensors(adapted: fx.GraphModule, tensors: dict[str, torch.Tensor]) -
             full[name[len("full."):]] = value
     if set(per_adapter) != set(adapters):
         raise RosafxError(f"Saved adapters {sorted(set(per_adapter) ^ set(adapters))} do not match the sites.")
+    _check_shapes(adapted, adapters, per_adapter, shared)
     if shared:
         getattr(adapted, SHARED).load_state_dict(shared)
     for key, state in per_adapter.items():
@@ -125,4 +151,38 @@ def install_tensors(adapted: fx.GraphModule, tensors: dict[str, torch.Tensor]) -
         adapters[key].load_adapter_state(state)
     with torch.no_grad():
         for name, value in full.items():
+            _check_full_tensor(adapted, name, value)
             adapted.get_parameter(name).copy_(value) if is_parameter(adapted, name) else adapted.get_buffer(name).copy_(value)
+
+
+def _check_shapes(adapted: fx.GraphModule, adapters: dict, per_adapter: dict, shared: dict) -> None:
+    """Every saved tensor has the name and shape the rebuilt adapter expects: a mismatch is
+    a damaged or foreign file, said before anything is copied."""
+    for key, state in per_adapter.items():
+        adapter = adapters[key]
+        expected = {n: tuple(v.shape) for n, v in adapter.adapter_state().items()}
+        expected["base_weight"] = (adapter.out_features, adapter.in_features)
+        for name, value in state.items():
+            if name not in expected:
+                raise RosafxError(f"Saved tensor '{key}.{name}' is not a tensor of the {adapters[key].config.method} "
+                                  f"adapter on '{adapters[key].site_path}' (it has {sorted(expected)}).")
+            if tuple(value.shape) != expected[name]:
+                raise RosafxError(f"Saved tensor '{key}.{name}' has shape {tuple(value.shape)}, but the adapter on "
+                                  f"'{adapters[key].site_path}' needs {expected[name]}: the file does not match "
+                                  "this model or its rosafx.json.")
+    if shared:
+        expected = {n: tuple(v.shape) for n, v in getattr(adapted, SHARED).state_dict().items()}
+        for name, value in shared.items():
+            if expected.get(name) != tuple(value.shape):
+                raise RosafxError(f"Saved shared tensor '{name}' has shape {tuple(value.shape)}, expected "
+                                  f"{expected.get(name)}.")
+
+
+def _check_full_tensor(adapted: fx.GraphModule, name: str, value: torch.Tensor) -> None:
+    try:
+        target = adapted.get_parameter(name) if is_parameter(adapted, name) else adapted.get_buffer(name)
+    except AttributeError:
+        raise RosafxError(f"Saved tensor 'full.{name}' names no parameter or buffer of the model.") from None
+    if target.shape != value.shape:
+        raise RosafxError(f"Saved tensor 'full.{name}' has shape {tuple(value.shape)}, the model's has "
+                          f"{tuple(target.shape)}.")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-import re
 from typing import Any
 
 import torch
@@ -13,6 +12,7 @@ from rosafx.passes.dropout import dropout_follows_mode
 from rosafx.passes.insert import adapters_of, insert_adapters
 from rosafx.passes.insert_experts import check_expert_methods, insert_expert_adapters
 
+from . import safe_regex
 from .capture import capture
 from .errors import RosafxError
 from .methods import FULL, get_method, parse_config
@@ -76,7 +76,29 @@ def _site(sites: list[Site], path: str) -> Site:
     return next(s for s in sites if s.path == path)
 
 
+# The largest rank a method may have on a site, checked before any tensor is allocated.
+# A low-rank factor wider than the layer adds nothing; VeRA's shared random pair is often
+# wider than the layer (the paper uses r = 1024 on 768-wide layers), so it gets room.
+RANK_LIMITS = {"vera": lambda site: 4 * max(site.in_features, site.out_features)}
+
+
+def _rank_limit(method: str, site: Site) -> int:
+    limit = RANK_LIMITS.get(method)
+    return limit(site) if limit else min(site.in_features, site.out_features)
+
+
+def check_ranks(sites: list[Site], adapted: dict[str, MethodConfig]) -> None:
+    for site in sites:
+        config = adapted.get(site.path)
+        rank = getattr(config, "rank", None)
+        if isinstance(rank, int) and rank > _rank_limit(config.method, site):
+            raise RosafxError(f"{config.method}: rank {rank} on '{site.path}' (out x in = {site.out_features} x "
+                              f"{site.in_features}) exceeds the largest useful rank "
+                              f"{_rank_limit(config.method, site)}. Use a smaller rank.")
+
+
 def _insert(gm: fx.GraphModule, sites: list[Site], adapted: dict[str, MethodConfig]) -> fx.GraphModule:
+    check_ranks(sites, adapted)
     by_method: dict[str, list[tuple[Site, MethodConfig]]] = {}
     for site in sites:
         if site.path in adapted:
@@ -119,7 +141,7 @@ def _full_module_paths(gm: fx.GraphModule, rules: dict, sites: list[Site]) -> li
 def _path_matches(key: Any, path: str) -> bool:
     if not isinstance(key, str) or key.startswith("type:"):
         return False
-    return key == path or path.endswith("." + key) or re.fullmatch(key, path) is not None
+    return key == path or path.endswith("." + key) or safe_regex.fullmatch(key, path, source="rule pattern")
 
 
 def _check_no_overlap(gm, adapted: dict, sites: list[Site], full_paths: list[str]) -> None:

@@ -36,6 +36,8 @@ def parse_config(raw) -> MethodConfig | str:
     if not isinstance(raw, dict) or "method" not in raw:
         raise RosafxError(f"A rule config must be a dict with a 'method' key, e.g. "
                           f"{{'method': 'lora', 'rank': 8}}; got {raw!r}.")
+    if not isinstance(raw["method"], str):
+        raise RosafxError(f"A rule's 'method' must be a method id such as 'lora', got {raw['method']!r}.")
     if raw["method"] == FULL:
         if len(raw) > 1:
             raise RosafxError("The 'full' method takes no options.")

@@ -50,7 +50,8 @@ class MethodConfig:
         if unknown:
             raise RosafxError(f"Unknown option(s) {unknown} for method '{cls.method}'. "
                               f"Valid options: {sorted(names)}.")
-        config = cls(**raw)
+        config = cls(**{k: _typed(cls.method, k, v, f.type) for f in dataclasses.fields(cls)
+                        for k, v in raw.items() if k == f.name})
         config.validate()
         return config
 
@@ -60,10 +61,29 @@ class MethodConfig:
     def validate(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in ("rank",) and (not isinstance(value, int) or value < 0):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise RosafxError(f"{self.method}: {f.name} must be a finite number, got {value!r}.")
+            if f.name in ("rank",) and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise RosafxError(f"{self.method}: rank must be a non-negative integer, got {value!r}.")
             if f.name == "dropout" and not (0.0 <= float(value) < 1.0):
                 raise RosafxError(f"{self.method}: dropout must be in [0, 1), got {value!r}.")
+
+
+def _typed(method: str, name: str, value: Any, annotation: Any) -> Any:
+    """A config value from a flag or a file, checked against the field's type (an int
+    where a float is expected is widened; a bool is never a number)."""
+    kind = str(annotation).replace("typing.", "")
+    optional = kind.startswith("Optional[") or kind.endswith("| None")
+    base = kind.removeprefix("Optional[").removesuffix("]").removesuffix(" | None").strip()
+    if value is None and optional:
+        return value
+    ok = {"int": isinstance(value, int) and not isinstance(value, bool),
+          "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+          "bool": isinstance(value, bool), "str": isinstance(value, str)}.get(base, True)
+    if not ok:
+        raise RosafxError(f"{method}: option '{name}' must be {'an' if base == 'int' else 'a'} {base}, "
+                          f"got {value!r}.")
+    return float(value) if base == "float" else value
 
 
 class GraphEmitter:
