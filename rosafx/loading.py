@@ -30,8 +30,10 @@ def read_source(adapter_dir) -> ModelSource:
     """The base model named by ``adapter_dir/source.json``. The file is untrusted input: its
     keys and kind are checked, and the kind must be what the path itself is (``identify``),
     so the file cannot widen what the user's flags allow (a pickle still needs --trust-pickle)."""
+    from .atomic import recover
     from .files import read_json
     adapter_dir = Path(adapter_dir)
+    recover(adapter_dir)  # an adapt killed mid-swap: put the old directory back
     if not adapter_dir.is_dir():
         raise RosafxError(f"{adapter_dir} is not a directory: pass an adapter directory written by `rosafx adapt`.")
     path = adapter_dir / SOURCE_NAME

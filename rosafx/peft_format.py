@@ -197,9 +197,9 @@ def _lora_from_peft(config: dict, tensors: dict, site_paths: list[str]) -> tuple
             raise RosafxError(f"HF PEFT tensor {a_key} has shape {tuple(tensors[a_key].shape)}, expected (r, in).")
         rank = int(tensors[a_key].shape[0])
         alpha = _pattern_value(alphas, path, config.get("lora_alpha", PEFT_DEFAULT_LORA_ALPHA))
-        rules[exact_path_rule(path)] = {"method": "lora", "rank": rank, "alpha": float(alpha),
-                                        "dropout": float(config.get("lora_dropout", 0.0)),
-                                        "rslora": bool(config.get("use_rslora", False))}
+        rules[exact_path_rule(path)] = {"method": "lora", "rank": rank, "alpha": alpha,  # types: Config.from_dict
+                                        "dropout": config.get("lora_dropout", 0.0),
+                                        "rslora": config.get("use_rslora", False)}
         installs[f"{ADAPTERS}.{adapter_key(path)}.lora_A"] = tensors[a_key]
         installs[f"{ADAPTERS}.{adapter_key(path)}.lora_B"] = tensors[b_key]
     return rules, installs
@@ -225,9 +225,9 @@ def _vera_from_peft(config: dict, tensors: dict, site_paths: list[str]) -> tuple
         if b_key not in tensors:
             raise RosafxError(f"HF PEFT adapter has {d_key} but no {b_key}: the file is incomplete.")
         rules[exact_path_rule(path)] = {"method": "vera", "rank": int(tensors[d_key].shape[0]),
-                                        "d_initial": float(config.get("d_initial", 0.1)),
-                                        "seed": int(config.get("projection_prng_key", 0)),
-                                        "dropout": float(config.get("vera_dropout", 0.0))}
+                                        "d_initial": config.get("d_initial", 0.1),
+                                        "seed": config.get("projection_prng_key", 0),
+                                        "dropout": config.get("vera_dropout", 0.0)}
         installs[f"{ADAPTERS}.{adapter_key(path)}.lambda_d"] = tensors[d_key]
         installs[f"{ADAPTERS}.{adapter_key(path)}.lambda_b"] = tensors[b_key]
     if rules and "base_model.vera_A" in tensors:

@@ -17,7 +17,7 @@ from torch import fx, nn
 
 from rosafx.passes.insert import ADAPTERS, adapters_of, set_base_weight
 
-from .atomic import atomic_directory
+from .atomic import atomic_directory, recover
 from .errors import RosafxError
 from .files import read_json, read_safetensors
 from .outputs import check_output
@@ -113,6 +113,7 @@ def _check_record(record: dict, path: Path) -> None:
 
 def load(model: nn.Module, directory, *, example_inputs=None) -> fx.GraphModule:
     directory = Path(directory)
+    recover(directory)  # a save killed mid-swap: put the old directory back
     if (directory / "adapter_config.json").exists() and not (directory / JSON_NAME).exists():
         from .peft_format import load_peft
         return load_peft(model, directory, example_inputs=example_inputs)

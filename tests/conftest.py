@@ -8,3 +8,27 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+# ---------------------------------------------------------------- fault-matrix fixtures (tests/test_faults*.py)
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def fault_models(tmp_path_factory):
+    """One tiny model in every form the fault rows need, built once: an HF directory, a
+    .pt2 of a plain module, and an adapter directory (rosafx adapt output) on that .pt2."""
+    import torch
+
+    from models import functional_linear, tiny_bert
+    from rosafx.cli.main import main
+    root = tmp_path_factory.mktemp("fault_models")
+    tiny_bert()[0].save_pretrained(root / "bert")
+    model, example = functional_linear()
+    torch.export.save(torch.export.export(model, example), root / "f.pt2")
+    try:
+        main(["adapt", str(root / "f.pt2"), "--method", "lora", "--target", "proj", "--rank", "2",
+              "-o", str(root / "adapter")])
+    except SystemExit as exc:
+        assert exc.code in (0, None)
+    return {"hf": root / "bert", "pt2": root / "f.pt2", "adapter": root / "adapter", "example": example}
