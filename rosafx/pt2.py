@@ -59,9 +59,14 @@ SAFE_SYMPY_NAMES = frozenset({
     "LShift", "RShift", "PowByNatural", "FloatPow", "FloatTrueDiv", "IntTrueDiv",
     "IsNonOverlappingAndDenseIndicator", "TruncToFloat", "TruncToInt", "RoundToInt", "RoundDecimal",
     "ToFloat", "Identity", "BitwiseFn_bitwise_and", "BitwiseFn_bitwise_or", "OpaqueUnaryFn_sqrt",
+    # torch writes expressions as sympy srepr: Mul(Integer(2), Symbol('s0', positive=True, integer=True))
+    "Add", "Mul", "Pow", "Symbol", "Dummy", "One", "Zero", "NegativeOne", "Half", "Infinity", "NegativeInfinity",
+    "BooleanTrue", "BooleanFalse", "positive", "negative", "nonnegative", "nonpositive", "integer", "real",
+    "finite", "infinite", "zero", "nonzero", "even", "odd", "rational", "commutative", "extended_real",
+    "extended_positive", "extended_negative", "extended_nonnegative", "extended_nonpositive", "precision",
 })
 SYMPY_TOKEN = re.compile(r"\s*(?:(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<number>\d+(?:\.\d+)?(?:e[+-]?\d+)?)"
-                         r"|(?P<op>\*\*|//|<=|>=|==|!=|[-+*/%(),<>&|~]))")
+                         r"|'(?P<quoted>[A-Za-z0-9_.+-]{0,40})'|(?P<op>\*\*|//|<=|>=|==|!=|[-+*/%(),<>&|~=]))")
 SYMBOL_NAME = re.compile(r"[a-z]{1,4}\d+")
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 HF_OUTPUT_MODULE = re.compile(r"transformers\.(?:modeling_outputs|models\.[a-z0-9_]+\.modeling_[a-z0-9_]+)")
@@ -246,7 +251,8 @@ def _is_operator(target: str) -> bool:
             obj = getattr(obj, part)
         except (AttributeError, RuntimeError):
             return False
-        if not isinstance(obj, (torch._ops._OpNamespace, OpOverload, OpOverloadPacket, HigherOrderOperator)):
+        if not isinstance(obj, (torch._ops._OpNamespace, torch._ops._HigherOrderNamespace, OpOverload,
+                                OpOverloadPacket, HigherOrderOperator)):
             return False
     return isinstance(obj, (OpOverload, OpOverloadPacket, HigherOrderOperator))
 
@@ -263,6 +269,10 @@ def check_sympy_expression(text: Any, path: Path) -> None:
                 break
             raise RosafxError(f"{path}: symbolic shape expression {text[:80]!r} has {text[position:position + 10]!r}, "
                               "which torch.export never writes; refusing to evaluate it.")
+        quoted = match.group("quoted")  # Symbol('s0', ...) and Float('1.5', precision=53)
+        if quoted is not None and not (SYMBOL_NAME.fullmatch(quoted) or re.fullmatch(r"[0-9.e+-]+", quoted)):
+            raise RosafxError(f"{path}: symbolic shape expression {text[:80]!r} quotes {quoted!r}, which is not a "
+                              "shape symbol; refusing to evaluate it.")
         name = match.group("name")
         if name is not None and name not in SAFE_SYMPY_NAMES and not SYMBOL_NAME.fullmatch(name):
             raise RosafxError(f"{path}: symbolic shape expression {text[:80]!r} names {name!r}, which is neither a "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -120,13 +121,28 @@ def load(model: nn.Module, directory, *, example_inputs=None) -> fx.GraphModule:
     record = read_record(directory)
     rules: dict = {exact_path_rule(p): site["config"] for p, site in record["sites"].items()}
     rules.update({exact_path_rule(p): {"method": "full"} for p in record["full"]})
-    adapted = transform(model, rules, example_inputs=example_inputs)
+    with warnings.catch_warnings():  # a missing site is an error below, not a warning
+        warnings.simplefilter("ignore")
+        adapted = transform(model, rules, example_inputs=example_inputs)
+    _check_same_sites(record, adapted.meta["rosafx"], directory)
     weight_names = [site["weight_name"] for site in record["sites"].values()]
     if fingerprint(adapted, weight_names) != record["fingerprint"]:
         raise RosafxError(f"The adapter in {directory} was built on other base weights than this model's "
                           "(fingerprint mismatch). Load it onto the model it was trained from.")
     install_tensors(adapted, read_safetensors(directory / TENSORS_NAME, "the adapter tensors"))
     return adapted
+
+
+def _check_same_sites(record: dict, built: dict, directory: Path) -> None:
+    """Every site and module the record names exists in this model, on the same weight."""
+    missing = sorted(set(record["sites"]) - set(built["sites"])) + sorted(set(record["full"]) - set(built["full"]))
+    if missing:
+        raise RosafxError(f"The adapter in {directory} names {missing[:4]}{' ...' if len(missing) > 4 else ''}, "
+                          "which this model lacks. Load it onto the model it was trained from.")
+    moved = sorted(p for p, s in record["sites"].items() if built["sites"][p]["weight_name"] != s["weight_name"])
+    if moved:
+        raise RosafxError(f"The adapter in {directory} expects other weights at {moved[:4]}: it was built on "
+                          "another model.")
 
 
 def install_tensors(adapted: fx.GraphModule, tensors: dict[str, torch.Tensor]) -> None:
@@ -167,6 +183,8 @@ def _check_shapes(adapted: fx.GraphModule, adapters: dict, per_adapter: dict, sh
             if name not in expected:
                 raise RosafxError(f"Saved tensor '{key}.{name}' is not a tensor of the {adapters[key].config.method} "
                                   f"adapter on '{adapters[key].site_path}' (it has {sorted(expected)}).")
+            if 0 in expected[name] and value.dim() == len(expected[name]):
+                continue  # data-dependent size (rosa-robust's mask): the adapter validates it on load
             if tuple(value.shape) != expected[name]:
                 raise RosafxError(f"Saved tensor '{key}.{name}' has shape {tuple(value.shape)}, but the adapter on "
                                   f"'{adapters[key].site_path}' needs {expected[name]}: the file does not match "

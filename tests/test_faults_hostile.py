@@ -168,3 +168,24 @@ def test_hf_output_types_load_without_unpickling(tmp_path, capsys):
     program = load_pt2(tmp_path / "cls.pt2")
     torch.testing.assert_close(program.module()(ids).logits, model(ids).logits)
     assert cli(capsys, "inspect", tmp_path / "cls.pt2").code == 0
+
+
+class _Branchy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        with torch.no_grad():
+            y = self.proj(x)
+        return torch.cond(x.sum() > 0, lambda a: a + 1, lambda a: a - 1, (y,)) * x.shape[0]
+
+
+def test_checked_reader_accepts_what_torch_export_writes(tmp_path):
+    """The checks refuse only what torch.export.save never writes: higher-order ops,
+    symbolic shapes (sympy srepr with quoted symbols) and grad-mode regions load."""
+    model = _Branchy().eval()
+    program = torch.export.export(model, (torch.randn(3, 4),), dynamic_shapes=({0: torch.export.Dim("b", min=2)},))
+    torch.export.save(program, tmp_path / "branchy.pt2")
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(load_pt2(tmp_path / "branchy.pt2").module()(x), model(x))

@@ -118,6 +118,8 @@ RECORD_ROWS = {
     "huge rank in rosafx.json": (lambda a: _edit_record(a, lambda r: r["sites"]["proj"]["config"].update(
         rank=1_000_000_000)), ["1000000000", "24 x 16"]),
     "sites not an object": (lambda a: _edit_record(a, lambda r: r.update(sites=[1])), ["sites"]),
+    "site the model lacks": (lambda a: _edit_record(a, lambda r: r["sites"].update(
+        {"missing.layer": r["sites"]["proj"]})), ["missing.layer"]),
     "truncated adapter.safetensors": (lambda a: (a / "adapter.safetensors").write_bytes(
         (a / "adapter.safetensors").read_bytes()[:40]), ["adapter.safetensors"]),
     "wrong tensor shape": (lambda a: save_file({k: torch.zeros(2, 3) for k in load_file(a / "adapter.safetensors")},

@@ -178,6 +178,8 @@ class RosaRobustAdapter(Adapter):
         self._set_mask(crow.to(device, torch.long), col.to(device, torch.long))
 
     def load_adapter_state(self, state: dict[str, Tensor]) -> None:
+        check_csr_mask(self.site_path, self.out_features, self.in_features, state["crow_indices"],
+                       state["col_indices"], state["sparse_values"])
         self._set_mask(state["crow_indices"], state["col_indices"], state["sparse_values"])
         super().load_adapter_state(state)
 
@@ -200,6 +202,24 @@ class MaskSchedule(Lifecycle):
 
     def after_step(self, ctx: TrainingContext) -> None:
         self._calibrate_due(ctx)
+
+
+def check_csr_mask(path: str, rows: int, cols: int, crow: Tensor, col: Tensor, values: Tensor) -> None:
+    """A saved mask comes from a file: a malformed CSR would index out of bounds in the
+    sparse kernels, so its structure is checked before it is installed."""
+    def bad(what: str) -> RosafxError:
+        return RosafxError(f"rosa-robust: the saved sparse mask of '{path}' is malformed ({what}); the adapter file "
+                           "is damaged or not from rosafx.")
+    if crow.dim() != 1 or col.dim() != 1 or values.dim() != 1 or crow.dtype.is_floating_point \
+            or col.dtype.is_floating_point:
+        raise bad("crow_indices, col_indices and sparse_values must be 1-D, indices integer")
+    if crow.numel() != rows + 1 or values.numel() != col.numel():
+        raise bad(f"crow_indices has {crow.numel()} entries for {rows} rows, {col.numel()} columns for "
+                  f"{values.numel()} values")
+    if int(crow[0]) != 0 or int(crow[-1]) != col.numel() or bool((crow[1:] < crow[:-1]).any()):
+        raise bad("crow_indices must rise from 0 to the number of values")
+    if col.numel() and (int(col.min()) < 0 or int(col.max()) >= cols):
+        raise bad(f"a column index lies outside 0..{cols - 1}")
 
 
 class RosaRobust(Method):
