@@ -13,7 +13,7 @@ from .data import Batches, TaskMetrics, best_metric_of, encode, examples_from, l
 from .data.examples import Examples
 from .errors import RosafxError
 from .heads import new_head_paths, open_task_model
-from .loading import ModelSource, identify
+from .loading import ModelSource, identify, read_source
 
 # Every key `rosafx train` takes (flags, --config file, run.json), with its default.
 DEFAULTS = {
@@ -76,7 +76,7 @@ def model_spec(model_path) -> ModelSpec:
     if path.is_dir() and (path / ADAPTER_JSON).exists():
         if not (path / SOURCE_JSON).exists():
             raise RosafxError(f"{path} is an adapter directory without {SOURCE_JSON}: pass the base model instead.")
-        return ModelSpec(ModelSource(**json.loads((path / SOURCE_JSON).read_text())), path)
+        return ModelSpec(read_source(path), path)  # validated: source.json is untrusted input
     return ModelSpec(identify(path), None)
 
 
