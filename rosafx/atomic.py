@@ -71,6 +71,32 @@ def clean_leftovers(target) -> list[Path]:
     return removed
 
 
+def remove_atomically(path) -> None:
+    """Remove ``path`` so that a kill at any moment leaves it whole or gone from view: it is
+    first renamed to a hidden temporary (one rename), then deleted; a kill during the delete
+    leaves only that temporary, which ``clean_leftovers_in`` removes later."""
+    path = Path(path)
+    if not (path.exists() or path.is_symlink()):
+        return
+    clean_leftovers_in(path.parent)
+    hidden = path.with_name(f"{_temp_name(path)}del")
+    os.replace(path, hidden)
+    remove_path(hidden)
+
+
+def clean_leftovers_in(directory) -> list[Path]:
+    """``clean_leftovers`` for every name in ``directory`` (e.g. a folder of checkpoints)."""
+    directory = Path(directory)
+    removed = []
+    if directory.is_dir():
+        for entry in directory.iterdir():
+            match = _LEFTOVER.fullmatch(entry.name)
+            if match and OLD_TAG not in entry.name and not _alive(int(match["pid"])):
+                remove_path(entry)
+                removed.append(entry)
+    return removed
+
+
 def recover(directory) -> None:
     """Undo a crash between the two renames of the fallback swap: restore the old directory
     if the new one never arrived, else drop the parked copy."""

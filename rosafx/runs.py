@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .atomic import atomic_directory, atomic_file
+from .atomic import atomic_directory, atomic_file, remove_atomically
 from .errors import RosafxError
 
 CHECKPOINTS, ADAPTER, BEST = "checkpoints", "adapter", "best"
@@ -73,7 +73,7 @@ class Run:
             write_adapter(model, tmp)
             torch.save(state, tmp / STATE)
         for old in self.checkpoints()[:-self.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_atomically(old)  # a kill mid-delete leaves a hidden leftover, never a half checkpoint
         return target
 
     def checkpoints(self) -> list[Path]:

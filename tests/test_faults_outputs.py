@@ -161,6 +161,9 @@ if moment == "between renames":
         if atomic.OLD_TAG in str(dst):
             die()
     os.replace = replace
+if moment == "pruning":
+    atomic.remove_path = lambda path: die()
+    atomic.remove_atomically(out)
 if moment == "file before rename":
     with atomic.atomic_file(out) as tmp:
         tmp.write_text("new")
@@ -221,6 +224,20 @@ def test_kill_during_atomic_write_leaves_old_or_new_whole(moment, expect, tmp_pa
     with atomic_directory(tmp_path / "other"):  # a later write elsewhere leaves this target's leftovers alone
         pass
     clean_leftovers(out)  # the next write to out does this first
+    assert leftovers(tmp_path) == []
+
+
+def test_kill_while_pruning_a_checkpoint_leaves_it_whole_or_gone(tmp_path):
+    """Old training checkpoints are deleted with one rename first: a kill mid-delete leaves a
+    hidden leftover (cleaned later), never a half checkpoint under its own name."""
+    from rosafx.atomic import clean_leftovers_in
+    old = tmp_path / "step-00000010"
+    old.mkdir()
+    (old / "state.pt").write_text("x")
+    _assert_killed(subprocess.Popen([sys.executable, "-c", ATOMIC_KILLER, ROSAFX_DIR, "pruning", old],
+                                    stderr=subprocess.PIPE, text=True))
+    assert not old.exists() and len(leftovers(tmp_path)) == 1
+    clean_leftovers_in(tmp_path)
     assert leftovers(tmp_path) == []
 
 
