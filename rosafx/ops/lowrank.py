@@ -66,7 +66,9 @@ def _backward(ctx, dy):
     adapter_in = _rows(x if x_a is None else x_a).to(A.dtype)
     dy2 = _rows(dy)
     dyA = dy2.to(A.dtype)
-    g = (dyA @ B).mul_(ctx.scale)                                       # (N, r)
+    # skinny products are written with the long N dimension inner to both operands: MKL ran
+    # dy·B and dyᵀ·h 5-30x slower than the same products as (Bᵀ·dyᵀ)ᵀ and (hᵀ·dy)ᵀ on CPU
+    g = (B.t() @ dyA.t()).t().mul_(ctx.scale)                           # (N, r)
     dx = dW = db = dA = dB = dx_a = None
     if needs[0]:
         dx = dy2 @ weight.to(dy2.dtype)
@@ -83,7 +85,7 @@ def _backward(ctx, dy):
     if needs[2] and ctx.has_bias:
         db = dy2.sum(0)
     if needs[4]:
-        dB = dyA.t() @ (adapter_in @ A.t()).mul_(ctx.scale)
+        dB = ((adapter_in @ A.t()).mul_(ctx.scale).t() @ dyA).t()
     if needs[3]:
         dA = g.t() @ adapter_in
     return (dx, dW, db, dA, dB, None, dx_a)[: len(ctx.needs_input_grad)]

@@ -105,9 +105,9 @@ def _given_h_backward(ctx, dy):
     if needs[2] and ctx.has_bias:
         db = dy2.sum(0)
     if needs[3]:
-        dB = (dyB.t() @ _rows(h).to(B.dtype)).mul_(ctx.scale)
+        dB = (_rows(h).to(B.dtype).t() @ dyB).t().mul_(ctx.scale)       # (hᵀ·dy)ᵀ: see ops/lowrank.py
     if needs[5]:
-        dh = (dyB @ B).mul_(ctx.scale).to(h.dtype).reshape(h.shape)
+        dh = (B.t() @ dyB.t()).t().mul_(ctx.scale).to(h.dtype).reshape(h.shape)
     return dx, dW, db, dB, None, dh
 
 

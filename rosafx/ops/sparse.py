@@ -120,7 +120,8 @@ def _backward(ctx, dy):
     low_rank = A.shape[0] > 0
     adapter_in = _rows(x if x_a is None else x_a).to(A.dtype)
     dyA = dy2.to(A.dtype)
-    g = (dyA @ B).mul_(ctx.scale) if low_rank else None                 # (N, r)
+    # (Bᵀ·dyᵀ)ᵀ and (hᵀ·dy)ᵀ: see ops/lowrank.py (MKL's skinny-product layouts)
+    g = (B.t() @ dyA.t()).t().mul_(ctx.scale) if low_rank else None     # (N, r)
     dx = dW = db = dA = dB = dvalues = dx_a = None
     if needs[0]:
         if values.numel():
@@ -143,7 +144,7 @@ def _backward(ctx, dy):
     if needs[3]:
         dA = g.t() @ adapter_in if low_rank else torch.zeros_like(A)
     if needs[4]:
-        dB = dyA.t() @ (adapter_in @ A.t()).mul_(ctx.scale) if low_rank else torch.zeros_like(B)
+        dB = ((adapter_in @ A.t()).mul_(ctx.scale).t() @ dyA).t() if low_rank else torch.zeros_like(B)
     if needs[8]:
         dvalues = sampled_dyT_x(dy2.to(values.dtype), x2, crow, col) if values.numel() else torch.zeros_like(values)
     return (dx, dW, db, dA, dB, None, None, None, dvalues, dx_a)[: len(ctx.needs_input_grad)]
