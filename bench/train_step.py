@@ -180,7 +180,8 @@ def main() -> None:
             samples[name].append((time.perf_counter() - start) / args.steps)
     base_s = samples[args.baseline]
     result = {
-        "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads",
         "torch": torch.__version__, "batch": args.batch, "seq": args.seq, "repeats": args.repeats,
         "steps_per_sample": args.steps, "compile": args.compile, "baseline": args.baseline,
         "load_average_before_after": [load_before, os.getloadavg()[0]],

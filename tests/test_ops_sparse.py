@@ -85,7 +85,8 @@ def test_weight_and_bias_gradients_for_calibration():
     x = torch.randn(2, 4, 13, generator=g)
     W = torch.randn(11, 13, generator=g, requires_grad=True)
     b = torch.randn(11, generator=g, requires_grad=True)
-    A, B, values = torch.randn(2, 13, generator=g), torch.randn(11, 2, generator=g), torch.randn(col.numel(), generator=g)
+    A, B = torch.randn(2, 13, generator=g), torch.randn(11, 2, generator=g)
+    values = torch.randn(col.numel(), generator=g)
     y = op(x, W, b, A, B, 0.5, crow, col, values, None)
     dy = torch.randn(y.shape, generator=g)
     dW, db = torch.autograd.grad(y, [W, b], dy)
@@ -105,7 +106,8 @@ def test_bfloat16_weight_matches_float64():
     A, B = torch.zeros(0, 10), torch.zeros(9, 0)
     y = op(x.bfloat16(), W, None, A, B, 1.0, crow, col, values, None)
     x64 = x.bfloat16().double()
-    want = _dense_reference(W.double(), None, crow, col, rows, values.detach().double(), x64, A.double(), B.double(), 1.0)
+    want = _dense_reference(W.double(), None, crow, col, rows, values.detach().double(), x64, A.double(),
+                            B.double(), 1.0)
     without_s = F.linear(x64, W.double())
     assert y.dtype == torch.bfloat16
     # the rounding of y itself to bf16 is the only error left
