@@ -227,6 +227,40 @@ def test_kill_during_atomic_write_leaves_old_or_new_whole(moment, expect, tmp_pa
     assert leftovers(tmp_path) == []
 
 
+CONCURRENT_WRITER = r"""
+import sys, types
+package = types.ModuleType("rosafx_light")
+package.__path__ = [sys.argv[1]]
+sys.modules["rosafx_light"] = package
+import rosafx_light.atomic as atomic
+out, tag = sys.argv[2], sys.argv[3]
+for i in range(40):
+    if out.endswith(".onnx"):
+        tmp = atomic.temp_file_beside(out)   # what export_onnx does
+        tmp.write_text(tag * 1000)
+        atomic.os.replace(tmp, out)
+    else:
+        with atomic.atomic_directory(out) as tmp:
+            (tmp / "rosafx.json").write_text(tag * 1000)
+"""
+
+
+@pytest.mark.parametrize("target", ["model.onnx", "adapter"])
+def test_concurrent_writers_leave_one_whole_version(target, tmp_path):
+    """Two processes writing one output at once (two exports to one file, two saves to one
+    directory): each sees the other's temporaries alive and leaves them; the result is one
+    whole version and no leftovers."""
+    out = tmp_path / target
+    writers = [subprocess.Popen([sys.executable, "-c", CONCURRENT_WRITER, ROSAFX_DIR, out, tag],
+                                stderr=subprocess.PIPE, text=True) for tag in "ab"]
+    for writer in writers:
+        _, err = writer.communicate(timeout=120)
+        assert writer.returncode == 0, err[-2000:]
+    text = out.read_text() if out.is_file() else (out / "rosafx.json").read_text()
+    assert text in ("a" * 1000, "b" * 1000)
+    assert leftovers(tmp_path) == []
+
+
 def test_kill_while_pruning_a_checkpoint_leaves_it_whole_or_gone(tmp_path):
     """Old training checkpoints are deleted with one rename first: a kill mid-delete leaves a
     hidden leftover (cleaned later), never a half checkpoint under its own name."""
