@@ -1,6 +1,8 @@
 """The ``rosafx`` command: thin over the library API, one file per command."""
 from __future__ import annotations
 
+import sys
+
 import click
 import typer
 
@@ -35,7 +37,9 @@ app.command(help="List adapter methods (rosa = random subspace; rosa-robust = lo
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        app(args=argv, prog_name="rosafx", standalone_mode=False)
+        # the raw arguments travel in obj: `train --nproc N` hands them to torchrun
+        app(args=argv, prog_name="rosafx", standalone_mode=False,
+            obj={"argv": list(sys.argv[1:] if argv is None else argv)})
     except RosafxError as exc:
         if debug_enabled():
             raise

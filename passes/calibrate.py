@@ -17,6 +17,7 @@ import torch
 from torch import fx
 from tqdm.auto import tqdm
 
+from rosafx.distributed import broadcast_adapters, mean_across_ranks
 from rosafx.errors import RosafxError
 
 from .insert import adapter_nodes, adapters_of, set_base_weight, site_weight
@@ -66,7 +67,7 @@ def calibrate(adapted: fx.GraphModule, batches: Iterable, loss_fn: Callable, *,
 
     def observer(key: str, transposed: bool):
         def hook(tensor: torch.Tensor) -> None:
-            grad = tensor.grad.detach()
+            grad = mean_across_ranks(tensor.grad.detach())  # under DDP: every rank's data
             adapters[key].observe_gradient((grad.t() if transposed else grad).float())
             tensor.grad = None  # free it now: one full gradient at a time
         return hook
@@ -97,4 +98,5 @@ def calibrate(adapted: fx.GraphModule, batches: Iterable, loss_fn: Callable, *,
         new_base = adapter.end_calibration(num_batches, base)
         if new_base is not None:
             set_base_weight(adapted, key, new_base.to(base.dtype))
+    broadcast_adapters(adapters.values())  # under DDP: rank 0's result, bit for bit, on every rank
     return adapted

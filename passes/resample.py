@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from rosafx.distributed import broadcast_adapters
 from rosafx.errors import RosafxError
 from rosafx.methods.rosa import RosaAdapter, split_weights
 
@@ -33,6 +34,7 @@ def resample_adapters(adapters: list[RosaAdapter], optimizer: torch.optim.Optimi
         for adapter in adapters:
             adapter.resamples += 1
         split_weights(adapters, folded)
+    broadcast_adapters(adapters)  # under DDP: rank 0's factorisation on every rank, bit for bit
     if optimizer is not None:
         for adapter in adapters:
             for param in (adapter.lora_A, adapter.lora_B):

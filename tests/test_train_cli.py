@@ -153,3 +153,23 @@ def test_train_continues_from_adapt_output(encoder_dir, tmp_path, tokenizer, cap
     assert run_cli("train", tmp_path / "base", "--data", sst, "--max-steps", "1", *TRAIN, "-o", tmp_path / "r2") == 2
     assert "has no classification head" in capsys.readouterr().err
     assert not (tmp_path / "r2").exists()
+
+
+def test_train_nproc_2_launches_torchrun_and_rank_0_writes_the_run(encoder_dir, tmp_path, capsys):
+    """`--nproc 2`: torchrun, two gloo processes (the equality with one process is in
+    tests/test_distributed.py); RUN written once, the global batch recorded; a resume with
+    another number of processes is refused."""
+    data = GLUE / "MRPC" / "train.tsv"
+    run = tmp_path / "run"
+    assert run_cli("train", encoder_dir, "--method", "rosa", "--rank", "2", "-O", "resample_every=2", "--data", data,
+                   "--max-steps", "3", "--save-every", "2", "--max-length", "32", "--batch-size", "2",
+                   "--nproc", "2", "-o", run) == 0
+    record = json.loads((run / "run.json").read_text())
+    assert record["distributed"] == {"world_size": 2, "batch_size_per_process": 2, "grad_accum": 1, "global_batch": 4}
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]  # one writer
+    assert (run / "adapter" / "rosafx.json").exists()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
+    capsys.readouterr()
+    assert run_cli("train", "-o", run, "--resume") == 2
+    assert "--nproc 2" in capsys.readouterr().err
