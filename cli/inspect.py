@@ -57,6 +57,29 @@ def print_sites(adapted: fx.GraphModule, all_sites=None) -> None:
                   f"frozen base parameters: {base:,} ({100 * total / max(base, 1):.3f} % trainable)")
 
 
+def _sites_or_parts(module, example_inputs) -> list:
+    """The whole graph's sites; when the whole model does not export, print which parts are
+    graphs and why the rest is not, and return the parts' sites."""
+    from rosafx.errors import RosafxError
+    from rosafx.partial import capture_partly, part_sites
+    try:
+        gm, _, _ = capture(module, example_inputs)
+        return find_sites(gm)
+    except RosafxError as exc:
+        if exc.__cause__ is None:
+            raise
+        wrapper, _, _ = capture_partly(module, example_inputs, root_reason=str(exc).splitlines()[0])
+    table = Table(title="captured in parts: the whole model does not export")
+    for column in ("module", "runs as", "why"):
+        table.add_column(column)
+    for path in wrapper.part_paths:
+        table.add_row(path, "graph", "")
+    for path, reason in wrapper.python.items():
+        table.add_row(path or "(model)", "python", reason)
+    _console().print(table)
+    return [s for _, _, sites in part_sites(wrapper) for s in sites]
+
+
 def inspect(model: ModelArg, method: MethodOpt = None, target: TargetOpt = None, rank: RankOpt = None,
             alpha: AlphaOpt = None, option: OptionOpt = None, rules: RulesOpt = None,
             trust_pickle: TrustOpt = False) -> None:
@@ -66,8 +89,7 @@ def inspect(model: ModelArg, method: MethodOpt = None, target: TargetOpt = None,
     """
     source = identify(model)
     module, example_inputs = open_model(source, trust_pickle=trust_pickle)
-    gm, _, _ = capture(module, example_inputs)
-    sites = find_sites(gm)
+    sites = _sites_or_parts(module, example_inputs)
     if method is None and rules is None:
         table = Table(title="linear sites")
         for column in ("path", "op", "shape (out x in)", "module type"):

@@ -11,8 +11,10 @@ from .transform import transform
 def merge(adapted: fx.GraphModule) -> fx.GraphModule:
     """A plain graph: every adapter folded into its weight (fp32 accumulation, finite check)."""
     from rosafx.passes.merge import merge_adapters
+
+    from .partial import is_partial, merge_partly
     _require_adapted(adapted, "merge")
-    return merge_adapters(adapted)
+    return merge_partly(adapted) if is_partial(adapted) else merge_adapters(adapted)
 
 
 def methods() -> list[str]:
@@ -24,6 +26,12 @@ def export_onnx(model: nn.Module, path, *, example_inputs=None, merge: bool = Tr
     """Export to ONNX (dynamo exporter, dynamic batch/sequence axes), verify with onnxruntime
     against torch, and return an ``ExportReport`` (max error, latency against the base)."""
     from rosafx.passes.export import export_onnx as _export
+
+    from .partial import is_partial
+    if is_partial(model):
+        raise RosafxError("This model was captured in parts (the whole model does not export: "
+                          f"{model.python.get('', '')}); ONNX needs one graph. Merge it and export the parts, "
+                          "or make the model traceable (for Mixtral: set_experts_implementation('batched_mm')).")
     return _export(model, path, example_inputs=example_inputs, merge=merge, **options)
 
 
@@ -43,14 +51,14 @@ def load(model: nn.Module, directory, *, example_inputs=None) -> fx.GraphModule:
 def calibrate(adapted: fx.GraphModule, batches, loss_fn, **options) -> fx.GraphModule:
     """Run the data-dependent preparation of every site that needs it (lora-ga, rosa-robust masks)."""
     from rosafx.passes.calibrate import calibrate as _calibrate
-    _require_adapted(adapted, "calibrate")
+    _require_adapted(adapted, "calibrate", whole_graph=True)
     return _calibrate(adapted, batches, loss_fn, **options)
 
 
 def lower(adapted: fx.GraphModule, backend: str = "auto") -> fx.GraphModule:
     """Swap the adapter ops' implementation: ``auto`` (Triton on CUDA), ``triton`` or ``torch``."""
     from rosafx.passes.lower import lower as _lower
-    _require_adapted(adapted, "lower")
+    _require_adapted(adapted, "lower", whole_graph=True)
     return _lower(adapted, backend=backend)
 
 
@@ -66,12 +74,15 @@ def fuse_siblings(adapted: fx.GraphModule) -> fx.GraphModule:
 def resample(adapted: fx.GraphModule, optimizer=None) -> fx.GraphModule:
     """ROSA: fold B·A into the frozen weight and factorise again with a fresh block."""
     from rosafx.passes.resample import resample as _resample
-    _require_adapted(adapted, "resample")
+    _require_adapted(adapted, "resample", whole_graph=True)
     return _resample(adapted, optimizer=optimizer)
 
 
-def _require_adapted(model, action: str) -> None:
-    if not (isinstance(model, fx.GraphModule) and "rosafx" in getattr(model, "meta", {})):
+def _require_adapted(model, action: str, whole_graph: bool = False) -> None:
+    from .partial import is_partial
+    if is_partial(model) and whole_graph:
+        raise RosafxError(f"rosafx.{action} works on a whole-model graph; this model was captured in parts.")
+    if not (isinstance(model, (fx.GraphModule,)) or is_partial(model)) or "rosafx" not in getattr(model, "meta", {}):
         raise RosafxError(f"rosafx.{action} takes the module returned by rosafx.transform or rosafx.load, "
                           f"got {type(model).__name__}.")
 

@@ -69,19 +69,21 @@ def normalize_example_inputs(model: nn.Module, example_inputs: ExampleInputs | t
 
 
 class _UseCacheOff:
-    """HF decoders return a DynamicCache that breaks export; switch it off for the capture only."""
+    """HF decoders return a DynamicCache that breaks export; switch it off for the capture only.
+    Every config in the module tree counts: T5's decoder stack holds its own copy."""
 
     def __init__(self, model: nn.Module):
-        self.config = getattr(model, "config", None)
+        configs = [getattr(m, "config", None) for m in model.modules()]
+        self.configs = list({id(c): c for c in configs if c is not None and hasattr(c, "use_cache")}.values())
 
     def __enter__(self):
-        if self.config is not None and hasattr(self.config, "use_cache"):
-            self.saved = self.config.use_cache
-            self.config.use_cache = False
+        self.saved = [c.use_cache for c in self.configs]
+        for config in self.configs:
+            config.use_cache = False
 
     def __exit__(self, *exc):
-        if self.config is not None and hasattr(self, "saved"):
-            self.config.use_cache = self.saved
+        for config, value in zip(self.configs, self.saved):
+            config.use_cache = value
 
 
 def export_program(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:

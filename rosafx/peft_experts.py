@@ -22,8 +22,9 @@ PREFIX = "base_model.model."
 
 def expert_groups(adapted: fx.GraphModule) -> dict[str, dict[int, str]]:
     """Adapted expert parameter -> {expert index: site path}."""
+    from .partial import graphs_of
     return {n.meta["rosafx_experts"]["weight_name"]: dict(n.meta["rosafx_experts"]["sites"])
-            for n in expert_nodes(adapted.graph)}
+            for g in graphs_of(adapted) for n in expert_nodes(g)}
 
 
 def _tensor_prefix(gm: fx.GraphModule, weight_name: str, targeted: set[str]) -> str:

@@ -65,7 +65,8 @@ def _lora_to_peft(adapted: fx.GraphModule, sites: dict) -> tuple[dict, dict]:
 
 
 def _is_transposed(adapted: fx.GraphModule, path: str) -> bool:
-    return any(n.meta["rosafx"]["transposed"] for n in adapted.graph.nodes
+    from .partial import graphs_of
+    return any(n.meta["rosafx"]["transposed"] for g in graphs_of(adapted) for n in g.nodes
                if n.op == "call_function" and n.meta.get("rosafx", {}).get("site") == path)
 
 
@@ -243,9 +244,9 @@ PEFT_READERS: dict[str, Callable[[dict, dict, list[str]], tuple[dict, dict]]] = 
 
 
 def load_peft(model: nn.Module, directory, *, example_inputs=None) -> fx.GraphModule:
-    from .capture import capture
+
     from .serialize import exact_path_rule, install_tensors
-    from .sites import find_sites
+
     from .transform import transform
     directory = Path(directory)
     config = read_json(directory / CONFIG_NAME, "the HF PEFT adapter config")
@@ -257,8 +258,8 @@ def load_peft(model: nn.Module, directory, *, example_inputs=None) -> fx.GraphMo
     if not tensors_path.exists():
         raise RosafxError(f"{directory} has no {TENSORS_NAME} (rosafx reads safetensors PEFT adapters only).")
     tensors = read_safetensors(tensors_path, "the HF PEFT adapter tensors")
-    probe, _, _ = capture(model, example_inputs)
-    sites = find_sites(probe)
+    from .partial import probe_sites
+    sites, probe = probe_sites(model, example_inputs)
     site_paths = [s.path for s in sites if s.expert is None]
     try:
         rules, installs = PEFT_READERS[peft_type](config, tensors, site_paths)

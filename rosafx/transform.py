@@ -35,9 +35,20 @@ def transform(model: nn.Module, rules: dict, *, example_inputs: Any = None) -> f
       4. the exact path.
 
     The user's model is never changed. The result is called like the model and only
-    adapter (and ``full``) parameters require grad.
+    adapter (and ``full``) parameters require grad. A model that torch.export cannot trace
+    as a whole is captured in parts (``rosafx.partial``), with a warning.
     """
-    gm, args, kwargs = capture(model, example_inputs)
+    try:
+        gm, args, kwargs = capture(model, example_inputs)
+    except RosafxError as exc:
+        if exc.__cause__ is None or not isinstance(model, nn.Module):
+            raise  # bad inputs, not a model that does not trace
+        from .partial import transform_partly
+        reason = str(exc).splitlines()[0]
+        adapted = transform_partly(model, rules, example_inputs, reason=reason)
+        warnings.warn(f"rosafx: {reason} -- captured the submodules that export instead "
+                      "(see docs/architectures.md; `rosafx inspect` lists the parts).", stacklevel=2)
+        return adapted
     gm = dropout_follows_mode(gm)                       # aten.dropout -> nn.Dropout (honours train())
     sites = find_sites(gm)                              # linear/addmm calls on a 2-D parameter
     parsed = {key: (None if cfg is None else parse_config(cfg)) for key, cfg in rules.items()} \
