@@ -173,7 +173,13 @@ class DistributedLoss:
         if isinstance(batch, dict) and SHARD_WEIGHT in batch:
             batch = dict(batch)
             weight = batch.pop(SHARD_WEIGHT)
-        training = model is self.adapted and model.training and not getattr(model, "_rosafx_calibrating", False)
+        calibrating = getattr(self.adapted, "_rosafx_calibrating", False)
+        if model.training and not calibrating and model is not self.adapted:
+            # a wrapper of the model (a compiled module?) would train outside DDP, each rank on its own
+            raise RosafxError(f"fit_distributed got a training forward through {type(model).__name__}, not the "
+                              "adapted model: DDP cannot synchronise it. Train without that wrapper (compile) "
+                              "under torchrun for now.")
+        training = model is self.adapted and model.training and not calibrating
         loss = self.loss_fn(self.ddp() if training else model, batch)
         return loss * weight.to(loss.device, loss.dtype) if weight is not None else loss
 

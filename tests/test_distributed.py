@@ -67,3 +67,18 @@ def test_shards_cover_the_batch_with_weights_that_restore_the_mean():
     empty, full = (shard_batch({"labels": torch.arange(1)}, r, 2) for r in range(2))
     assert float(empty[SHARD_WEIGHT]) == 0.0 and empty["labels"].numel() == 1
     assert float(full[SHARD_WEIGHT]) == 2.0
+
+
+def test_a_training_forward_outside_the_adapted_model_is_refused():
+    """Such a forward (through a compiled or other wrapper) would skip DDP's gradient
+    averaging and let the ranks drift apart silently."""
+    from rosafx.distributed import DistributedLoss
+    from rosafx.errors import RosafxError
+    adapted = adapt(CASES["lora"])
+    wrapper = torch.nn.Sequential(adapted).train()
+    batch = make_batches(n=1)[0]
+    loss = DistributedLoss(adapted, lambda model, b: loss_fn(model[0] if isinstance(model, torch.nn.Sequential)
+                                                               else model, b), torch.device("cpu"))
+    with pytest.raises(RosafxError, match="DDP cannot synchronise"):
+        loss(wrapper, batch)
+    assert torch.isfinite(loss(adapted.eval(), batch))  # evaluation on the bare model goes straight through
