@@ -57,6 +57,9 @@ def train(
     best_metric: Annotated[Optional[str], Opt(help="Keep RUN/best by this metric (default: the task's)")] = None,
     seed: Annotated[Optional[int], Opt(help="Seed for the head, adapters, shuffling, dropout")] = None,
     precision: Annotated[Optional[str], Opt(help="fp32 | bf16 (autocast)")] = None,
+    compile: Annotated[Optional[bool], Opt("--compile/--no-compile",
+                                           help="Fuse sibling adapters and train through torch.compile "
+                                                "(compile time reported apart)")] = None,
     config: Annotated[Optional[Path], Opt(help="YAML or JSON file with these options (flags override it)")] = None,
     resume: Annotated[bool, Opt("--resume", help="Continue RUN from its last checkpoint")] = False,
     overwrite: Annotated[bool, Opt("--overwrite", help="Replace an earlier run in RUN")] = False,
@@ -116,8 +119,12 @@ def train(
         lr=settings["lr"], weight_decay=settings["weight_decay"], schedule=settings["schedule"],
         warmup_ratio=settings["warmup_ratio"], grad_accum=settings["grad_accum"], precision=settings["precision"],
         eval_every=settings["eval_every"], save_every=settings["save_every"], run=run_dir, resume=resume,
-        best_metric=best, calibration_batches=settings["calibration_batches"], seed=settings["seed"])
+        best_metric=best, calibration_batches=settings["calibration_batches"], seed=settings["seed"],
+        compile=bool(settings.get("compile")))
     distributed.leave()
+    if history.compile_seconds is not None:
+        echo(f"torch.compile: first step {history.compile_seconds:.1f} s more than a later step; "
+                   f"later steps median {history.step_seconds or 0.0:.3f} s")
     last = history.evals[-1] if history.evals else history.steps[-1]
     echo("final: " + ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float)))
     echo(f"wrote {run_dir} (adapter in {run_dir / 'adapter'}; `rosafx export {out} --merge -o OUT`)")

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import math
 import random
+import statistics
 import time
 from itertools import islice
 from typing import Any, Callable, Iterable, Iterator
@@ -40,6 +41,8 @@ class History:
     steps: list[dict]                 # {"step", "epoch", "loss", "lr", "time"} per optimizer step
     evals: list[dict]                 # {"step", "eval_loss", ...} per evaluation
     best: dict | None = None          # the evaluation with the best ``best_metric``
+    compile_seconds: float | None = None  # compile=True: first step's wall time less a later step's median
+    step_seconds: float | None = None     # median wall time of the steps after the first
 
 
 def fit(adapted: fx.GraphModule, train_batches: Iterable, loss_fn: LossFn, *,
@@ -50,7 +53,7 @@ def fit(adapted: fx.GraphModule, train_batches: Iterable, loss_fn: LossFn, *,
         grad_accum: int = 1, max_grad_norm: float | None = None, precision: str = "fp32",
         eval_every: int | None = None, save_every: int | None = None, run=None, resume: bool = False,
         best_metric: str | None = None, calibration_batches: int = 8, seed: int | None = None,
-        progress: bool = True) -> History:
+        compile: bool | str = False, progress: bool = True) -> History:
     """Train ``adapted`` for ``steps`` optimizer steps (or ``epochs`` passes over
     ``train_batches``); ``loss_fn(model, batch)`` returns a scalar. ``optimizer`` builds
     one from a parameter list (default AdamW(lr, weight_decay)); the LR follows
@@ -59,7 +62,11 @@ def fit(adapted: fx.GraphModule, train_batches: Iterable, loss_fn: LossFn, *,
     end. With ``run`` (a directory), the run logs ``metrics.jsonl``, checkpoints every
     ``save_every`` steps and at the end, keeps the adapter (and the best by ``best_metric``),
     and ``resume=True`` continues exactly from its last checkpoint. Each method's life
-    cycle (calibration, resampling, masks) runs at its own events."""
+    cycle (calibration, resampling, masks) runs at its own events. ``compile=True`` fuses
+    sibling adapters (``rosafx.fuse_siblings``, in place) and trains through
+    ``torch.compile`` (a string names its backend, e.g. ``"aot_eager"``); the first step's
+    compilation is reported apart from the step time (``History.compile_seconds``,
+    ``History.step_seconds``)."""
     total = total_steps(train_batches, steps, epochs, grad_accum)
     _check_options(grad_accum, precision, warmup_ratio, calibration_batches)
     run = Run(run) if run is not None and not isinstance(run, Run) else run
@@ -91,6 +98,8 @@ def fit(adapted: fx.GraphModule, train_batches: Iterable, loss_fn: LossFn, *,
 
     adapted.train()
     lifecycles.before_training(ctx)
+    step_model = _compiled(adapted, compile if isinstance(compile, str) else "inductor") if compile else adapted
+    step_walls: list[float] = []
     stream = BatchStream(train_batches, loop["epoch"], loop["position"])
     autocast = _autocast(precision, device)
     started = time.perf_counter() - loop["time"]
@@ -99,7 +108,9 @@ def fit(adapted: fx.GraphModule, train_batches: Iterable, loss_fn: LossFn, *,
         while loop["step"] < total:
             batches = stream.take(grad_accum, device)
             epoch = stream.taken_epoch
-            loss = train_step(adapted, batches, loss_fn, optimization, max_grad_norm, autocast)
+            step_started = time.perf_counter()
+            loss = train_step(step_model, batches, loss_fn, optimization, max_grad_norm, autocast)
+            step_walls.append(time.perf_counter() - step_started)
             loop["step"] += 1
             ctx.step = loop["step"]
             lifecycles.after_step(ctx)
@@ -124,7 +135,20 @@ def fit(adapted: fx.GraphModule, train_batches: Iterable, loss_fn: LossFn, *,
         run.save_adapter(adapted)
         run.plot()
     history.best = loop["best"]
+    if len(step_walls) > 1:
+        history.step_seconds = statistics.median(step_walls[1:])
+    if compile and step_walls:
+        history.compile_seconds = step_walls[0] - (history.step_seconds or 0.0)
     return history
+
+
+def _compiled(adapted: fx.GraphModule, backend: str) -> nn.Module:
+    """Sibling fusion, then torch.compile of the whole forward (the adapter ops stay opaque
+    nodes with their own backward). Lifecycle events that change the graph or swap
+    parameters (resample, masks) make torch.compile recompile on the next step."""
+    from .api import fuse_siblings
+    fuse_siblings(adapted)
+    return torch.compile(adapted, backend=backend)
 
 
 def total_steps(train_batches, steps: int | None, epochs: float | None, grad_accum: int = 1) -> int:
