@@ -7,17 +7,9 @@ import sys
 import pytest
 import torch
 
-from rosafx.cli.main import main
+from cli_runner import run_cli
 
 from models import functional_linear, tiny_bert
-
-
-def run_cli(*argv):
-    try:
-        main([str(a) for a in argv])
-        return 0
-    except SystemExit as exc:
-        return exc.code
 
 
 @pytest.fixture(scope="module")

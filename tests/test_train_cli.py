@@ -8,17 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rosafx.cli.main import main
+from cli_runner import run_cli
 
 GLUE = Path(__file__).parent / "data" / "glue"
-
-
-def run_cli(*argv):
-    try:
-        main([str(a) for a in argv])
-        return 0
-    except SystemExit as exc:
-        return exc.code
 
 
 @pytest.fixture(scope="module")
