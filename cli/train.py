@@ -24,6 +24,7 @@ Examples:
   rosafx train ./MiniLM --method lora --rank 8 --data train.tsv --eval dev.tsv --epochs 3 -o run
   rosafx train ./gpt2 --method rosa --rank 8 -O resample_every=200 --task causal-lm --data text.txt --max-steps 1000 -o run
   rosafx train ... -o run --resume
+  rosafx train ./MiniLM --method lora --data train.tsv --max-length 512 --grad-checkpoint -o run   (less memory)
   rosafx train ./MiniLM --method lora --data train.tsv --batch-size 16 --nproc 2 -o run   (DDP, global batch 32)
   torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 -m rosafx train ... -o run
 """
@@ -60,6 +61,9 @@ def train(
     compile: Annotated[Optional[bool], Opt("--compile/--no-compile",
                                            help="Fuse sibling adapters and train through torch.compile "
                                                 "(compile time reported apart)")] = None,
+    grad_checkpoint: Annotated[Optional[bool], Opt("--grad-checkpoint/--no-grad-checkpoint",
+                                                   help="Recompute each layer's activations in the backward "
+                                                        "(less memory, more time)")] = None,
     config: Annotated[Optional[Path], Opt(help="YAML or JSON file with these options (flags override it)")] = None,
     resume: Annotated[bool, Opt("--resume", help="Continue RUN from its last checkpoint")] = False,
     overwrite: Annotated[bool, Opt("--overwrite", help="Replace an earlier run in RUN")] = False,
@@ -120,7 +124,7 @@ def train(
         warmup_ratio=settings["warmup_ratio"], grad_accum=settings["grad_accum"], precision=settings["precision"],
         eval_every=settings["eval_every"], save_every=settings["save_every"], run=run_dir, resume=resume,
         best_metric=best, calibration_batches=settings["calibration_batches"], seed=settings["seed"],
-        compile=bool(settings.get("compile")))
+        compile=bool(settings.get("compile")), grad_checkpoint=bool(settings.get("grad_checkpoint")))
     distributed.leave()
     if history.compile_seconds is not None:
         echo(f"torch.compile: first step {history.compile_seconds:.1f} s more than a later step; "

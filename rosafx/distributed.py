@@ -158,29 +158,32 @@ class DistributedLoss:
     def _trainable_key(self) -> tuple:
         return tuple((id(p), tuple(p.shape)) for p in self.adapted.parameters() if p.requires_grad)
 
-    def ddp(self) -> nn.Module:
-        key = self._trainable_key()
+    def ddp(self, module: nn.Module) -> nn.Module:
+        """The DDP wrapper of ``module`` (the adapted model or its checkpointed training view)."""
+        key = (id(module), self._trainable_key())
         if key != self._built_for:
             from torch.nn.parallel import DistributedDataParallel
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             # buffers (rosa's remainders, base weights) never change in a forward: no per-step broadcast
-            self._ddp = DistributedDataParallel(self.adapted, device_ids=device_ids, broadcast_buffers=False)
+            self._ddp = DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
             self._built_for = key
         return self._ddp
 
     def __call__(self, model: nn.Module, batch) -> torch.Tensor:
+        from .grad_checkpoint import GradCheckpointed
         weight = None
         if isinstance(batch, dict) and SHARD_WEIGHT in batch:
             batch = dict(batch)
             weight = batch.pop(SHARD_WEIGHT)
         calibrating = getattr(self.adapted, "_rosafx_calibrating", False)
-        if model.training and not calibrating and model is not self.adapted:
+        ours = model is self.adapted or (isinstance(model, GradCheckpointed) and model.adapted is self.adapted)
+        if model.training and not calibrating and not ours:
             # a wrapper of the model (a compiled module?) would train outside DDP, each rank on its own
             raise RosafxError(f"fit_distributed got a training forward through {type(model).__name__}, not the "
                               "adapted model: DDP cannot synchronise it. Train without that wrapper (compile) "
                               "under torchrun for now.")
-        training = model is self.adapted and model.training and not calibrating
-        loss = self.loss_fn(self.ddp() if training else model, batch)
+        training = ours and self.adapted.training and not calibrating
+        loss = self.loss_fn(self.ddp(model) if training else model, batch)
         return loss * weight.to(loss.device, loss.dtype) if weight is not None else loss
 
 

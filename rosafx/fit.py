@@ -53,7 +53,7 @@ def fit(adapted: fx.GraphModule, train_batches: Iterable, loss_fn: LossFn, *,
         grad_accum: int = 1, max_grad_norm: float | None = None, precision: str = "fp32",
         eval_every: int | None = None, save_every: int | None = None, run=None, resume: bool = False,
         best_metric: str | None = None, calibration_batches: int = 8, seed: int | None = None,
-        compile: bool | str = False, progress: bool = True) -> History:
+        compile: bool | str = False, grad_checkpoint: bool = False, progress: bool = True) -> History:
     """Train ``adapted`` for ``steps`` optimizer steps (or ``epochs`` passes over
     ``train_batches``); ``loss_fn(model, batch)`` returns a scalar. ``optimizer`` builds
     one from a parameter list (default AdamW(lr, weight_decay)); the LR follows
@@ -66,7 +66,8 @@ def fit(adapted: fx.GraphModule, train_batches: Iterable, loss_fn: LossFn, *,
     sibling adapters (``rosafx.fuse_siblings``, in place) and trains through
     ``torch.compile`` (a string names its backend, e.g. ``"aot_eager"``); the first step's
     compilation is reported apart from the step time (``History.compile_seconds``,
-    ``History.step_seconds``)."""
+    ``History.step_seconds``). ``grad_checkpoint=True`` recomputes each layer's activations in
+    the backward instead of keeping them (``rosafx.grad_checkpoint``; training steps only)."""
     total = total_steps(train_batches, steps, epochs, grad_accum)
     _check_options(grad_accum, precision, warmup_ratio, calibration_batches)
     run = Run(run) if run is not None and not isinstance(run, Run) else run
@@ -97,8 +98,10 @@ def fit(adapted: fx.GraphModule, train_batches: Iterable, loss_fn: LossFn, *,
     ctx.rebuild_optimizer = rebuild_optimizer
 
     adapted.train()
+    checkpointed = _grad_checkpointed(adapted, compile, grad_checkpoint)  # before calibration: fail early
     lifecycles.before_training(ctx)
-    step_model = _compiled(adapted, compile if isinstance(compile, str) else "inductor") if compile else adapted
+    step_model = (checkpointed if checkpointed is not None else
+                  _compiled(adapted, compile if isinstance(compile, str) else "inductor") if compile else adapted)
     step_walls: list[float] = []
     stream = BatchStream(train_batches, loop["epoch"], loop["position"])
     autocast = _autocast(precision, device)
@@ -140,6 +143,16 @@ def fit(adapted: fx.GraphModule, train_batches: Iterable, loss_fn: LossFn, *,
     if compile and step_walls:
         history.compile_seconds = step_walls[0] - (history.step_seconds or 0.0)
     return history
+
+
+def _grad_checkpointed(adapted: fx.GraphModule, compile: bool | str, grad_checkpoint: bool) -> nn.Module | None:
+    """The per-layer checkpointed training view of ``adapted`` when asked for, else None."""
+    if not grad_checkpoint:
+        return None
+    if compile:
+        raise RosafxError("compile and grad_checkpoint cannot be combined yet; choose one.")
+    from .grad_checkpoint import GradCheckpointed
+    return GradCheckpointed(adapted)
 
 
 def _compiled(adapted: fx.GraphModule, backend: str) -> nn.Module:

@@ -22,6 +22,7 @@ DEFAULTS = {
     "max_length": 128, "epochs": None, "max_steps": None, "batch_size": 32, "grad_accum": 1, "lr": 5e-4,
     "warmup_ratio": 0.0, "schedule": "linear", "weight_decay": 0.0, "eval_every": None, "save_every": None,
     "seed": 0, "precision": "fp32", "best_metric": None, "calibration_batches": 8, "compile": False,
+    "grad_checkpoint": False,
 }
 SOURCE_JSON, ADAPTER_JSON = "source.json", "rosafx.json"
 
