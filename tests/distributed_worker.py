@@ -17,7 +17,9 @@ from rosafx.serialize import adapter_tensors  # noqa: E402
 
 CASES = {"lora": {"method": "lora", "rank": 4},
          "rosa": {"method": "rosa", "rank": 4, "resample_every": 2},
-         "lora-ga": {"method": "lora-ga", "rank": 4}}
+         "lora-ga": {"method": "lora-ga", "rank": 4},
+         "lora-checkpointed": {"method": "lora", "rank": 4}}
+CHECKPOINTED = {"lora-checkpointed"}  # trained with grad_checkpoint=True under DDP (DDP wraps the view)
 STEPS, BATCHES, ROWS = 5, 4, 5  # 5 rows: the ranks get 2 and 3, so the shard weights matter
 
 
@@ -53,7 +55,8 @@ def main(out: Path) -> None:
         adapted = adapt(config)
         with lora_ga_mean_gradients() as gradients:
             fit_distributed(adapted, make_batches(n=BATCHES, batch=ROWS), loss_fn, steps=STEPS, optimizer=sgd,
-                            schedule="constant", progress=False, calibration_batches=2, seed=0)
+                            schedule="constant", progress=False, calibration_batches=2, seed=0,
+                            grad_checkpoint=name in CHECKPOINTED)
         if gradients:
             save_file(gradients, str(out / f"{name}-gradients-rank{here.rank}.safetensors"))
         save_file({k: v.contiguous() for k, v in adapter_tensors(adapted).items()},

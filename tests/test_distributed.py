@@ -1,7 +1,8 @@
 """DDP (2 CPU processes on gloo, launched by torchrun) against one process with the same
 global batch (uneven 2 + 3 row slices): the same adapter for lora and rosa (two resamples
 in the run, momentum cleared), lora-ga's calibration gradient equal to the global batches'
-(each rank saw only its rows), and the ranks' adapters bit-identical for all three."""
+(each rank saw only its rows), the ranks' adapters bit-identical for all three, and lora with
+per-layer activation checkpointing under DDP equal to one plain process."""
 from __future__ import annotations
 
 import os
