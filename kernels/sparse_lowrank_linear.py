@@ -1,8 +1,11 @@
-"""Triton sparse + low-rank linear: y = x·(W + S)ᵀ + b + scale·(x_a·Aᵀ)·Bᵀ.
+"""Triton implementation of ``rosafx::sparse_lowrank_linear``: y = x·(W + S)ᵀ + b + scale·(x_a·Aᵀ)·Bᵀ.
 
-S (out x in) is CSR (crow_indices, col_indices, values); only ``values`` (and A, B)
-train. The base product stays torch; the low-rank term uses the shared strided matmul
-kernel; two Triton kernels handle S without ever forming anything of size out x in:
+The op (schema, fake, gradient math, autograd wiring) is declared once in
+rosafx/ops/sparse.py; this file plugs its launchers into it as
+``rosafx::sparse_lowrank_linear_triton``. S (out x in) is CSR (crow_indices, col_indices,
+values); only ``values`` (and A, B) train. The base product stays torch; the low-rank term
+uses the shared strided matmul kernel; two Triton kernels handle S without ever forming
+anything of size out x in:
 
 - ``_csr_rows_kernel``: out[n, o] += Σ_{j ∈ row o} values[j]·x[n, col[j]] (y += x·Sᵀ; with
   Sᵀ's CSR it gives dx += dy·S). One program per (sparse row, block of N rows); an empty
@@ -20,6 +23,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from rosafx.ops.sparse import sparse_lowrank_linear as SPARSE_LOWRANK_LINEAR
+from rosafx.ops.spec import rows
 
 from .lowrank_linear import lowrank_backward
 from .matmul import matmul
@@ -80,10 +86,6 @@ def _sddmm_kernel(
     tl.store(dval_ptr + js, acc.to(dval_ptr.dtype.element_ty), mask=valid)
 
 
-def _rows(t: Tensor) -> Tensor:
-    return t.reshape(-1, t.shape[-1])
-
-
 def csr_add_rows(out: Tensor, x: Tensor, crow: Tensor, col: Tensor, values: Tensor) -> Tensor:
     """out (N x rows) += x (N x cols) · Sᵀ for CSR S (rows x cols), in place."""
     n_rows = crow.numel() - 1
@@ -99,14 +101,14 @@ def csr_add_rows(out: Tensor, x: Tensor, crow: Tensor, col: Tensor, values: Tens
     return out
 
 
-def sddmm(dy: Tensor, x: Tensor, rows: Tensor, col: Tensor, dtype: torch.dtype) -> Tensor:
-    """dvalues[j] = (dyᵀ·x)[rows[j], col[j]] for dy (N x out), x (N x in)."""
+def sddmm(dy: Tensor, x: Tensor, entry_rows: Tensor, col: Tensor, dtype: torch.dtype) -> Tensor:
+    """dvalues[j] = (dyᵀ·x)[entry_rows[j], col[j]] for dy (N x out), x (N x in)."""
     nnz = col.numel()
     dvalues = torch.empty(nnz, dtype=dtype, device=dy.device)
     if nnz == 0:
         return dvalues
     BLOCK_NNZ = 32
-    _sddmm_kernel[(triton.cdiv(nnz, BLOCK_NNZ),)](dvalues, dy, x, rows, col, dy.shape[0], nnz,
+    _sddmm_kernel[(triton.cdiv(nnz, BLOCK_NNZ),)](dvalues, dy, x, entry_rows, col, dy.shape[0], nnz,
                                                   dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
                                                   BLOCK_N=32, BLOCK_NNZ=BLOCK_NNZ)
     return dvalues
@@ -117,12 +119,14 @@ def csr_row_of_each_entry(crow: Tensor) -> Tensor:
 
 
 def csr_transposed(crow: Tensor, col: Tensor, values: Tensor, n_cols: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(crow, col, values) of Sᵀ: the entries re-sorted by column (a stable sort keeps rows in order)."""
-    rows = csr_row_of_each_entry(crow)
+    """(crow, col, values) of Sᵀ (n_cols x rows) for CSR S (rows x n_cols): the entries
+    re-sorted by column (a stable sort keeps rows in order). The only CSR transpose in
+    rosafx: the torch implementation needs none (it reads a dense W + S)."""
+    entry_rows = csr_row_of_each_entry(crow)
     order = torch.sort(col, stable=True).indices
     t_crow = torch.zeros(n_cols + 1, dtype=crow.dtype, device=crow.device)
     t_crow[1:] = torch.cumsum(torch.bincount(col, minlength=n_cols), 0)
-    return t_crow, rows[order].to(col.dtype), values[order]
+    return t_crow, entry_rows[order].to(col.dtype), values[order]
 
 
 def _check(x, weight, A, B, crow, col, values):
@@ -138,59 +142,36 @@ def _check(x, weight, A, B, crow, col, values):
 def sparse_lowrank_forward(x, weight, bias, A, B, scale, crow, col, values, x_a=None) -> Tensor:
     _check(x, weight, A, B, crow, col, values)
     y = F.linear(x, weight, bias).contiguous()
-    y2 = _rows(y)
+    y2 = rows(y)
     if A.shape[0] > 0:
-        h = matmul(_rows(x if x_a is None else x_a), A.t(), out_dtype=A.dtype)
+        h = matmul(rows(x if x_a is None else x_a), A.t(), out_dtype=A.dtype)
         matmul(h, B.t(), alpha=scale, out=y2, accumulate=True)
-    csr_add_rows(y2, _rows(x), crow, col, values)                    # y += x·Sᵀ
+    csr_add_rows(y2, rows(x), crow, col, values)                     # y += x·Sᵀ
     return y
 
 
-def sparse_lowrank_backward(dy, x, weight, A, B, scale, crow, col, values, x_a, needs):
-    """Gradients (dx, dW, db, dA, dB, dvalues, dx_a) for needs over (x, W, b, A, B, values, x_a).
-
-    With N rows, h = x_a·Aᵀ, g = scale·dy·B and S the CSR matrix at mask M:
-
-        y       = x·(W + S)ᵀ + b + scale·h·Bᵀ
-        dx      = dy·W + dy·S (+ g·A when the adapter reads x)     dy·S by Sᵀ's CSR rows
-        dx_a    = g·A,   dA = gᵀ·x_a,   dB = scale·dyᵀ·h          (as lowrank_linear)
-        dvalues = (dyᵀ·x)[M]          ∂y[n,o]/∂S[o,c] = x[n,c]; only |M| dot products (SDDMM)
-        dW      = dyᵀ·x,  db = Σ_n dy   (torch; only when asked, e.g. calibration)
-    """
-    need_x, need_w, need_b, need_a, need_bmat, need_values, need_xa = needs
-    dy2, x2 = _rows(dy).contiguous(), _rows(x)
-    dx, dW, db, dA, dB, dx_a = lowrank_backward(dy, x, weight, A, B, scale, x_a, None,
-                                                (need_x, need_w, need_b, need_a, need_bmat, need_xa))
+def sparse_lowrank_backward(dy, needs, x, weight, bias, A, B, scale, crow, col, values, x_a=None):
+    """The spec's gradients (rosafx/ops/sparse.py): (dx, dW, db, dA, dB, None, None, None,
+    dvalues, dx_a) for ``needs`` over the op's ten arguments. The low-rank part is
+    lowrank_linear's; dx += dy·S by Sᵀ's CSR rows; dvalues = (dyᵀ·x)[M] by the SDDMM kernel."""
+    need_x, need_w, need_b, need_a, need_bmat, _, _, _, need_values, need_xa = needs
+    dy2, x2 = rows(dy).contiguous(), rows(x)
+    dx, dW, db, dA, dB, _, dx_a = lowrank_backward(dy, (need_x, need_w, need_b, need_a, need_bmat, False, need_xa),
+                                                   x, weight, bias, A, B, scale, x_a)
     if need_x and values.numel() > 0:
-        dx2 = _rows(dx).contiguous()
+        dx2 = rows(dx).contiguous()
         t_crow, t_col, t_values = csr_transposed(crow, col, values, weight.shape[1])
         csr_add_rows(dx2, dy2, t_crow, t_col, t_values)              # dx += dy·S
         dx = dx2.reshape(x.shape)
     dvalues = sddmm(dy2, x2, csr_row_of_each_entry(crow), col, values.dtype) if need_values else None
-    return dx, dW, db, dA, dB, dvalues, dx_a
+    return dx, dW, db, dA, dB, None, None, None, dvalues, dx_a
 
 
-class SparseLowRankLinear(torch.autograd.Function):
-    """Autograd over the launchers above; W and bias frozen (math in ``sparse_lowrank_backward``)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, A, B, scale, crow, col, values):
-        ctx.scale = scale
-        ctx.save_for_backward(x, weight, A, B, crow, col, values)
-        return sparse_lowrank_forward(x, weight, bias, A, B, scale, crow, col, values)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, A, B, crow, col, values = ctx.saved_tensors
-        n = ctx.needs_input_grad
-        dx, _, _, dA, dB, dvalues, _ = sparse_lowrank_backward(
-            dy, x, weight, A, B, ctx.scale, crow, col, values, None,
-            (n[0], False, False, n[3], n[4], n[8], False))
-        return dx, None, None, dA, dB, None, None, None, dvalues
+sparse_lowrank_linear_triton = SPARSE_LOWRANK_LINEAR.implement("triton", sparse_lowrank_forward,
+                                                               sparse_lowrank_backward)
 
 
 def sparse_lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, scale: float,
                           crow_indices: Tensor, col_indices: Tensor, values: Tensor) -> Tensor:
-    """y = x·(W + S)ᵀ + b + scale·(x·Aᵀ)·Bᵀ, S = CSR(crow, col, values) of W's shape; grads
-    for x, A, B and values."""
-    return SparseLowRankLinear.apply(x, weight, bias, A, B, scale, crow_indices, col_indices, values)
+    """y = x·(W + S)ᵀ + b + scale·(x·Aᵀ)·Bᵀ through ``rosafx::sparse_lowrank_linear_triton``."""
+    return sparse_lowrank_linear_triton(x, weight, bias, A, B, scale, crow_indices, col_indices, values, None)

@@ -1,4 +1,7 @@
-"""Triton VeRA linear: y = x·Wᵀ + bias + b ⊙ ((d ⊙ (x_a·Aᵀ))·Bᵀ).
+"""Triton implementation of ``rosafx::vera_linear``: y = x·Wᵀ + bias + b ⊙ ((d ⊙ (x_a·Aᵀ))·Bᵀ).
+
+The op (schema, fake, gradient math, autograd wiring) is declared once in rosafx/ops/vera.py;
+this file plugs its launchers into it as ``rosafx::vera_linear_triton``.
 
 A (r x in) and B (out x r) are frozen random matrices shared by every site; a site reads
 the slices A_shared[:, :in] and B_shared[:out, :] (strided views, no copies). d (r) and
@@ -14,11 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rosafx.ops.spec import rows
+from rosafx.ops.vera import vera_linear as VERA_LINEAR
+
 from .matmul import matmul
-
-
-def _rows(t: Tensor) -> Tensor:
-    return t.reshape(-1, t.shape[-1])
 
 
 def site_slices(weight: Tensor, A_shared: Tensor, B_shared: Tensor, d: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -36,14 +38,14 @@ def vera_forward(x, weight, bias, A_shared, B_shared, d, b, x_a=None) -> Tensor:
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"vera_linear: x has {x.shape[-1]} features, weight expects {weight.shape[1]}")
     y = F.linear(x, weight, bias).contiguous()
-    hd = matmul(_rows(x if x_a is None else x_a), A.t(), out_dtype=d.dtype).mul_(d)     # d ⊙ (x_a·Aᵀ), N x r
-    matmul(hd, B.t(), out=_rows(y), accumulate=True, col_scale=b)                       # y += b ⊙ (hd·Bᵀ)
+    hd = matmul(rows(x if x_a is None else x_a), A.t(), out_dtype=d.dtype).mul_(d)     # d ⊙ (x_a·Aᵀ), N x r
+    matmul(hd, B.t(), out=rows(y), accumulate=True, col_scale=b)                       # y += b ⊙ (hd·Bᵀ)
     return y
 
 
-def vera_backward(dy, x, weight, A_shared, B_shared, d, b, x_a, needs):
-    """Gradients (dx, dW, dbias, dA_shared, dB_shared, dd, db, dx_a) for needs over
-    (x, W, bias, A_shared, B_shared, d, b, x_a).
+def vera_backward(dy, needs, x, weight, bias, A_shared, B_shared, d, b, x_a=None):
+    """The spec's gradients (rosafx/ops/vera.py) with Triton products: (dx, dW, dbias,
+    dA_shared, dB_shared, dd, db, dx_a) for ``needs`` over the op's eight arguments.
 
     With N rows, h = x_a·Aᵀ (N x r), u = (h ⊙ d)·Bᵀ (N x out), y = … + b ⊙ u. Since
     (dy ⊙ b)·B = dy·(b ⊙_rows B), no N x out temporary is needed: g = dy·B_b with
@@ -56,9 +58,10 @@ def vera_backward(dy, x, weight, A_shared, B_shared, d, b, x_a, needs):
         dW    = dyᵀ·x,  dbias = Σ_n dy          (torch; only when asked)
     """
     need_x, need_w, need_bias, need_as, need_bs, need_d, need_b, need_xa = needs
+    need_bias, need_xa = need_bias and bias is not None, need_xa and x_a is not None
     A, B = site_slices(weight, A_shared, B_shared, d, b)
-    dy2 = _rows(dy).contiguous()
-    adapter_in = _rows(x if x_a is None else x_a)
+    dy2 = rows(dy).contiguous()
+    adapter_in = rows(x if x_a is None else x_a)
     h = matmul(adapter_in, A.t(), out_dtype=d.dtype)
     g = matmul(dy2, B * b[:, None], out_dtype=d.dtype)             # (dy ⊙ b)·B
     gd = g * d
@@ -71,7 +74,7 @@ def vera_backward(dy, x, weight, A_shared, B_shared, d, b, x_a, needs):
     if need_xa:
         dx_a = matmul(gd, A, out_dtype=x_a.dtype).reshape(x_a.shape)
     if need_w:
-        dW = (dy2.t() @ _rows(x).to(dy2.dtype)).to(weight.dtype)
+        dW = (dy2.t() @ rows(x).to(dy2.dtype)).to(weight.dtype)
     if need_bias:
         dbias = dy2.sum(0)
     if need_d:
@@ -89,25 +92,11 @@ def vera_backward(dy, x, weight, A_shared, B_shared, d, b, x_a, needs):
     return dx, dW, dbias, dA, dB, dd, db, dx_a
 
 
-class VeraLinear(torch.autograd.Function):
-    """Autograd over the launchers above; W, bias, A, B frozen (math in ``vera_backward``)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, A_shared, B_shared, d, b):
-        ctx.save_for_backward(x, weight, A_shared, B_shared, d, b)
-        return vera_forward(x, weight, bias, A_shared, B_shared, d, b)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, A_shared, B_shared, d, b = ctx.saved_tensors
-        n = ctx.needs_input_grad
-        dx, _, _, _, _, dd, db, _ = vera_backward(dy, x, weight, A_shared, B_shared, d, b, None,
-                                                  (n[0], False, False, False, False, n[5], n[6], False))
-        return dx, None, None, None, None, dd, db
+vera_linear_triton = VERA_LINEAR.implement("triton", vera_forward, vera_backward)
 
 
 def vera_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, d: Tensor,
                 b: Tensor) -> Tensor:
-    """y = x·Wᵀ + bias + b ⊙ ((d ⊙ (x·Aᵀ))·Bᵀ) with A, B sliced to the weight's shape; grads
-    for x, d and b."""
-    return VeraLinear.apply(x, weight, bias, A, B, d, b)
+    """y = x·Wᵀ + bias + b ⊙ ((d ⊙ (x·Aᵀ))·Bᵀ) with A, B sliced to the weight's shape, through
+    ``rosafx::vera_linear_triton``."""
+    return vera_linear_triton(x, weight, bias, A, B, d, b, None)

@@ -8,7 +8,9 @@ resample, save and a second ``lower`` (back to torch) work on a lowered graph. T
 is changed in place and returned, so optimizers holding its adapter parameters keep
 training the same tensors. ``auto`` picks Triton when a site's adapter tensors are on CUDA
 and torch otherwise; ``triton`` forces it (on CPU only under TRITON_INTERPRET=1). A node
-whose op has no Triton twin keeps its torch implementation.
+whose op has no Triton implementation keeps its torch one. Both implementations of an op
+share one spec (rosafx/ops/spec.py: schema, fake, autograd wiring), so only the kernels
+that run change.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch
 from torch import fx
 
 from rosafx.errors import RosafxError
+from rosafx.ops.spec import implementations
 
 from .insert import adapter_nodes, adapters_of
 
@@ -27,11 +30,11 @@ BACKENDS = ("auto", "triton", "torch")
 def _twins() -> dict:
     """reference op -> Triton op (imports Triton only when a Triton backend is wanted)."""
     try:
-        from rosafx.kernels.ops import triton_twins
+        import rosafx.kernels  # noqa: F401  (plugs the Triton implementations into the op specs)
     except ImportError as error:  # triton missing
         raise RosafxError(f"backend='triton' needs the triton package ({error}); "
                           "install triton or lower with backend='torch'.") from error
-    return triton_twins()
+    return implementations("triton")
 
 
 def _on_cuda(gm: fx.GraphModule, key: str) -> bool:
@@ -61,8 +64,6 @@ def lower(gm: fx.GraphModule, backend: str = "auto") -> fx.GraphModule:
 
 
 def _known_twins() -> dict:
-    """The Triton table if the Triton ops are already registered (a graph lowered before),
-    without importing Triton otherwise."""
-    if hasattr(torch.ops.rosafx, "lowrank_linear_triton"):
-        return _twins()
-    return {}
+    """The Triton table if the Triton implementations are registered already (a graph lowered
+    before), without importing Triton otherwise."""
+    return implementations("triton")

@@ -45,7 +45,7 @@ def test_lowrank_forward_and_gradients_match_float64(with_bias):
 def test_lowrank_registered_twin_gives_reference_op_gradients_with_separate_input():
     """rosafx::lowrank_linear_triton (what lower swaps in) vs rosafx::lowrank_linear, with
     the adapter on its own input x_a and gradients for every tensor incl. W and bias."""
-    import rosafx.kernels.ops  # noqa: F401  (registers the Triton op)
+    import rosafx.kernels  # noqa: F401  (registers the Triton implementations)
     g = torch.Generator().manual_seed(1)
     x, x_a = randn(3, 5, N_IN, gen=g), randn(3, 5, N_IN, gen=g)
     W, b = randn(N_OUT, N_IN, gen=g), randn(N_OUT, gen=g)

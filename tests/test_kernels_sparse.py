@@ -49,7 +49,7 @@ def test_sparse_forward_and_gradients_match_float64(rank):
 
 
 def test_sparse_registered_twin_gives_every_gradient_with_separate_input():
-    import rosafx.kernels.ops  # noqa: F401
+    import rosafx.kernels  # noqa: F401  (registers the Triton implementations)
     g = torch.Generator().manual_seed(2)
     crow, col, values = random_csr(N_OUT, N_IN, 0.15, g, empty_row=7)
     values = values.float().requires_grad_()

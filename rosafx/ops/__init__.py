@@ -1,7 +1,10 @@
 """Registered adapter ops (``torch.library``): one opaque node each under torch.export.
 
-Each op has a torch reference implementation (CPU and any device), a fake (meta)
-implementation for export, and an autograd formula. ``rosafx.lower`` may swap in Triton.
+Each op is declared once with ``rosafx.ops.spec.op_spec`` (schema from a typed stub whose
+docstring holds the gradients, a fake for export, the autograd wiring); its torch
+implementation (the reference, any device) plugs in beside it, and ``rosafx.kernels`` plugs
+in Triton ones that ``rosafx.lower`` may swap in. An op used by one method only may be
+declared in that method's file instead (docs/adding_a_method.md).
 """
 from . import lowrank  # noqa: F401  (registers rosafx::lowrank_linear)
 from . import sparse  # noqa: F401  (registers rosafx::sparse_lowrank_linear)

@@ -1,28 +1,46 @@
-"""``rosafx::lowrank_linear``: y = x·Wᵀ + b + scale·(x_a·Aᵀ)·Bᵀ.
+"""``rosafx::lowrank_linear``: y = x·Wᵀ + b + scale·(x_a·Aᵀ)·Bᵀ (lora, lora-ga, rosa).
 
-Used by lora, lora-ga and rosa. ``x_a`` is the adapter's input (dropout(x)); when it is
-None the adapter reads ``x`` itself. The low-rank path runs in the adapter's dtype (fp32
-by default) and is cast back to the base output's dtype. The forward adds the low-rank
-term into the base output in place (one addmm, no extra N x out temporary).
+The spec (schema, fake, gradients) is declared once below; this file also holds the torch
+implementation, the reference on any device. The Triton one is kernels/lowrank_linear.py.
+The low-rank path runs in the adapter's dtype (fp32 by default) and is cast back to the base
+output's dtype; the forward adds it into the base output in place (one addmm, no extra
+N x out temporary).
 """
 from __future__ import annotations
 
 from typing import Optional
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def _rows(t: Tensor) -> Tensor:
-    return t.reshape(-1, t.shape[-1])
+from .spec import op_spec, rows
 
 
-def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, scale: float,
-             x_a: Optional[Tensor]) -> Tensor:
+@op_spec
+def lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor,
+                   scale: float, x_a: Optional[Tensor] = None) -> Tensor:
+    """y = x·Wᵀ + b + scale·(x_a·Aᵀ)·Bᵀ; ``x_a`` is the adapter's input (dropout(x)), None
+    means x itself.
+
+    Gradients, every leading dim flattened to N rows, h = x_a·Aᵀ and g = scale·dy·B (both
+    N x r):
+
+        dx   = dy·W (+ g·A when the adapter reads x itself: ∂(h·Bᵀ)/∂x through h)
+        dx_a = g·A                       (when the adapter has its own input)
+        dA   = gᵀ·x_a                    since ∂L/∂h = scale·dy·B = g and h = x_a·Aᵀ
+        dB   = scale·dyᵀ·h               (out x r)
+        dW   = dyᵀ·x,  db = Σ dy         (only when asked: calibration hooks on W)
+
+    h is recomputed in the backward (N·in·r flops, a few percent of the base matmul) rather
+    than saved, since an extra saved tensor per site costs activation memory every step.
+    """
+
+
+def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, scale: float,
+            x_a: Optional[Tensor] = None) -> Tensor:
     y = F.linear(x, weight, bias)
-    h = _rows(x if x_a is None else x_a).to(A.dtype) @ A.t()          # (N, r)
-    y2 = _rows(y)
+    h = rows(x if x_a is None else x_a).to(A.dtype) @ A.t()           # (N, r)
+    y2 = rows(y)
     if y.dtype == B.dtype and y2.data_ptr() == y.data_ptr() and y.is_contiguous():
         y2.addmm_(h, B.t(), alpha=scale)                               # y += scale·h·Bᵀ, in place
     else:
@@ -30,45 +48,14 @@ def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Te
     return y
 
 
-@torch.library.custom_op("rosafx::lowrank_linear", mutates_args=())
-def lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor,
-                   scale: float, x_a: Optional[Tensor] = None) -> Tensor:
-    return _forward(x, weight, bias, A, B, scale, x_a)
-
-
-@lowrank_linear.register_fake
-def _(x, weight, bias, A, B, scale, x_a=None):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-def _setup(ctx, inputs, output):
-    x, weight, bias, A, B, scale, x_a = (tuple(inputs) + (None,))[:7]
-    ctx.scale = scale
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(x, weight, A, B, x_a)
-
-
-def _backward(ctx, dy):
-    """Gradients, with every leading dim flattened to N rows, h = x_a·Aᵀ and g = scale·dy·B
-    (both N x r):
-
-        dx   = dy·W (+ g·A when the adapter reads x itself)
-        dx_a = g·A                       (when the adapter has its own input)
-        dB   = scale·dyᵀ·h               (out x r)
-        dA   = gᵀ·x_a                    (r x in)
-        dW   = dyᵀ·x,  db = Σ dy         (only when asked: calibration hooks on W)
-
-    h is recomputed (N·in·r flops, a few percent of the base matmul) rather than saved,
-    since an extra saved tensor per site costs activation memory for every step.
-    """
-    x, weight, A, B, x_a = ctx.saved_tensors
-    needs = tuple(ctx.needs_input_grad) + (False,) * (7 - len(ctx.needs_input_grad))
-    adapter_in = _rows(x if x_a is None else x_a).to(A.dtype)
-    dy2 = _rows(dy)
+def backward(dy, needs, x, weight, bias, A, B, scale, x_a=None):
+    """The spec's gradients (``lowrank_linear.doc``) in torch."""
+    adapter_in = rows(x if x_a is None else x_a).to(A.dtype)
+    dy2 = rows(dy)
     dyA = dy2.to(A.dtype)
     # skinny products are written with the long N dimension inner to both operands: MKL ran
     # dy·B and dyᵀ·h 5-30x slower than the same products as (Bᵀ·dyᵀ)ᵀ and (hᵀ·dy)ᵀ on CPU
-    g = (B.t() @ dyA.t()).t().mul_(ctx.scale)                           # (N, r)
+    g = (B.t() @ dyA.t()).t().mul_(scale)                              # (N, r)
     dx = dW = db = dA = dB = dx_a = None
     if needs[0]:
         dx = dy2 @ weight.to(dy2.dtype)
@@ -81,14 +68,14 @@ def _backward(ctx, dy):
     if needs[6]:
         dx_a = (g @ A).to(x_a.dtype).reshape(x_a.shape)
     if needs[1]:
-        dW = (dy2.t() @ _rows(x).to(dy2.dtype)).to(weight.dtype)
-    if needs[2] and ctx.has_bias:
+        dW = (dy2.t() @ rows(x).to(dy2.dtype)).to(weight.dtype)
+    if needs[2] and bias is not None:
         db = dy2.sum(0)
     if needs[4]:
-        dB = ((adapter_in @ A.t()).mul_(ctx.scale).t() @ dyA).t()
+        dB = ((adapter_in @ A.t()).mul_(scale).t() @ dyA).t()
     if needs[3]:
         dA = g.t() @ adapter_in
-    return (dx, dW, db, dA, dB, None, dx_a)[: len(ctx.needs_input_grad)]
+    return dx, dW, db, dA, dB, None, dx_a
 
 
-lowrank_linear.register_autograd(_backward, setup_context=_setup)
+lowrank_linear.implement("torch", forward, backward)

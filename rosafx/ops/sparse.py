@@ -22,12 +22,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .spec import op_spec, rows
+
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 
 
-def _rows(t: Tensor) -> Tensor:
-    return t.reshape(-1, t.shape[-1])
+@op_spec
+def sparse_lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, scale: float,
+                          crow_indices: Tensor, col_indices: Tensor, values: Tensor,
+                          x_a: Optional[Tensor] = None) -> Tensor:
+    """y = x·(W + S)ᵀ + b + scale·(x_a·Aᵀ)·Bᵀ, S = CSR(crow_indices, col_indices, values) of
+    W's shape; ``x_a`` is the adapter's input (dropout(x)), None means x itself.
+
+    Gradients, with N rows, h = x_a·Aᵀ, g = scale·dy·B and S the CSR matrix at mask M:
+
+        dx      = dy·(W + S) (+ g·A when the adapter reads x)
+        dx_a    = g·A,   dA = gᵀ·x_a,   dB = scale·dyᵀ·h        (as lowrank_linear)
+        dvalues = (dyᵀ·x)[M]          ∂y[n,o]/∂S[o,c] = x[n,c]; only the |M| sampled dot
+                                      products are needed (an SDDMM)
+        dW      = dyᵀ·x,    db = Σ dy   (only when asked: calibration)
+    """
 
 
 def csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
@@ -41,9 +56,9 @@ def dense_with_sparse(weight: Tensor, crow: Tensor, col: Tensor, values: Tensor)
     without building index tensors of data-dependent size."""
     merged = weight.to(values.dtype, memory_format=torch.contiguous_format, copy=True)
     if values.numel():
-        rows = torch.repeat_interleave(torch.arange(weight.shape[0], device=crow.device), crow.diff(),
-                                       output_size=col.numel())
-        merged.view(-1).index_add_(0, rows * weight.shape[1] + col, values.detach())
+        entry_rows = torch.repeat_interleave(torch.arange(weight.shape[0], device=crow.device), crow.diff(),
+                                             output_size=col.numel())
+        merged.view(-1).index_add_(0, entry_rows * weight.shape[1] + col, values.detach())
     return merged
 
 
@@ -52,7 +67,7 @@ def _(weight, crow, col, values):
     return weight.new_empty(weight.shape, dtype=values.dtype)
 
 
-def _forward(x, weight, bias, A, B, scale, crow, col, values, x_a) -> Tensor:
+def forward(x, weight, bias, A, B, scale, crow, col, values, x_a=None) -> Tensor:
     if values.numel() and weight.dtype != values.dtype:
         y = F.linear(x.to(values.dtype), dense_with_sparse(weight, crow, col, values),
                      None if bias is None else bias.to(values.dtype)).to(x.dtype)
@@ -61,31 +76,13 @@ def _forward(x, weight, bias, A, B, scale, crow, col, values, x_a) -> Tensor:
     else:
         y = F.linear(x, weight, bias)
     if A.shape[0] > 0:
-        h = _rows(x if x_a is None else x_a).to(A.dtype) @ A.t()                  # (N, r)
-        y2 = _rows(y)
+        h = rows(x if x_a is None else x_a).to(A.dtype) @ A.t()                  # (N, r)
+        y2 = rows(y)
         if y.dtype == B.dtype and y.is_contiguous():
             y2.addmm_(h, B.t(), alpha=scale)                                     # in place: no N x out temporary
         else:
             y = (y2 + (scale * (h @ B.t())).to(y.dtype)).reshape(y.shape)
     return y
-
-
-@torch.library.custom_op("rosafx::sparse_lowrank_linear", mutates_args=())
-def sparse_lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, scale: float,
-                          crow_indices: Tensor, col_indices: Tensor, values: Tensor,
-                          x_a: Optional[Tensor] = None) -> Tensor:
-    return _forward(x, weight, bias, A, B, scale, crow_indices, col_indices, values, x_a)
-
-
-@sparse_lowrank_linear.register_fake
-def _(x, weight, bias, A, B, scale, crow_indices, col_indices, values, x_a=None):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-def _setup(ctx, inputs, output):
-    x, weight, bias, A, B, scale, crow, col, values, x_a = (tuple(inputs) + (None,))[:10]
-    ctx.scale, ctx.has_bias = scale, bias is not None
-    ctx.save_for_backward(x, weight, A, B, crow, col, values, x_a)
 
 
 @torch.library.custom_op("rosafx::sampled_dyT_x", mutates_args=())
@@ -105,23 +102,15 @@ def _(dy2, x2, crow, col):
     return dy2.new_empty(col.shape)
 
 
-def _backward(ctx, dy):
-    """With N rows, h = x_a·Aᵀ, g = scale·dy·B and S the CSR matrix at mask M:
-
-        dx      = dy·(W + S) (+ g·A when the adapter reads x)      W + S dense, transient
-        dx_a    = g·A
-        dA      = gᵀ·x_a,   dB = scale·dyᵀ·h
-        dvalues = (dyᵀ·x)[M]          an SDDMM: only the |M| sampled dot products are computed
-        dW      = dyᵀ·x,    db = Σ dy   (only when asked: calibration)
-    """
-    x, weight, A, B, crow, col, values, x_a = ctx.saved_tensors
-    needs = tuple(ctx.needs_input_grad) + (False,) * (10 - len(ctx.needs_input_grad))
-    dy2, x2 = _rows(dy), _rows(x)
+def backward(dy, needs, x, weight, bias, A, B, scale, crow, col, values, x_a=None):
+    """The spec's gradients (``sparse_lowrank_linear.doc``) in torch; W + S is dense and
+    transient, dvalues an SDDMM."""
+    dy2, x2 = rows(dy), rows(x)
     low_rank = A.shape[0] > 0
-    adapter_in = _rows(x if x_a is None else x_a).to(A.dtype)
+    adapter_in = rows(x if x_a is None else x_a).to(A.dtype)
     dyA = dy2.to(A.dtype)
     # (Bᵀ·dyᵀ)ᵀ and (hᵀ·dy)ᵀ: see ops/lowrank.py (MKL's skinny-product layouts)
-    g = (B.t() @ dyA.t()).t().mul_(ctx.scale) if low_rank else None     # (N, r)
+    g = (B.t() @ dyA.t()).t().mul_(scale) if low_rank else None     # (N, r)
     dx = dW = db = dA = dB = dvalues = dx_a = None
     if needs[0]:
         if values.numel():
@@ -139,15 +128,15 @@ def _backward(ctx, dy):
         dx_a = (g @ A).to(x_a.dtype).reshape(x_a.shape) if low_rank else torch.zeros_like(x_a)
     if needs[1]:
         dW = (dy2.t() @ x2.to(dy2.dtype)).to(weight.dtype)
-    if needs[2] and ctx.has_bias:
+    if needs[2] and bias is not None:
         db = dy2.sum(0)
     if needs[3]:
         dA = g.t() @ adapter_in if low_rank else torch.zeros_like(A)
     if needs[4]:
-        dB = ((adapter_in @ A.t()).mul_(ctx.scale).t() @ dyA).t() if low_rank else torch.zeros_like(B)
+        dB = ((adapter_in @ A.t()).mul_(scale).t() @ dyA).t() if low_rank else torch.zeros_like(B)
     if needs[8]:
         dvalues = sampled_dyT_x(dy2.to(values.dtype), x2, crow, col) if values.numel() else torch.zeros_like(values)
-    return (dx, dW, db, dA, dB, None, None, None, dvalues, dx_a)[: len(ctx.needs_input_grad)]
+    return dx, dW, db, dA, dB, None, None, None, dvalues, dx_a
 
 
-sparse_lowrank_linear.register_autograd(_backward, setup_context=_setup)
+sparse_lowrank_linear.implement("torch", forward, backward)

@@ -25,9 +25,36 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .spec import op_spec, rows
 
-def _rows(t: Tensor) -> Tensor:
-    return t.reshape(-1, t.shape[-1])
+
+@op_spec
+def vera_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A_shared: Tensor, B_shared: Tensor,
+                d: Tensor, b: Tensor, x_a: Optional[Tensor] = None) -> Tensor:
+    """y = x·Wᵀ + bias + b ⊙ ((d ⊙ (x_a·A_slᵀ))·B_slᵀ) with A_sl = A_shared[:, :in],
+    B_sl = B_shared[:out, :]; ``x_a`` is the adapter's input (dropout(x)), None means x.
+
+    Gradients, every leading dim flattened to N rows, h = x_a·A_slᵀ (N x r),
+    ΔW = diag(b)·B_sl·diag(d)·A_sl and Mᵀ = dyᵀ·h (out x r):
+
+        dx    = dy·(W + ΔW)          when the adapter reads x itself
+        dx    = dy·W,  dx_a = dy·ΔW   when it has its own input
+        dd[k] = Σ_n h[n,k]·((dy ⊙ b)·B_sl)[n,k] = Σ_o Mᵀ[o,k]·b[o]·B_sl[o,k]
+        db[o] = Σ_n dy[n,o]·((h ⊙ d)·B_slᵀ)[n,o] = Σ_k Mᵀ[o,k]·d[k]·B_sl[o,k]
+        dW    = dyᵀ·x,  dbias = Σ_n dy   (only when asked: calibration hooks on W)
+
+    A_shared and B_shared are frozen in VeRA; an implementation may leave them without a
+    gradient (the torch one does).
+    """
+
+
+@op_spec
+def vera_linear_given_h(x: Tensor, weight: Tensor, bias: Optional[Tensor], A_shared: Tensor, B_shared: Tensor,
+                        d: Tensor, b: Tensor, x_a: Optional[Tensor], h: Tensor) -> Tensor:
+    """``vera_linear`` with h = x_a·A_slᵀ given (sibling fusion computes it once for the
+    sites that read the same input with the same A slice). y does not depend on h, so h
+    gets no gradient; the others are ``vera_linear``'s, with Mᵀ = dyᵀ·h from the given h.
+    """
 
 
 def _slices(weight: Tensor, A_shared: Tensor, B_shared: Tensor) -> tuple[Tensor, Tensor]:
@@ -49,7 +76,7 @@ def _effective_weight(weight: Tensor, A: Tensor, B: Tensor, d: Tensor, b: Tensor
     return merged.addmm_(B.to(d.dtype) * b[:, None], A.to(d.dtype) * d[:, None])
 
 
-def _forward(x, weight, bias, A_shared, B_shared, d, b, x_a) -> Tensor:
+def forward(x, weight, bias, A_shared, B_shared, d, b, x_a=None) -> Tensor:
     A, B = _slices(weight, A_shared, B_shared)
     if x_a is None:
         if weight.dtype == d.dtype and x.dtype == d.dtype:
@@ -57,40 +84,12 @@ def _forward(x, weight, bias, A_shared, B_shared, d, b, x_a) -> Tensor:
         y = F.linear(x.to(d.dtype), _effective_weight(weight, A, B, d, b), None if bias is None else bias.to(d.dtype))
         return y.to(x.dtype)
     y = F.linear(x, weight, bias)
-    y2, delta_t = _rows(y), delta_weight(A, B, d, b).t()
-    x_a2 = _rows(x_a).to(d.dtype)
+    y2, delta_t = rows(y), delta_weight(A, B, d, b).t()
+    x_a2 = rows(x_a).to(d.dtype)
     if y.dtype == d.dtype and y.is_contiguous():
         y2.addmm_(x_a2, delta_t)
         return y
     return (y2 + (x_a2 @ delta_t).to(y.dtype)).reshape(y.shape)
-
-
-@torch.library.custom_op("rosafx::vera_linear", mutates_args=())
-def vera_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A_shared: Tensor, B_shared: Tensor,
-                d: Tensor, b: Tensor, x_a: Optional[Tensor] = None) -> Tensor:
-    return _forward(x, weight, bias, A_shared, B_shared, d, b, x_a)
-
-
-@torch.library.custom_op("rosafx::vera_linear_given_h", mutates_args=())
-def vera_linear_given_h(x: Tensor, weight: Tensor, bias: Optional[Tensor], A_shared: Tensor, B_shared: Tensor,
-                        d: Tensor, b: Tensor, x_a: Optional[Tensor], h: Tensor) -> Tensor:
-    return _forward(x, weight, bias, A_shared, B_shared, d, b, x_a)
-
-
-@vera_linear.register_fake
-def _(x, weight, bias, A_shared, B_shared, d, b, x_a=None):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-@vera_linear_given_h.register_fake
-def _(x, weight, bias, A_shared, B_shared, d, b, x_a, h):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-def _setup(ctx, inputs, output):
-    x, weight, bias, A_shared, B_shared, d, b, x_a, h = (tuple(inputs) + (None, None))[:9]
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(x, weight, A_shared, B_shared, d, b, x_a, h)
 
 
 def _dyT_h(dy2: Tensor, adapter_in: Tensor, A: Tensor, h: Optional[Tensor]) -> Tensor:
@@ -99,29 +98,18 @@ def _dyT_h(dy2: Tensor, adapter_in: Tensor, A: Tensor, h: Optional[Tensor]) -> T
     the rank is large against in·out/(in + out)."""
     n, out_f, in_f, r = dy2.shape[0], dy2.shape[1], A.shape[1], A.shape[0]
     if h is not None:
-        return dy2.t() @ _rows(h).to(dy2.dtype)
+        return dy2.t() @ rows(h).to(dy2.dtype)
     if n * r * (in_f + out_f) <= n * in_f * out_f + out_f * in_f * r:
         return dy2.t() @ (adapter_in @ A.t())
     return (dy2.t() @ adapter_in) @ A.t()
 
 
-def _backward(ctx, dy):
-    """Gradients, every leading dim flattened to N rows, h = x_a·A_slᵀ (N x r),
-    ΔW = diag(b)·B_sl·diag(d)·A_sl and Mᵀ = dyᵀ·h (out x r):
-
-        dx    = dy·(W + ΔW)          when the adapter reads x itself (W + ΔW transient)
-        dx    = dy·W,  dx_a = dy·ΔW   when it has its own input
-        dd[k] = Σ_n h[n,k]·((dy ⊙ b)·B_sl)[n,k] = Σ_o Mᵀ[o,k]·b[o]·B_sl[o,k]
-        db[o] = Σ_n dy[n,o]·((h ⊙ d)·B_slᵀ)[n,o] = Σ_k Mᵀ[o,k]·d[k]·B_sl[o,k]
-        dW    = dyᵀ·x,  dbias = Σ_n dy   (only when asked: calibration hooks on W)
-
-    A_shared, B_shared and a given h get no gradient.
-    """
-    x, weight, A_shared, B_shared, d, b, x_a, h = ctx.saved_tensors
-    needs = tuple(ctx.needs_input_grad) + (False,) * (9 - len(ctx.needs_input_grad))
+def backward(dy, needs, x, weight, bias, A_shared, B_shared, d, b, x_a=None, h=None):
+    """The spec's gradients (``vera_linear.doc``) in torch; W + ΔW is dense and transient,
+    Mᵀ formed the cheaper way round."""
     A, B = _slices(weight, A_shared, B_shared)
     A, B = A.to(d.dtype), B.to(d.dtype)
-    dy2 = _rows(dy)
+    dy2 = rows(dy)
     dyd = dy2.to(d.dtype)
     dx = dW = dbias = dd = db = dx_a = None
     if needs[0]:
@@ -133,17 +121,21 @@ def _backward(ctx, dy):
     if needs[7] and x_a is not None:
         dx_a = (dyd @ delta_weight(A, B, d, b)).to(x_a.dtype).reshape(x_a.shape)
     if needs[1]:
-        dW = (dy2.t() @ _rows(x).to(dy2.dtype)).to(weight.dtype)
-    if needs[2] and ctx.has_bias:
+        dW = (dy2.t() @ rows(x).to(dy2.dtype)).to(weight.dtype)
+    if needs[2] and bias is not None:
         dbias = dy2.sum(0)
     if needs[5] or needs[6]:
-        Mt = _dyT_h(dyd, _rows(x if x_a is None else x_a).to(d.dtype), A, h)
+        Mt = _dyT_h(dyd, rows(x if x_a is None else x_a).to(d.dtype), A, h)
         if needs[5]:
             dd = (Mt * B).mul_(b[:, None]).sum(0)
         if needs[6]:
             db = (Mt * B).mul_(d).sum(1)
-    return (dx, dW, dbias, None, None, dd, db, dx_a, None)[: len(ctx.needs_input_grad)]
+    return dx, dW, dbias, None, None, dd, db, dx_a, None
 
 
-vera_linear.register_autograd(_backward, setup_context=_setup)
-vera_linear_given_h.register_autograd(_backward, setup_context=_setup)
+def forward_given_h(x, weight, bias, A_shared, B_shared, d, b, x_a, h) -> Tensor:
+    return forward(x, weight, bias, A_shared, B_shared, d, b, x_a)
+
+
+vera_linear.implement("torch", forward, backward)
+vera_linear_given_h.implement("torch", forward_given_h, backward)
