@@ -63,7 +63,8 @@ def train(
                                                 "(compile time reported apart)")] = None,
     grad_checkpoint: Annotated[Optional[bool], Opt("--grad-checkpoint/--no-grad-checkpoint",
                                                    help="Recompute each layer's activations in the backward "
-                                                        "(less memory, more time)")] = None,
+                                                        "(less memory, more time; a --config file may name "
+                                                        "the mode: full, attention)")] = None,
     config: Annotated[Optional[Path], Opt(help="YAML or JSON file with these options (flags override it)")] = None,
     resume: Annotated[bool, Opt("--resume", help="Continue RUN from its last checkpoint")] = False,
     overwrite: Annotated[bool, Opt("--overwrite", help="Replace an earlier run in RUN")] = False,
@@ -124,7 +125,7 @@ def train(
         warmup_ratio=settings["warmup_ratio"], grad_accum=settings["grad_accum"], precision=settings["precision"],
         eval_every=settings["eval_every"], save_every=settings["save_every"], run=run_dir, resume=resume,
         best_metric=best, calibration_batches=settings["calibration_batches"], seed=settings["seed"],
-        compile=bool(settings.get("compile")), grad_checkpoint=bool(settings.get("grad_checkpoint")))
+        compile=bool(settings.get("compile")), grad_checkpoint=settings.get("grad_checkpoint") or False)
     distributed.leave()
     if history.compile_seconds is not None:
         echo(f"torch.compile: first step {history.compile_seconds:.1f} s more than a later step; "

@@ -16,38 +16,56 @@ view: ``rosafx/grad_checkpoint.py`` keeps it current.
 from __future__ import annotations
 
 import copy
+import functools
 import operator
 
 import torch
 from torch import fx, nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
 from rosafx.errors import RosafxError
 from rosafx.layers import LayerRun, layer_runs
 
 PREFIX = "rosafx_checkpoint_"
 
+_ATTENTION = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+              "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
+# mode -> the ATen ops whose outputs a checkpointed layer keeps (everything else is recomputed).
+# "attention": the fused attention kernels' outputs (B x S x H and a log-sum-exp per row):
+# little memory, and the kernel with the S^2 work is not run again in the backward.
+KEPT_OPS = {
+    "full": (),
+    "attention": tuple(getattr(torch.ops.aten, name).default for name in _ATTENTION
+                       if hasattr(torch.ops.aten, name)),
+}
+
 
 class CheckpointedLayer(nn.Module):
     """Calls ``body`` (a layer's graph: its inputs -> a tuple of its outputs) under
-    non-reentrant activation checkpointing when gradients are on."""
+    non-reentrant activation checkpointing when gradients are on, keeping the outputs of
+    ``kept_ops`` (selective checkpointing) and recomputing the rest."""
 
-    def __init__(self, body: fx.GraphModule, path: str):
+    def __init__(self, body: fx.GraphModule, path: str, kept_ops: tuple = ()):
         super().__init__()
-        self.body, self.path = body, path
+        self.body, self.path, self.kept_ops = body, path, kept_ops
 
     def forward(self, *inputs):
         if not torch.is_grad_enabled():
             return self.body(*inputs)
-        return checkpoint(self.body, *inputs, use_reentrant=False, preserve_rng_state=True)
+        options = {}
+        if self.kept_ops:
+            options["context_fn"] = functools.partial(create_selective_checkpoint_contexts, list(self.kept_ops))
+        return checkpoint(self.body, *inputs, use_reentrant=False, preserve_rng_state=True, **options)
 
     def extra_repr(self) -> str:
         return self.path
 
 
-def checkpoint_layers(gm: fx.GraphModule) -> fx.GraphModule:
+def checkpoint_layers(gm: fx.GraphModule, mode: str = "full") -> fx.GraphModule:
     """A new GraphModule computing what ``gm`` computes, each layer under activation
-    checkpointing; ``gm`` is not changed."""
+    checkpointing (``mode``: a key of ``KEPT_OPS``); ``gm`` is not changed."""
+    if mode not in KEPT_OPS:
+        raise RosafxError(f"grad_checkpoint mode {mode!r} is not one of {sorted(KEPT_OPS)}.")
     runs = layer_runs(gm)
     graph = fx.Graph()
     graph._codegen = copy.deepcopy(gm.graph._codegen)  # the captured model's input and output pytrees
@@ -65,7 +83,7 @@ def checkpoint_layers(gm: fx.GraphModule) -> fx.GraphModule:
         if node in first_of:
             index = first_of[node]
             name = f"{PREFIX}{index}"
-            bodies[name] = _call_layer(gm, runs[index], graph, env, name)
+            bodies[name] = _call_layer(gm, runs[index], graph, env, name, KEPT_OPS[mode])
         elif node not in inside:
             env[node] = graph.node_copy(node, env.__getitem__)
     root = _live_root(gm, graph, bodies)
@@ -75,7 +93,8 @@ def checkpoint_layers(gm: fx.GraphModule) -> fx.GraphModule:
     return view
 
 
-def _call_layer(gm: fx.GraphModule, run: LayerRun, graph: fx.Graph, env: dict, name: str) -> CheckpointedLayer:
+def _call_layer(gm: fx.GraphModule, run: LayerRun, graph: fx.Graph, env: dict, name: str,
+                kept_ops: tuple) -> CheckpointedLayer:
     members = set(run.nodes)
     inputs: list[fx.Node] = []
     for node in run.nodes:
@@ -97,7 +116,7 @@ def _call_layer(gm: fx.GraphModule, run: LayerRun, graph: fx.Graph, env: dict, n
     for i, node in enumerate(outputs):
         env[node] = graph.call_function(operator.getitem, (call, i))
         env[node].meta = dict(node.meta)
-    return CheckpointedLayer(body, run.path)
+    return CheckpointedLayer(body, run.path, kept_ops)
 
 
 def _refuse_input_mutation(run: LayerRun, inputs: list[fx.Node]) -> None:

@@ -53,7 +53,7 @@ def fit(adapted: fx.GraphModule, train_batches: Iterable, loss_fn: LossFn, *,
         grad_accum: int = 1, max_grad_norm: float | None = None, precision: str = "fp32",
         eval_every: int | None = None, save_every: int | None = None, run=None, resume: bool = False,
         best_metric: str | None = None, calibration_batches: int = 8, seed: int | None = None,
-        compile: bool | str = False, grad_checkpoint: bool = False, progress: bool = True) -> History:
+        compile: bool | str = False, grad_checkpoint: bool | str = False, progress: bool = True) -> History:
     """Train ``adapted`` for ``steps`` optimizer steps (or ``epochs`` passes over
     ``train_batches``); ``loss_fn(model, batch)`` returns a scalar. ``optimizer`` builds
     one from a parameter list (default AdamW(lr, weight_decay)); the LR follows
@@ -67,7 +67,8 @@ def fit(adapted: fx.GraphModule, train_batches: Iterable, loss_fn: LossFn, *,
     ``torch.compile`` (a string names its backend, e.g. ``"aot_eager"``); the first step's
     compilation is reported apart from the step time (``History.compile_seconds``,
     ``History.step_seconds``). ``grad_checkpoint=True`` recomputes each layer's activations in
-    the backward instead of keeping them (``rosafx.grad_checkpoint``; training steps only)."""
+    the backward instead of keeping them (``rosafx.grad_checkpoint``; training steps only;
+    ``"attention"`` keeps the attention kernels' outputs)."""
     total = total_steps(train_batches, steps, epochs, grad_accum)
     _check_options(grad_accum, precision, warmup_ratio, calibration_batches)
     run = Run(run) if run is not None and not isinstance(run, Run) else run
@@ -145,14 +146,14 @@ def fit(adapted: fx.GraphModule, train_batches: Iterable, loss_fn: LossFn, *,
     return history
 
 
-def _grad_checkpointed(adapted: fx.GraphModule, compile: bool | str, grad_checkpoint: bool) -> nn.Module | None:
+def _grad_checkpointed(adapted: fx.GraphModule, compile: bool | str, grad_checkpoint: bool | str) -> nn.Module | None:
     """The per-layer checkpointed training view of ``adapted`` when asked for, else None."""
     if not grad_checkpoint:
         return None
     if compile:
         raise RosafxError("compile and grad_checkpoint cannot be combined yet; choose one.")
-    from .grad_checkpoint import GradCheckpointed
-    return GradCheckpointed(adapted)
+    from .grad_checkpoint import grad_checkpointed
+    return grad_checkpointed(adapted, grad_checkpoint)
 
 
 def _compiled(adapted: fx.GraphModule, backend: str) -> nn.Module:

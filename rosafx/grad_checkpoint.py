@@ -20,16 +20,22 @@ from torch import fx, nn
 from .errors import RosafxError
 
 
+DEFAULT_MODE = "full"
+
+
 class GradCheckpointed(nn.Module):
     """``adapted`` with each layer under activation checkpointing (training only)."""
 
-    def __init__(self, adapted: fx.GraphModule):
+    def __init__(self, adapted: fx.GraphModule, mode: str = "full"):
         super().__init__()
         if not isinstance(adapted, fx.GraphModule):
             raise RosafxError(f"grad_checkpoint needs one captured graph (an fx.GraphModule), not "
                               f"{type(adapted).__name__}; a partly captured model (graph breaks) is not supported: "
                               "train it without grad_checkpoint.")
-        self.adapted = adapted
+        from .passes.checkpoint_layers import KEPT_OPS
+        if mode not in KEPT_OPS:
+            raise RosafxError(f"grad_checkpoint must be True or one of {sorted(KEPT_OPS)}, got {mode!r}.")
+        self.adapted, self.mode = adapted, mode
         self._view: list = [None, None]  # [key, view]; a list so nn.Module does not register the view
         self.view()  # fail now, not at the first step, when the graph has no layers
 
@@ -43,7 +49,7 @@ class GradCheckpointed(nn.Module):
         from .passes.checkpoint_layers import checkpoint_layers
         key = self._key()
         if self._view[0] != key:
-            self._view[:] = [key, checkpoint_layers(self.adapted)]
+            self._view[:] = [key, checkpoint_layers(self.adapted, self.mode)]
         return self._view[1]
 
     def forward(self, *args, **kwargs):
@@ -56,8 +62,10 @@ class GradCheckpointed(nn.Module):
         return [m.path for name, m in view.named_children() if name.startswith(PREFIX)]
 
 
-def grad_checkpointed(adapted: fx.GraphModule) -> GradCheckpointed:
-    return GradCheckpointed(adapted)
+def grad_checkpointed(adapted: fx.GraphModule, mode: str | bool = True) -> GradCheckpointed:
+    """``mode``: True (the default, "full"), "full" (recompute every op of a layer) or
+    "attention" (keep the fused attention kernels' outputs, recompute the rest)."""
+    return GradCheckpointed(adapted, DEFAULT_MODE if mode is True else mode)
 
 
 __all__ = ["GradCheckpointed", "grad_checkpointed"]

@@ -1,10 +1,17 @@
-"""Activation memory: the bytes a forward keeps alive for its backward.
+"""Activation memory: the bytes a forward keeps alive for its backward, two ways.
 
-Every tensor autograd saves goes through the saved-tensor hooks in force, including the
-layer inputs that non-reentrant activation checkpointing keeps (it saves them outside its
-own hooks). What is counted is each distinct storage once, at its full size (a view saved
-by several ops, or a slice of a larger buffer, counts its whole storage once), leaving out
-the storages of the model's parameters and buffers: they are held anyway.
+``saved_activation_bytes``: every tensor autograd saves goes through the saved-tensor hooks
+in force, including the layer inputs that non-reentrant activation checkpointing keeps (it
+saves them outside its own hooks). Not seen: what *selective* checkpointing keeps (its
+cache lives inside its own dispatch mode).
+
+``live_activation_bytes``: every storage an operator creates during the forward is
+recorded (a dispatch mode, weak references); those still alive once the forward returned
+and garbage was collected are what the forward holds for the backward, however it holds
+them (autograd, checkpoint inputs, a selective-checkpoint cache).
+
+Both count each distinct storage once at its full size and leave out the model's
+parameters and buffers (held anyway).
 """
 from __future__ import annotations
 
@@ -38,4 +45,36 @@ def saved_activation_bytes(forward: Callable[[], torch.Tensor], model: nn.Module
     return sum(sizes.values()), result
 
 
-__all__ = ["saved_activation_bytes"]
+def live_activation_bytes(forward: Callable[[], torch.Tensor], model: nn.Module | None = None) -> tuple[int, torch.Tensor]:
+    """Run ``forward()`` and return (bytes of the storages its operators created that are
+    still alive after it returned, its result)."""
+    import gc
+
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    held = set()
+    if model is not None:
+        held = {_storage_key(t) for t in list(model.parameters()) + list(model.buffers())}
+    created: dict[tuple, tuple] = {}
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for tensor in tree_leaves(out):
+                if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
+                    key = _storage_key(tensor)
+                    # an address freed and reused by a later storage: keep the later one
+                    if key not in held and (key not in created or created[key][0].expired()):
+                        storage = tensor.untyped_storage()
+                        created[key] = (StorageWeakRef(storage), storage.nbytes())
+            return out
+
+    with Record():
+        result = forward()
+    gc.collect()
+    return sum(size for ref, size in created.values() if not ref.expired()), result
+
+
+__all__ = ["saved_activation_bytes", "live_activation_bytes"]

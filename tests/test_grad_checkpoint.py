@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import rosafx
 from rosafx.errors import RosafxError
 from rosafx.grad_checkpoint import GradCheckpointed
-from rosafx.memory import saved_activation_bytes
+from rosafx.memory import live_activation_bytes, saved_activation_bytes
 from rosafx.passes.insert import adapters_of
 from rosafx.serialize import adapter_tensors
 
@@ -110,17 +110,40 @@ def test_dropout_under_recompute_needs_the_rng_state_restored(monkeypatch):
     assert any(not torch.allclose(plain[n], unrestored[n], rtol=1e-6, atol=0) for n in plain)
 
 
-def test_fewer_bytes_are_saved_for_backward():
+def test_fewer_bytes_are_kept_for_backward():
+    """Two independent counts: saved-tensor hooks, and storages the forward's operators
+    created that are still alive after it (the only one that sees what the "attention"
+    mode's selective checkpointing keeps)."""
     adapted = adapt({"method": "lora", "rank": 4}, dropout=0.1)
     adapted.train()
     b = batch(rows=2, seq=48)
-    plain_bytes, loss = saved_activation_bytes(lambda: loss_fn(adapted, b), adapted)
-    loss.backward()
-    checkpointed_bytes, loss = saved_activation_bytes(lambda: loss_fn(GradCheckpointed(adapted), b), adapted)
-    loss.backward()
+    kept = {}
+    for name, model in (("plain", adapted), ("full", GradCheckpointed(adapted, "full")),
+                        ("attention", GradCheckpointed(adapted, "attention"))):
+        for count in (saved_activation_bytes, live_activation_bytes):
+            kept[name, count.__name__[:5]], loss = count(lambda: loss_fn(model, b), adapted)
+            loss.backward()
     hidden = 2 * 48 * 32 * 4  # one layer input (rows x seq x hidden, fp32): what a checkpoint keeps
-    assert checkpointed_bytes >= 2 * hidden      # each layer's input is counted
-    assert checkpointed_bytes <= 0.5 * plain_bytes
+    for count in ("saved", "live_"):
+        assert kept["full", count] >= 2 * hidden      # each layer's input is counted
+        assert kept["full", count] <= 0.5 * kept["plain", count]
+    assert kept["full", "live_"] == pytest.approx(kept["full", "saved"], rel=0.01)
+    assert kept["plain", "live_"] == pytest.approx(kept["plain", "saved"], rel=0.01)
+    # attention outputs (rows x heads x seq x head_dim, fp32, per layer) are kept on top
+    assert kept["attention", "live_"] >= kept["full", "live_"] + 2 * hidden
+    assert kept["attention", "live_"] <= 0.5 * kept["plain", "live_"]
+
+
+def test_attention_mode_gives_the_same_gradients():
+    adapted = perturbed(adapt({"method": "lora", "rank": 4}, dropout=0.1))
+    b = batch()
+    plain_loss, plain = gradients(adapted, adapted, b)
+    kept_loss, kept = gradients(GradCheckpointed(adapted, "attention"), adapted, b)
+    assert kept_loss == pytest.approx(plain_loss, rel=1e-6)
+    for name in plain:
+        assert float((kept[name] - plain[name]).abs().max()) <= 1e-5 * float(plain[name].abs().max()), name
+    with pytest.raises(RosafxError, match="grad_checkpoint must be True or one of"):
+        GradCheckpointed(adapted, "everything")
 
 
 LIFECYCLES = {"lora-ga": {"method": "lora-ga", "rank": 2, "alpha": 4},
