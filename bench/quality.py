@@ -95,20 +95,29 @@ def do_split(glue_dir: Path) -> dict:
     return out
 
 
-def method_flags(variant: str, steps: int) -> list[str]:
-    """`rosafx train` flags for a rosafx variant's adapter (the head gets `full` by default)."""
+def method_settings(variant: str, steps: int) -> dict:
+    """`rosafx train`'s method, target, rank and options for a rosafx variant (the new head
+    gets `full` from rosafx train itself)."""
     if variant == "full":
-        return ["--method", "full", "--target", ".*"]
+        return {"method": "full", "target": [".*"]}
     if variant in ("lora", "lora-ga"):
-        return ["--method", variant, "--rank", str(RANK)]
+        return {"method": variant, "rank": RANK}
     if variant == "vera":
-        return ["--method", "vera", "--rank", str(VERA_RANK)]
+        return {"method": "vera", "rank": VERA_RANK}
     if variant == "rosa":  # the paper resamples once per epoch; our runs are shorter than an epoch
-        return ["--method", "rosa", "--rank", str(RANK), "-O", f"resample_every={max(1, steps // 4)}"]
+        return {"method": "rosa", "rank": RANK, "option": [f"resample_every={max(1, steps // 4)}"]}
     if variant == "rosa-robust":
-        return ["--method", "rosa-robust", "--rank", str(ROSA_ROBUST_RANK), "-O", f"density={ROSA_ROBUST_DENSITY}",
-                "-O", f"mask_warmup_steps={max(1, steps // 10)}"]
+        return {"method": "rosa-robust", "rank": ROSA_ROBUST_RANK,
+                "option": [f"density={ROSA_ROBUST_DENSITY}", f"mask_warmup_steps={max(1, steps // 10)}"]}
     raise KeyError(variant)
+
+
+def method_flags(variant: str, steps: int) -> list[str]:
+    settings = method_settings(variant, steps)
+    flags = ["--method", settings["method"]]
+    flags += [arg for target in settings.get("target", []) for arg in ("--target", target)]
+    flags += ["--rank", str(settings["rank"])] if "rank" in settings else []
+    return flags + [arg for option in settings.get("option", []) for arg in ("-O", option)]
 
 
 def cell_name(task: str, variant: str, seed: int, lr: float | None = None) -> str:
@@ -162,7 +171,7 @@ def run_cell(task: str, variant: str, seed: int, lr: float, out_json: Path, forc
         "task": task, "variant": variant, "seed": seed, "lr": lr, "metric": TASKS[task]["metric"],
         "command": display(cmd), "config": {**TASKS[task], "batch_size": BATCH, "warmup_ratio": WARMUP,
                                              "split_seed": SPLIT_SEED},
-        "trainable_params": trainable_params(run_dir, variant),
+        "trainable_params": trainable_params(run_dir, variant, task),
         "step_seconds_median": statistics.median(gaps) if gaps else None,
         "peak_rss_mb": usage.ru_maxrss / 1024,  # Linux: KiB
         "wall_seconds": round(wall, 1), "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
@@ -178,16 +187,56 @@ def run_cell(task: str, variant: str, seed: int, lr: float, out_json: Path, forc
     return result
 
 
-def trainable_params(run_dir: Path, variant: str) -> int:
+def trainable_params(run_dir: Path, variant: str, task: str) -> int:
     """Elements the optimizer updated: from the final checkpoint's optimizer state (exp_avg
-    of every parameter AdamW stepped), or counted in-process for the PEFT rows."""
+    of every parameter AdamW stepped), or counted in-process for the PEFT rows. ROSA clears
+    its factors' optimizer state at every resample, the last one included, so its count is
+    the requires_grad parameters of the model as `rosafx train` builds it."""
     record = run_dir / "trainable.json"
     if record.exists():
         return json.loads(record.read_text())["trainable_params"]
+    if variant == "rosa":
+        return built_trainable_params(task, variant)
     import torch
     last = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
     state = torch.load(last / "state.pt", map_location="cpu", weights_only=False)
     return sum(tensor.numel() for tensor in _exp_avgs(state))
+
+
+def built_trainable_params(task: str, variant: str) -> int:
+    """requires_grad elements of the task model with the variant's adapters, built by the
+    same recipe steps as cli/train.py (no training)."""
+    import torch
+
+    from rosafx import recipe
+    torch.set_num_threads(1)
+    settings = recipe.resolve({"model": model_dir(), "data": str(split_dir(task) / "train.tsv"),
+                               "max_length": TASKS[task]["max_length"],
+                               **method_settings(variant, TASKS[task]["steps"])})
+    spec = recipe.model_spec(settings["model"])
+    tokenizer = recipe.open_tokenizer(spec.source)
+    examples = recipe.read_examples(settings["data"], settings)
+    settings["task"] = examples.task
+    inputs = recipe.example_inputs(tokenizer, settings, pairs=examples.pairs is not None)
+    adapted = recipe.build_adapted(settings, spec, examples.label_names, inputs)
+    return sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+
+
+def recount(variant: str) -> None:
+    """Rewrite the trainable_params of every grid and sweep cell of ``variant`` from
+    built_trainable_params (one build per task)."""
+    counts = {}
+    for path in sorted(RESULTS.glob("*/*.json")):
+        cell = json.loads(path.read_text())
+        if cell["variant"] != variant:
+            continue
+        if cell["task"] not in counts:
+            counts[cell["task"]] = built_trainable_params(cell["task"], variant)
+        cell["trainable_params"] = counts[cell["task"]]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cell, indent=1))
+        tmp.replace(path)
+    print(f"{variant}: {counts}")
 
 
 def _exp_avgs(obj):
@@ -332,6 +381,7 @@ def main(argv=None) -> None:
     parser.add_argument("--all", action="store_true", help="split, sweep, grid, report")
     parser.add_argument("--cell", action="append", default=[], help="TASK:VARIANT:SEED[:LR] (LR: a sweep cell)")
     parser.add_argument("--report", action="store_true")
+    parser.add_argument("--recount", metavar="VARIANT", help="recount a variant's trainable parameters by building it")
     parser.add_argument("--tasks", nargs="*", default=list(TASKS))
     parser.add_argument("--variants", nargs="*", default=VARIANTS)
     parser.add_argument("--seeds", nargs="*", type=int, default=list(SEEDS))
@@ -363,6 +413,8 @@ def main(argv=None) -> None:
                           RESULTS / "grid" / (cell_name(task, variant, int(seed)) + ".json")))
     if cells:
         run_many(cells, args.jobs, args.force)
+    if args.recount:
+        recount(args.recount)
     if args.report or args.all:
         from quality_report import build_report
         build_report(RESULTS, REPO / "docs")
