@@ -8,6 +8,7 @@ spreads, otherwise inconclusive."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import statistics
 from collections import defaultdict
@@ -107,9 +108,27 @@ def relative_step_time(grouped: dict, method: str, tasks: list[str]) -> str:
     return f"{statistics.median(ratios):.2f}" if ratios else "–"
 
 
+def sampling_error(metric: str, value: float, rows: int) -> float:
+    """Standard error of the difference of two independent estimates of ``metric`` on
+    ``rows`` validation rows: √2 x the binomial SE for accuracy, √2 x (1 - r²)/√(n - 1)
+    for a correlation (MCC, Pearson, Spearman)."""
+    if not rows:
+        return 0.0
+    if metric in ("accuracy", "f1"):
+        return math.sqrt(2 * value * (1 - value) / rows)
+    return math.sqrt(2) * (1 - value * value) / math.sqrt(rows - 1)
+
+
+def learned_nothing(cells: list[dict], task: str) -> bool:
+    """Every seed predicts a constant (MCC 0) or, for regression, Pearson below 0.05."""
+    if SHOWN[task][0] == "pearson":
+        return all(final_value(c, "pearson") < 0.05 for c in cells)
+    return all(abs(c["final"].get("eval_matthews", 1.0)) < 1e-9 for c in cells)
+
+
 def claim_rows(cells: list[dict]) -> list[dict]:
-    """Per claim and task: the gap (a - b) in the lead metric, the sum of spreads, and
-    holds / does not hold / inconclusive."""
+    """Per claim and task: the gap (a - b) in the lead metric, the sum of spreads, the
+    sampling error of a difference, and holds / does not hold / inconclusive."""
     grouped = by_task_method(cells)
     rows = []
     for claim, a, b, kind in CLAIMS:
@@ -119,9 +138,14 @@ def claim_rows(cells: list[dict]) -> list[dict]:
             metric = SHOWN[task][0]
             mean_a, spread_a, _ = score(grouped[(task, a)], metric)
             mean_b, spread_b, _ = score(grouped[(task, b)], metric)
-            gap, noise = mean_a - mean_b, spread_a + spread_b
-            rows.append({"claim": claim, "task": task, "a": a, "b": b, "gap": gap, "noise": noise,
-                         "verdict": verdict(kind, gap, noise)})
+            rows_valid = grouped[(task, b)][0].get("config", {}).get("valid", 0)
+            sampling = sampling_error(metric, (mean_a + mean_b) / 2, rows_valid)
+            gap, spreads = mean_a - mean_b, spread_a + spread_b
+            nothing = learned_nothing(grouped[(task, a)], task) and learned_nothing(grouped[(task, b)], task)
+            rows.append({"claim": claim, "task": task, "a": a, "b": b, "gap": gap, "spreads": spreads,
+                         "sampling": sampling, "noise": max(spreads, sampling),
+                         "verdict": "inconclusive (neither learned)" if nothing
+                         else verdict(kind, gap, max(spreads, sampling))})
     return rows
 
 
@@ -134,10 +158,10 @@ def verdict(kind: str, gap: float, noise: float) -> str:
 
 def claims_table(cells: list[dict]) -> str:
     rows = claim_rows(cells)
-    lines = ["| claim | task | gap (points) | spread sum | verdict |", "|---|---|---|---|---|"]
+    lines = ["| claim | task | gap (points) | spread sum | sampling error | verdict |", "|---|---|---|---|---|---|"]
     for row in rows:
-        lines.append(f"| {row['claim']} | {row['task']} | {row['gap'] * 100:+.1f} | {row['noise'] * 100:.1f} | "
-                     f"{row['verdict']} |")
+        lines.append(f"| {row['claim']} | {row['task']} | {row['gap'] * 100:+.1f} | {row['spreads'] * 100:.1f} | "
+                     f"{row['sampling'] * 100:.1f} | {row['verdict']} |")
     return "\n".join(lines)
 
 

@@ -53,7 +53,8 @@ def test_split_of_headerless_cola_with_a_training_subset(tmp_path):
 
 def cell(task, variant, seed, value, *, params=100, step=0.5, losses=(1.0, 0.8, 0.6, 0.4)):
     metric = {"RTE": "accuracy", "MRPC": "accuracy"}[task]
-    final = {"step": len(losses), "eval_loss": 0.5, "eval_accuracy": value, "eval_f1": value - 0.1}
+    final = {"step": len(losses), "eval_loss": 0.5, "eval_accuracy": value, "eval_f1": value - 0.1,
+             "eval_matthews": 0.0 if value == 0.5 else 0.2}
     return {"task": task, "variant": variant, "seed": seed, "lr": 1e-3, "metric": metric,
             "trainable_params": params, "step_seconds_median": step, "peak_rss_mb": 900.0,
             "train_loss": [[i + 1, loss, float(i)] for i, loss in enumerate(losses)],
@@ -75,6 +76,15 @@ def test_report_rows_from_synthetic_cells():
     verdicts = {(r["a"], r["b"]): r["verdict"] for r in claim_rows(CELLS)}
     assert verdicts[("vera", "lora")] == "does not hold"   # 11 points worse, spreads sum to 3
     assert verdicts[("rosa", "lora")] == "inconclusive"    # +1 point, spreads sum to 4
+
+
+def test_verdicts_weigh_the_validation_size_and_constant_predictions():
+    def vera_verdict(rows):
+        return [r["verdict"] for r in claim_rows([{**c, "config": {"valid": rows}} for c in CELLS]) if r["a"] == "vera"]
+    assert vera_verdict(100_000) == ["does not hold"]  # 11 points worse; spreads 3, sampling error 0.2
+    assert vera_verdict(20) == ["holds"]  # √(2·0.56·0.44/20) = 15.7 points: "≈" cannot be rejected
+    constant = [cell("RTE", v, s, 0.5) for v in ("lora", "rosa") for s in (0, 1)]
+    assert [r["verdict"] for r in claim_rows(constant)] == ["inconclusive (neither learned)"]
 
 
 def test_steps_to_target_uses_the_reference_final_smoothed_loss():
