@@ -13,7 +13,7 @@ acts on the weight, as HF PEFT's ``target_parameters`` does::
 Every inserted node carries ``meta["rosafx_expert_part"]``; ``W_eff`` carries
 ``meta["rosafx_experts"]`` (weight name, layout, expert -> adapter key) for merge, which
 replaces it by the plain parameter W + ΔW. Only methods whose adapter needs nothing but its
-own tensors (``EXPERT_METHODS``) may adapt an expert.
+own tensors (``Method.adapts_expert_weights``) may adapt an expert.
 """
 from __future__ import annotations
 
@@ -21,21 +21,22 @@ import torch
 from torch import fx
 
 from rosafx.errors import RosafxError
+from rosafx.methods import get_method, methods_that
 from rosafx.methods.base import Adapter, GraphEmitter
 from rosafx.sites import Site
 
 from .insert import ADAPTERS, adapter_key
 
 aten = torch.ops.aten
-EXPERT_METHODS = ("lora",)
 PART, EXPERTS = "rosafx_expert_part", "rosafx_experts"
 
 
 def check_expert_methods(pairs) -> None:
     for site, config in pairs:
-        if site.expert is not None and config.method not in EXPERT_METHODS:
-            raise RosafxError(f"Site '{site.path}' is an MoE expert weight; only {list(EXPERT_METHODS)} can adapt "
-                              f"expert weights, not '{config.method}'. Exclude it or use lora for it.")
+        if site.expert is not None and not get_method(config.method).adapts_expert_weights:
+            raise RosafxError(f"Site '{site.path}' is an MoE expert weight; only "
+                              f"{methods_that('adapts_expert_weights')} can adapt expert weights, not "
+                              f"'{config.method}'. Exclude it or use lora for it.")
 
 
 def insert_expert_adapters(gm: fx.GraphModule, sites: list[Site], adapters: list[Adapter]) -> fx.GraphModule:

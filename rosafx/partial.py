@@ -39,8 +39,6 @@ from torch.utils import _pytree as pytree
 from .capture import _UseCacheOff, _rebind_parameters, normalize_example_inputs
 from .errors import RosafxError
 
-PARTIAL_METHODS = ("lora",)  # methods with no state shared across sites or graph-wide passes
-
 
 class PartlyCaptured(nn.Module):
     """The user's model with its exportable submodules replaced by graphs."""
@@ -260,7 +258,7 @@ def transform_partly(model: nn.Module, rules: dict, example_inputs=None, *, reas
     from rosafx.passes.dropout import dropout_follows_mode
     from rosafx.passes.insert import ADAPTERS, adapter_key, adapters_of
 
-    from .methods import FULL, parse_config
+    from .methods import FULL, get_method, methods_that, parse_config
     from .rules import no_match_error, resolve
     from .transform import _insert, fingerprint
 
@@ -276,10 +274,10 @@ def transform_partly(model: nn.Module, rules: dict, example_inputs=None, *, reas
                           f"export: {reason}).")
     if not chosen:
         raise no_match_error(rules, all_sites)
-    bad = sorted({c.method for c in chosen.values()} - set(PARTIAL_METHODS))
+    bad = sorted({c.method for c in chosen.values() if not get_method(c.method).adapts_partly_captured})
     if bad:
         raise RosafxError(f"This model exports only in parts ({reason}); rosafx adapts such a model with "
-                          f"{list(PARTIAL_METHODS)}, not {bad}.")
+                          f"{methods_that('adapts_partly_captured')}, not {bad}.")
     container = nn.ModuleDict()
     site_meta, weight_names = {}, []
     for path, gm, sites in per_part:

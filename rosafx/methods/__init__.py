@@ -26,6 +26,11 @@ def get_method(method_id: str) -> Method:
     return REGISTRY[method_id]
 
 
+def methods_that(capability: str) -> list[str]:
+    """Ids of the registered methods with ``capability`` set (e.g. ``adapts_expert_weights``)."""
+    return sorted(m.id for m in REGISTRY.values() if getattr(m, capability))
+
+
 def parse_config(raw) -> MethodConfig | str:
     """A rule value -> a method config object (or FULL)."""
     if isinstance(raw, MethodConfig):
@@ -45,4 +50,4 @@ def parse_config(raw) -> MethodConfig | str:
     return get_method(raw["method"]).Config.from_dict(raw)
 
 
-__all__ = ["REGISTRY", "FULL", "get_method", "parse_config", "Adapter", "Method", "MethodConfig"]
+__all__ = ["REGISTRY", "FULL", "get_method", "methods_that", "parse_config", "Adapter", "Method", "MethodConfig"]

@@ -229,12 +229,15 @@ class CalibrateFirst(Lifecycle):
 class Method:
     """Registry entry. ``build`` turns (site, config) pairs into adapters; methods with
     state shared across sites (VeRA's random pair) override it. ``lifecycle`` gives the
-    method's training events (None: nothing to do while training)."""
+    method's training events (None: nothing to do while training). The two flags opt in to
+    features that only some adapters can serve; the passes read them, never a list of ids."""
 
     id: str = ""
     description: str = ""
     Config: type[MethodConfig] = MethodConfig
     Adapter: type[Adapter] = Adapter
+    adapts_expert_weights: bool = False   # MoE expert slices: ΔW from its own tensors (``emit_delta``)
+    adapts_partly_captured: bool = False  # rosafx/partial.py: no state across sites, no graph-wide pass
 
     def build(self, gm: fx.GraphModule, pairs: list[tuple[Site, MethodConfig]]) -> list[Adapter]:
         return [self.Adapter(site, config) for site, config in pairs]

@@ -73,6 +73,8 @@ class Lora(Method):
     description = "LoRA (Hu et al. 2021): trainable low-rank A, B; ΔW = alpha/r·B·A"
     Config = LoraConfig
     Adapter = LoraAdapter
+    adapts_expert_weights = True
+    adapts_partly_captured = True
 
 
 assert lowrank  # the op must be registered before an adapter emits it
