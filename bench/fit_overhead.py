@@ -21,9 +21,11 @@ from pathlib import Path
 import torch
 
 import rosafx
-from rosafx.data import SAMPLES, Batches, encode, examples_from, loss_for, model_inputs, read_table
-from rosafx.demo import TARGETS, load_embedded_model
+from common import SST2_SAMPLE, load_classifier
+from rosafx.data import Batches, encode, examples_from, loss_for, model_inputs, read_table
 from rosafx.optim import Optimization, adamw, lr_factor
+
+ATTENTION_LINEARS = ("query", "key", "value", "attention.output.dense")  # as make demo
 
 
 def hand_loop(model, batches, loss_fn, steps: int, lr: float) -> float:
@@ -59,11 +61,11 @@ def main(argv=None) -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    examples = examples_from(read_table(Path(SAMPLES) / "sst2_sample.tsv"))
-    model, tokenizer = load_embedded_model()
+    examples = examples_from(read_table(SST2_SAMPLE))
+    model, tokenizer = load_classifier()
     batches = Batches(encode(examples, tokenizer, args.max_length), args.batch_size, shuffle=True, seed=0)
     lora = {"method": "lora", "rank": 8}
-    adapted = rosafx.transform(model, {**{t: lora for t in TARGETS}, "classifier": {"method": "full"}},
+    adapted = rosafx.transform(model, {**{t: lora for t in ATTENTION_LINEARS}, "classifier": {"method": "full"}},
                                example_inputs=model_inputs(next(iter(batches))))
     loss_fn = loss_for("classification")
     hand_loop(adapted, batches, loss_fn, 3, 1e-4)  # warm-up: allocator, kernels

