@@ -148,7 +148,7 @@ def main() -> None:
                                                   args)
     inputs = tokenizer(train_examples.texts[:32], padding="max_length", truncation=True,
                        max_length=args.max_length, return_tensors="pt")
-    inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+    inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     labels = torch.tensor(train_examples.labels[:32])
     times = step_times(models, inputs, labels, args.repeats, args.timing_steps)
     print(f"step time, batch 32 x {args.max_length} tokens, median of {args.repeats} interleaved repeats:")
