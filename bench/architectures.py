@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import rosafx  # noqa: E402
-from rosafx.passes.insert import adapters_of  # noqa: E402
+from rosafx.adapted_graph import adapters_of  # noqa: E402
 
 from arch_zoo import ARCHS  # noqa: E402
 from models import main_output  # noqa: E402

@@ -73,7 +73,7 @@ def rosafx_variant(rules, fuse=False, masks=False):
 
 def random_masks(adapted) -> None:
     from rosafx.methods.rosa_robust import RosaRobustAdapter, mask_from_statistic
-    from rosafx.passes.insert import adapters_of
+    from rosafx.adapted_graph import adapters_of
     g = torch.Generator().manual_seed(0)
     for adapter in adapters_of(adapted).values():
         if isinstance(adapter, RosaRobustAdapter):

@@ -1,74 +1,163 @@
-"""Regenerate docs/architecture.md: one small model through every pass, with the graph
-printed by the code itself before and after each one.
+"""Regenerate docs/architecture.md: the layers, the two pipelines, the adapted graph's
+schema, and one small model through every pass with the graph printed by the code itself
+before and after each one.
 
     .venv/bin/python docs/make_walkthrough.py
 """
 from __future__ import annotations
 
+import json
 import re
+import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 import rosafx
+from rosafx.adapted_graph import adapter_nodes, record
 from rosafx.capture import capture
-from rosafx.passes.dropout import dropout_follows_mode
-from rosafx.passes.insert import insert_adapters
-from rosafx.methods import get_method, parse_config
-from rosafx.sites import find_sites
+from rosafx.passes.fuse_siblings import fuse_siblings
+from rosafx.plan import Plan
+from rosafx.transform import apply, capture_sites
 
 OUT = Path(__file__).with_name("architecture.md")
+RULES = {"query": {"method": "lora", "rank": 2, "alpha": 4}, "key": {"method": "lora", "rank": 2, "alpha": 4}}
+
+LAYERS = """\
+## Layers
+
+```
+api / cli   rosafx.transform (the pipeline), partial (graph-break fallback), serialize, peft_format,
+            peft_experts, api, fit, lifecycle, checkpoint, distributed, hf_trainer, runs, ... , rosafx.cli.*
+   ^
+passes      rosafx.passes: dropout, insert (+ insert_experts), fuse_siblings, lower, resample, merge,
+            decompose, export (+ onnx_latency)
+   ^
+core        capture, sites (the site-form table), rules (the one matcher), plan, adapted_graph (the
+            schema), adapter_tensors, calibration, ranks, methods/*, ops/*, kernels/*, data/*, errors, ...
+```
+
+A module imports only its own layer or the ones below, and the import graph has no cycle;
+`tests/test_layering.py` reads every import of the installed package (function-level ones
+included) and fails otherwise. Methods sit in the core: their life cycles call
+`rosafx.calibration` (core) and their own math (rosa's `resample_adapters`), never a pass.
+
+## Who owns what
+
+* **The site-form table** (`rosafx/sites.py`): every way a graph applies a weight as a linear
+  map (`linear`, `addmm`, `matmul`, `mm`, `bmm`, `einsum`, MoE expert weights), with the argument
+  positions of x, W and bias, whether W is read in x out, the views W may pass through
+  (`WEIGHT_VIEWS`), and how to write a call again (`rebuild`). `ADAPTER_CALL` says how every
+  adapter op is called: `op(x, W, bias, ...)`, W read out x in. No pass branches on an op name.
+* **The rules and the plan** (`rosafx/rules.py`, `rosafx/plan.py`): a rule key has one kind
+  (type < regex < suffix < exact path); one matcher (`best_match`) serves sites, `full`
+  modules, and HF PEFT's `target_modules` and patterns. `Plan.from_rules` turns rules into
+  site -> method config plus `full` modules; `to_dict` / `from_dict` store and restore it.
+* **The adapted graph** (`rosafx/adapted_graph.py`): where adapters live, how a node names its
+  site, the site's weight, reading and replacing it, the fingerprint. Each fact is kept once
+  (below).
+
+## Two pipelines, one capture each
+
+```
+transform = capture -> sites -> Plan.from_rules(rules)  -> apply
+load      = capture -> sites -> Plan.from_dict(saved)   -> apply -> install tensors
+load_peft = capture -> sites -> plan from the PEFT config -> apply -> install tensors
+```
+
+`rosafx.transform.capture_sites` is the first two steps (a model that does not export whole is
+captured in parts, `rosafx/partial.py`, and the same plan applies to the parts);
+`rosafx.transform.apply` inserts the plan's adapters, makes `full` modules trainable and writes
+the graph's record. `rosafx inspect MODEL --method ...` captures once and prints the plan.
+"""
 
 
 class Block(nn.Module):
     def __init__(self):
         super().__init__()
         self.query = nn.Linear(8, 8)
+        self.key = nn.Linear(8, 8)
         self.drop = nn.Dropout(0.1)
         self.out = nn.Linear(8, 4)
 
     def forward(self, x):
-        return self.out(self.drop(torch.relu(self.query(x))))
+        return self.out(self.drop(torch.relu(self.query(x) + self.key(x))))
 
 
 def code(gm) -> str:
     body = gm.code.strip().splitlines()
     keep = [line for line in body if line.strip() and "_guards" not in line and "tree_flatten_spec" not in line]
     keep = [re.sub(r"return pytree\.tree_unflatten\(\((\w+),\).*", r"return \1", line) for line in keep]
+    keep = [re.sub(r";  [\w ,=]+ = None$", "", line) for line in keep]  # fx's "x = None" frees: noise here
     return "```python\n" + "\n".join(keep) + "\n```\n"
+
+
+def block(text: str, lang: str = "") -> str:
+    return f"```{lang}\n{text}\n```\n"
 
 
 def main() -> None:
     torch.manual_seed(0)
     model, example = Block().eval(), (torch.randn(2, 3, 8),)
-    gm, _, _ = capture(model, example)
-    parts = [__doc__.split("\n\n")[0].replace("Regenerate docs/architecture.md: one", "# Architecture\n\nOne"), "\n",
-             "Generated by `docs/make_walkthrough.py`; the model is `Linear(8, 8) → ReLU → Dropout → Linear(8, 4)`.\n",
-             "\n## 1. capture (`rosafx/capture.py`)\n`torch.export(strict=False)` with dynamic batch and sequence, "
-             "re-wrapped as a plain `fx.GraphModule`; parameters re-bound so the user's model is never touched.\n",
-             code(gm)]
-    gm = dropout_follows_mode(gm)
-    parts += ["\n## 2. dropout follows train()/eval() (`passes/dropout.py`)\nExport bakes the mode into "
-              "`aten.dropout(x, p, False)`; the pass turns it into an `nn.Dropout` call.\n", code(gm)]
-    sites = find_sites(gm)
-    parts += ["\n## 3. sites (`rosafx/sites.py`) and rules (`rosafx/rules.py`)\n",
-              "| path | op | out x in |\n|---|---|---|\n"]
-    parts += [f"| `{s.path}` | {'addmm' if s.transposed else 'linear'} | {s.out_features} x {s.in_features} |\n"
-              for s in sites]
-    config = parse_config({"method": "lora", "rank": 2, "alpha": 4})
-    site = next(s for s in sites if s.path == "query")
-    gm = insert_adapters(gm, [site], get_method("lora").build(gm, [(site, config)]))
-    parts += ["\nRules `{\"query\": {\"method\": \"lora\", \"rank\": 2, \"alpha\": 4}}` select `query`.\n",
-              "\n## 4. insert (`passes/insert.py`)\nThe site's call becomes one call of a registered op "
-              "(`torch.library`), which stays a single node under `torch.export` and has a Triton "
-              "lowering on CUDA.\n", code(gm)]
-    adapted = rosafx.transform(model, {"query": {"method": "lora", "rank": 2, "alpha": 4}}, example_inputs=example)
+    parts = ["# Architecture\n\nGenerated by `docs/make_walkthrough.py` (the code prints every graph below).\n\n",
+             LAYERS]
+    raw, _, _ = capture(model, example)
+    captured = capture_sites(model, example)
+    parts += ["\n## The walkthrough\n\nThe model is `out(Dropout(relu(query(x) + key(x))))`, all `Linear(8, ·)`.\n",
+              "\n### 1. capture (`rosafx/capture.py`)\n"
+              "`torch.export(strict=False)` with dynamic batch and sequence, re-wrapped as a plain "
+              "`fx.GraphModule`, parameters re-bound so the user's model is never touched.\n", code(raw),
+              "\n### 2. dropout (`passes/dropout.py`)\nExport bakes the train/eval mode into "
+              "`aten.dropout(x, p, False)`; the pass turns it into an `nn.Dropout` call that follows "
+              "`train()`/`eval()`.\n", code(captured.module)]
+    parts += ["\n### 3. sites (`rosafx/sites.py`)\n", "| path | form | out x in | module type |\n|---|---|---|---|\n"]
+    parts += [f"| `{s.path}` | {s.form} | {s.out_features} x {s.in_features} | {s.module_type.split('.')[-1]} |\n"
+              for s in captured.sites]
+    plan = Plan.from_rules(RULES, captured.sites, captured.modules)
+    parts += ["\n### 4. plan (`rosafx/plan.py`)\n", f"Rules `{json.dumps(RULES)}` give the plan (`Plan.to_dict()`):\n",
+              block(json.dumps(plan.to_dict(), indent=2), "json")]
+    adapted = apply(captured, plan)
+    node = adapter_nodes(adapted)[0]
+    info = record(adapted)
+    shown = {"plan": "Plan(...)  (the adapters' own config objects)", "sites": info["sites"],
+             "example_inputs": "(args, kwargs)", "fingerprint": info["fingerprint"][:16] + "..."}
+    parts += ["\n### 5. insert (`passes/insert.py`, through `rosafx.transform.apply`)\n"
+              "Each call of a planned site becomes one call of a registered op (`torch.library`), which "
+              "stays a single node under `torch.export` and has a Triton twin for `lower`. Its arguments "
+              "follow `ADAPTER_CALL`: x, W (out x in), bias, then the adapter's tensors.\n", code(adapted),
+              "The adapted graph's record, `gm.meta[\"rosafx\"]` (one copy of each fact):\n",
+              block(json.dumps(shown, indent=2, default=str), "json"),
+              "and an adapter node's mark, `node.meta[\"rosafx\"]` (its site, and what merge needs to "
+              "write the original call again):\n", block(json.dumps(node.meta["rosafx"], default=str), "json"),
+              "Adapters live in `gm.rosafx_adapters`; `adapters_of(gm)` maps site path -> adapter, the only "
+              "name a site has outside this module.\n"]
+    with tempfile.TemporaryDirectory() as tmp:
+        rosafx.save(adapted, Path(tmp) / "adapter")
+        saved = json.loads((Path(tmp) / "adapter" / "rosafx.json").read_text())
+    saved["fingerprint"] = saved["fingerprint"][:16] + "..."
+    parts += ["\n### 6. save and load (`rosafx/serialize.py`)\n`rosafx.json` holds the plan, each site's "
+              "weight and the fingerprint; `adapter.safetensors` the adapter tensors. `load` rebuilds the "
+              "plan with `Plan.from_dict` and applies it to one fresh capture.\n", block(json.dumps(saved, indent=2),
+                                                                                         "json")]
+    fused = fuse_siblings(rosafx.transform(model, RULES, example_inputs=example))
+    parts += ["\n### 7. fuse_siblings (`passes/fuse_siblings.py`)\nSites that read the same input share "
+              "one down-projection over their stacked A's; every Parameter stays where it was and each "
+              "site keeps its node and mark.\n", code(fused)]
     merged = rosafx.merge(adapted)
-    parts += ["\n## 5. merge (`passes/merge.py`)\nW + ΔW in fp32 (finite check), back to `aten.linear`: the "
-              "merged graph has exactly the base graph's matmuls.\n", code(merged)]
-    parts += ["\n## 6. export (`passes/export.py`)\n`torch.onnx.export(..., dynamo=True)` of the merged graph, "
-              "written under a temporary name, checked with onnxruntime against torch, then renamed.\n"]
+    parts += ["\n### 8. merge (`passes/merge.py`)\nW + ΔW in fp32 (finite check); each node goes back to its "
+              "own form through the table's `rebuild`: the merged graph has exactly the base graph's "
+              "matmuls.\n", code(merged)]
+    parts += ["\n### 9. export (`passes/export.py`)\n`torch.onnx.export(..., dynamo=True)` of the merged graph, "
+              "written under a temporary name, checked with onnxruntime against torch, then renamed; returns "
+              "an `ExportReport`.\n",
+              "\n### Passes that change tensors, not the graph's shape\n"
+              "* `lower` (`passes/lower.py`) swaps each adapter node's target between the torch op and its "
+              "Triton twin; arguments and marks stay.\n"
+              "* `calibrate` (`rosafx/calibration.py`, core) runs lora-ga's and rosa-robust's data-dependent "
+              "preparation; a site that gets a new frozen weight reads `rosafx_adapters.<site>.base_weight` "
+              "from then on (`adapted_graph.set_base_weight`).\n"
+              "* `resample` (`passes/resample.py`) refactorises rosa's adapters in place.\n"]
     text = "".join(parts)
     OUT.write_text(re.sub(r"\n{3,}", "\n\n", text))
     print(f"wrote {OUT}")

@@ -17,8 +17,9 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from rosafx.capture import dynamic_shapes_for, normalize_example_inputs
+from rosafx.adapted_graph import is_adapted, record
 from rosafx.atomic import temp_file_beside
+from rosafx.capture import dynamic_shapes_for, normalize_example_inputs
 from rosafx.errors import RosafxError
 
 from .decompose import decompose_for_onnx
@@ -68,12 +69,12 @@ class ExportReport:
 
 
 def _is_adapted(model) -> bool:
-    return isinstance(model, fx.GraphModule) and "rosafx" in getattr(model, "meta", {})
+    return isinstance(model, fx.GraphModule) and is_adapted(model)
 
 
 def _example(model, example_inputs) -> tuple[tuple, dict]:
     if example_inputs is None and _is_adapted(model):
-        return model.meta["rosafx"]["example_inputs"]
+        return record(model)["example_inputs"]
     return normalize_example_inputs(model, example_inputs)
 
 

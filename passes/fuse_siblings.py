@@ -21,7 +21,7 @@ only their d and b gradients read::
     vera_linear  = rosafx.vera_linear_given_h.default(x, q_w, q_b, vera_A, vera_B, q_d, q_b, None, vera_project)
 
 Only the nodes change: every Parameter stays where it was (the A's stay separate), each
-site keeps its node with ``(x, weight, bias, …)`` first and its ``node.meta["rosafx"]``,
+site keeps its node with ``(x, weight, bias, …)`` first and its site mark (rosafx/adapted_graph.py),
 so merge, calibrate, save (rosafx and PEFT formats) and ``lower`` work on a fused graph
 (``lower`` leaves the fused ops on torch). Sites with their own dropout input are not
 fused (each has its own mask). The module is changed in place and returned, so an
@@ -35,9 +35,8 @@ import operator
 import torch
 from torch import fx
 
+from rosafx.adapted_graph import adapter_nodes, adapters_of, call_args, site_of
 from rosafx.ops import siblings as _siblings_ops  # noqa: F401  (registers the fused ops)
-
-from .insert import adapter_nodes, adapters_of
 
 rosafx_ops = torch.ops.rosafx
 FUSED = "rosafx_fused"  # node.meta key of the nodes this pass adds (merge drops them)
@@ -47,17 +46,17 @@ def _lowrank_key(node: fx.Node):
     """Sites that may share a stacked down-projection: plain lowrank_linear reading x itself."""
     if node.target is not rosafx_ops.lowrank_linear.default or len(node.args) < 7 or node.args[6] is not None:
         return None
-    return ("lowrank", node.args[0])
+    return ("lowrank", call_args(node)[0])
 
 
 def _vera_key(node: fx.Node, gm: fx.GraphModule):
     if node.target is not rosafx_ops.vera_linear.default or (len(node.args) > 7 and node.args[7] is not None):
         return None
-    return ("vera", node.args[0], node.args[3].target, _in_features(node, gm))
+    return ("vera", call_args(node)[0], node.args[3].target, _in_features(node, gm))
 
 
 def _in_features(node: fx.Node, gm: fx.GraphModule) -> int:
-    return adapters_of(gm)[node.meta["rosafx"]["key"]].in_features
+    return adapters_of(gm)[site_of(node)].in_features
 
 
 def sibling_groups(gm: fx.GraphModule) -> list[list[fx.Node]]:
@@ -81,7 +80,7 @@ def _fuse_lowrank(graph: fx.Graph, nodes: list[fx.Node]) -> None:
     first = nodes[0]
     with graph.inserting_before(first):
         As = [graph.get_attr(n.args[3].target) for n in nodes]
-        stacked = _tag(graph.call_function(rosafx_ops.lowrank_down_stacked.default, (first.args[0], As)), first)
+        stacked = _tag(graph.call_function(rosafx_ops.lowrank_down_stacked.default, (call_args(first)[0], As)), first)
         hs = [_tag(graph.call_function(operator.getitem, (stacked, i)), first) for i in range(len(nodes))]
     for node, h in zip(nodes, hs):
         x, weight, bias, _, B, scale = node.args[:6]
@@ -96,7 +95,7 @@ def _fuse_vera(graph: fx.Graph, nodes: list[fx.Node], in_features: int) -> None:
     first = nodes[0]
     with graph.inserting_before(first):
         A_shared = graph.get_attr(first.args[3].target)
-        h = _tag(graph.call_function(rosafx_ops.vera_project.default, (first.args[0], A_shared, in_features)), first)
+        h = _tag(graph.call_function(rosafx_ops.vera_project.default, (call_args(first)[0], A_shared, in_features)), first)
     for node in nodes:
         with graph.inserting_before(node):
             fused = graph.call_function(rosafx_ops.vera_linear_given_h.default, (*node.args[:7], None, h))

@@ -11,7 +11,7 @@ acts on the weight, as HF PEFT's ``target_parameters`` does::
     W_eff = add(W, type_as(stack([d0, d1, ...]), W)) read wherever W was
 
 Every inserted node carries ``meta["rosafx_expert_part"]``; ``W_eff`` carries
-``meta["rosafx_experts"]`` (weight name, layout, expert -> adapter key) for merge, which
+``meta["rosafx_experts"]`` (the parameter's name, expert -> site path) for merge, which
 replaces it by the plain parameter W + ΔW. Only methods whose adapter needs nothing but its
 own tensors (``Method.adapts_expert_weights``) may adapt an expert.
 """
@@ -20,12 +20,11 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from rosafx.adapted_graph import add_adapter
 from rosafx.errors import RosafxError
 from rosafx.methods import get_method, methods_that
 from rosafx.methods.base import Adapter, GraphEmitter
-from rosafx.sites import Site
-
-from .insert import ADAPTERS, adapter_key
+from rosafx.sites import Site, read_as
 
 aten = torch.ops.aten
 PART, EXPERTS = "rosafx_expert_part", "rosafx_experts"
@@ -40,11 +39,9 @@ def check_expert_methods(pairs) -> None:
 
 
 def insert_expert_adapters(gm: fx.GraphModule, sites: list[Site], adapters: list[Adapter]) -> fx.GraphModule:
-    container = getattr(gm, ADAPTERS)
-    by_weight: dict[str, dict[int, tuple[Site, Adapter]]] = {}
+    by_weight: dict[str, dict[int, tuple[Site, Adapter, str]]] = {}
     for site, adapter in zip(sites, adapters):
-        container[adapter_key(site.path)] = adapter
-        by_weight.setdefault(site.weight_name, {})[site.expert] = (site, adapter)
+        by_weight.setdefault(site.weight_name, {})[site.expert] = (site, adapter, add_adapter(gm, site.path, adapter))
     graph = gm.graph
     for weight_name, experts in by_weight.items():
         readers = [n for n in graph.nodes if n.op == "get_attr" and n.target == weight_name]
@@ -59,13 +56,12 @@ def insert_expert_adapters(gm: fx.GraphModule, sites: list[Site], adapters: list
             deltas = []
             for expert in range(num_experts):
                 if expert in experts:
-                    site, adapter = experts[expert]
+                    site, adapter, prefix = experts[expert]
                     before = set(graph.nodes)
-                    delta = adapter.emit_delta(GraphEmitter(graph, f"{ADAPTERS}.{adapter_key(site.path)}"))
+                    delta = adapter.emit_delta(GraphEmitter(graph, prefix))
                     if delta is None:
                         raise RosafxError(f"Method '{adapter.config.method}' cannot adapt expert weight '{site.path}'.")
-                    if stored_in_out:
-                        delta = graph.call_function(aten.t.default, (delta,))
+                    delta = read_as(graph, delta, False, stored_in_out)  # ΔW out x in, in W's layout
                     created += [n for n in graph.nodes if n not in before]
                 else:
                     picked = graph.call_function(aten.select.int, (weight, 0, expert))
@@ -78,9 +74,7 @@ def insert_expert_adapters(gm: fx.GraphModule, sites: list[Site], adapters: list
             created += [stacked, cast, effective]
         for node in created:
             node.meta[PART] = True
-        effective.meta[EXPERTS] = {"weight_name": weight_name, "transposed": stored_in_out,
-                                   "keys": {e: adapter_key(s.path) for e, (s, _) in experts.items()},
-                                   "sites": {e: s.path for e, (s, _) in experts.items()}}
+        effective.meta[EXPERTS] = {"weight_name": weight_name, "sites": {e: s.path for e, (s, _, _) in experts.items()}}
         for reader in readers:
             reader.replace_all_uses_with(effective)
             graph.erase_node(reader)

@@ -3,7 +3,7 @@
     lowrank_linear = rosafx.lowrank_linear.default(x, W, b, lora_A, lora_B, 2.0, None)
  -> lowrank_linear = rosafx.lowrank_linear_triton.default(x, W, b, lora_A, lora_B, 2.0, None)
 
-Only the node's target changes: arguments and node.meta["rosafx"] stay, so merge,
+Only the node's target changes: arguments and the node's site mark stay, so merge,
 resample, save and a second ``lower`` (back to torch) work on a lowered graph. The module
 is changed in place and returned, so optimizers holding its adapter parameters keep
 training the same tensors. ``auto`` picks Triton when a site's adapter tensors are on CUDA
@@ -19,10 +19,9 @@ import os
 import torch
 from torch import fx
 
+from rosafx.adapted_graph import adapter_nodes, adapters_of, site_of
 from rosafx.errors import RosafxError
 from rosafx.ops.spec import implementations
-
-from .insert import adapter_nodes, adapters_of
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -37,8 +36,8 @@ def _twins() -> dict:
     return implementations("triton")
 
 
-def _on_cuda(gm: fx.GraphModule, key: str) -> bool:
-    adapter = adapters_of(gm).get(key)
+def _on_cuda(gm: fx.GraphModule, path: str) -> bool:
+    adapter = adapters_of(gm).get(path)
     tensors = list(adapter.parameters()) + list(adapter.buffers()) if adapter is not None else []
     return bool(tensors) and all(t.is_cuda for t in tensors)
 
@@ -47,7 +46,7 @@ def lower(gm: fx.GraphModule, backend: str = "auto") -> fx.GraphModule:
     if backend not in BACKENDS:
         raise RosafxError(f"Unknown backend {backend!r}; use one of {', '.join(BACKENDS)}.")
     nodes = adapter_nodes(gm)
-    wants_triton = {n: backend == "triton" or (backend == "auto" and _on_cuda(gm, n.meta["rosafx"]["key"]))
+    wants_triton = {n: backend == "triton" or (backend == "auto" and _on_cuda(gm, site_of(n)))
                     for n in nodes}
     if backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         raise RosafxError("backend='triton' needs a CUDA device, or TRITON_INTERPRET=1 set before rosafx "
@@ -59,7 +58,6 @@ def lower(gm: fx.GraphModule, backend: str = "auto") -> fx.GraphModule:
         node.target = to_triton.get(reference, reference) if wants_triton[node] else reference
     gm.graph.lint()
     gm.recompile()
-    gm.meta["rosafx_backend"] = backend
     return gm
 
 

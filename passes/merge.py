@@ -17,11 +17,11 @@ import copy
 import torch
 from torch import fx, nn
 
+from rosafx.adapted_graph import (ADAPTERS, META, adapter_nodes, adapters_of, call_args, is_adapter_node, site_of,
+                                  site_weight, stored_in_out, weight_name)
 from rosafx.errors import RosafxError
-
 from rosafx.sites import FORM_BY_NAME, WEIGHT_VIEWS
 
-from .insert import ADAPTERS, adapters_of, site_weight
 from .insert_experts import EXPERTS, PART, expert_nodes
 
 aten = torch.ops.aten
@@ -53,23 +53,23 @@ def merge_adapters(adapted: fx.GraphModule, *, original_weights: bool = False) -
     # a merged weight takes its original name unless another node still reads the original
     # tensor there (a tied weight): then it gets a name of its own and the tie is broken
     read_elsewhere = _targets_read_elsewhere(graph)
-    for node in adapter_nodes_in(graph):
-        info = node.meta["rosafx"]
-        adapter = adapters[info["key"]]
-        name = info["weight_name"] + ("_merged" if info["weight_name"] in read_elsewhere else "")
+    for node in adapter_nodes(graph):
+        info, path = node.meta[META], site_of(node)
+        original, in_out = weight_name(adapted, path), stored_in_out(adapted, path)
+        name = original + ("_merged" if original in read_elsewhere else "")
         if name not in merged:
             if original_weights:
-                merged[name] = _fetch(adapted, info["weight_name"])  # already in the stored layout
+                merged[name] = _fetch(adapted, original)  # already in the stored layout
             else:
-                leaf, reads_t = site_weight(adapted, node)
+                leaf, reads_t = site_weight(adapted, path)
                 weight = leaf.t() if reads_t else leaf                         # out x in
-                total = merged_weight(weight, adapter.delta_weight().to(weight.device), info["site"])
-                merged[name] = total.t().contiguous() if info["transposed"] else total
-        x, bias = node.args[0], node.args[2]
+                total = merged_weight(weight, adapters[path].delta_weight().to(weight.device), path)
+                merged[name] = total.t().contiguous() if in_out else total
+        x, _, bias = call_args(node)
         with graph.inserting_before(node):
             w = graph.get_attr(name)
-            plain = FORM_BY_NAME[info["form"]].rebuild(graph, x, w, bias, info["transposed"], info["form_args"])
-        plain.meta = {k: v for k, v in node.meta.items() if k != "rosafx"}
+            plain = FORM_BY_NAME[info["form"]].rebuild(graph, x, w, bias, in_out, info["form_args"])
+        plain.meta = {k: v for k, v in node.meta.items() if k != META}
         node.replace_all_uses_with(plain)
         graph.erase_node(node)
     for node in expert_nodes(graph):
@@ -83,7 +83,6 @@ def merge_adapters(adapted: fx.GraphModule, *, original_weights: bool = False) -
             for k, v in root.items()}
     result = fx.GraphModule(root, graph, class_name="RosafxMergedModule")
     result.train(adapted.training)
-    result.meta["rosafx_merged_from"] = sorted(adapters)
     if any(ADAPTERS in t for t in root):
         raise RosafxError("Internal error: adapter tensors survived the merge.")
     graph.lint()
@@ -100,9 +99,9 @@ def _merge_experts(adapted, graph: fx.Graph, node: fx.Node, adapters, merged: di
         merged[name] = original
     else:
         delta = torch.zeros(original.shape, dtype=torch.float32, device=original.device)
-        for expert, key in info["keys"].items():
-            expert_delta = adapters[key].delta_weight().to(original.device)
-            delta[expert] = expert_delta.t() if info["transposed"] else expert_delta
+        for expert, path in info["sites"].items():
+            expert_delta = adapters[path].delta_weight().to(original.device)
+            delta[expert] = expert_delta.t() if stored_in_out(adapted, path) else expert_delta
         merged[name] = merged_weight(original, delta, info["weight_name"])
     with graph.inserting_before(node):
         plain = graph.get_attr(name)
@@ -131,11 +130,7 @@ def _targets_read_elsewhere(graph: fx.Graph) -> set[str]:
             continue
         for user in node.users:
             feeds_adapter_only = user.op == "call_function" and user.target in WEIGHT_VIEWS \
-                and all("rosafx" in u.meta for u in user.users)
-            if "rosafx" not in user.meta and PART not in user.meta and not feeds_adapter_only:
+                and all(is_adapter_node(u) for u in user.users)
+            if not is_adapter_node(user) and PART not in user.meta and not feeds_adapter_only:
                 read.add(node.target)
     return read
-
-
-def adapter_nodes_in(graph: fx.Graph) -> list[fx.Node]:
-    return [n for n in graph.nodes if n.op == "call_function" and "rosafx" in n.meta]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from torch import fx, nn
 
+from .adapted_graph import is_adapted
 from .errors import RosafxError
 from .methods import FULL, REGISTRY
 from .transform import transform
@@ -50,7 +51,7 @@ def load(model: nn.Module, directory, *, example_inputs=None) -> fx.GraphModule:
 
 def calibrate(adapted: fx.GraphModule, batches, loss_fn, **options) -> fx.GraphModule:
     """Run the data-dependent preparation of every site that needs it (lora-ga, rosa-robust masks)."""
-    from rosafx.passes.calibrate import calibrate as _calibrate
+    from .calibration import calibrate as _calibrate
     _require_adapted(adapted, "calibrate", whole_graph=True)
     return _calibrate(adapted, batches, loss_fn, **options)
 
@@ -82,7 +83,7 @@ def _require_adapted(model, action: str, whole_graph: bool = False) -> None:
     from .partial import is_partial
     if is_partial(model) and whole_graph:
         raise RosafxError(f"rosafx.{action} works on a whole-model graph; this model was captured in parts.")
-    if not (isinstance(model, (fx.GraphModule,)) or is_partial(model)) or "rosafx" not in getattr(model, "meta", {}):
+    if not (isinstance(model, (fx.GraphModule,)) or is_partial(model)) or not is_adapted(model):
         raise RosafxError(f"rosafx.{action} takes the module returned by rosafx.transform or rosafx.load, "
                           f"got {type(model).__name__}.")
 

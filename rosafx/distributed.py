@@ -35,11 +35,11 @@ import torch.distributed as dist
 from torch import fx, nn
 
 from .errors import RosafxError
+from .ranks import broadcast_adapters, mean_across_ranks, synchronised
 from .runs import Run
 
 SHARD_WEIGHT = "_rosafx_shard_weight"  # a batch key RankShard adds and DistributedLoss removes
 
-_SYNC = {"on": False}  # set by synchronised_life_cycles: calibrate/resample then issue collectives
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,32 +192,9 @@ class DistributedLoss:
 @contextlib.contextmanager
 def synchronised_life_cycles():
     """Within it, calibration reduces gradients across ranks and rewritten adapters are
-    broadcast from rank 0 (see ``mean_across_ranks``, ``broadcast_adapters``)."""
-    previous = _SYNC["on"]
-    _SYNC["on"] = world().size > 1
-    try:
+    broadcast from rank 0 (see rosafx/ranks.py: ``mean_across_ranks``, ``broadcast_adapters``)."""
+    with synchronised(world().size > 1):
         yield
-    finally:
-        _SYNC["on"] = previous
-
-
-def mean_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
-    """The mean of ``tensor`` over the ranks (itself outside ``synchronised_life_cycles``)."""
-    if not _SYNC["on"]:
-        return tensor
-    tensor = tensor.contiguous()
-    dist.all_reduce(tensor)
-    return tensor.div_(dist.get_world_size())
-
-
-def broadcast_adapters(adapters: Iterable[nn.Module]) -> None:
-    """Overwrite these adapters' tensors (Parameters and buffers) with rank 0's, in place."""
-    if not _SYNC["on"]:
-        return
-    with torch.no_grad():
-        for adapter in adapters:
-            for tensor in adapter.state_dict().values():
-                dist.broadcast(tensor, src=0)
 
 
 # runs ------------------------------------------------------------------------------------

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from rosafx.passes.insert import adapters_of
-
+from .adapted_graph import adapters_of
 from .methods import get_method
 from .methods.base import Adapter, Lifecycle, TrainingContext
 

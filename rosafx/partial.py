@@ -36,8 +36,15 @@ from torch import fx, nn
 from torch.export import Dim
 from torch.utils import _pytree as pytree
 
+from rosafx.passes.dropout import dropout_follows_mode
+from rosafx.passes.insert import insert_adapters, insert_planned
+from rosafx.passes.merge import merge_adapters
+
+from .adapted_graph import ADAPTERS, META, adapters_of, fingerprint, make_record
 from .capture import _UseCacheOff, _rebind_parameters, normalize_example_inputs
 from .errors import RosafxError
+from .methods import get_method, methods_that
+from .sites import Captured, find_sites
 
 
 class PartlyCaptured(nn.Module):
@@ -109,8 +116,6 @@ class CapturedPart(nn.Module):
         return graph(*tensors)
 
     def _trace_variant(self, args, kwargs) -> fx.GraphModule:
-        from rosafx.passes.dropout import dropout_follows_mode
-        from rosafx.passes.insert import adapter_key, adapters_of, insert_adapters
         try:
             graph = _export_part(self.path, self.eager, args, kwargs).graph
         except Exception as exc:
@@ -118,10 +123,10 @@ class CapturedPart(nn.Module):
                               f"when captured and does not export that way ({_first_line(exc)}).") from exc
         dropout_follows_mode(graph)
         adapters = adapters_of(self.graph)
-        sites = [s for s in _prefixed_sites(self.path, graph) if adapter_key(s.path) in adapters]
+        sites = [s for s in _prefixed_sites(self.path, graph) if s.path in adapters]
         if sites:
-            insert_adapters(graph, sites, [adapters[adapter_key(s.path)] for s in sites])
-            graph.meta["rosafx"] = self.graph.meta.get("rosafx")
+            insert_adapters(graph, sites, [adapters[s.path] for s in sites])
+            graph.meta[META] = self.graph.meta.get(META)
         graph.train(self.training)
         return graph
 
@@ -246,7 +251,6 @@ def part_sites(wrapper: PartlyCaptured):
 
 
 def _prefixed_sites(path: str, gm: fx.GraphModule):
-    from .sites import find_sites
     sites = find_sites(gm)
     for site in sites:  # paths inside the graph start at _Flat's "module"
         inner = site.path[len("module"):].lstrip(".") if site.path.startswith("module") else site.path
@@ -254,67 +258,60 @@ def _prefixed_sites(path: str, gm: fx.GraphModule):
     return sites
 
 
-def transform_partly(model: nn.Module, rules: dict, example_inputs=None, *, reason: str = "") -> PartlyCaptured:
-    from rosafx.passes.dropout import dropout_follows_mode
-    from rosafx.passes.insert import ADAPTERS, adapter_key, adapters_of
-
-    from .methods import FULL, get_method, methods_that, parse_config
-    from .rules import no_match_error, resolve
-    from .transform import _insert, fingerprint
-
+def capture_parts(model: nn.Module, example_inputs=None, *, reason: str = "") -> Captured:
+    """The parts of ``model`` that export, their sites with model paths (rosafx/transform.py's
+    capture step when the whole model does not export)."""
     wrapper, args, kwargs = capture_partly(model, example_inputs, root_reason=reason)
-    for path, gm in wrapper.parts().items():
+    for gm in wrapper.parts().values():
         dropout_follows_mode(gm)
     per_part = part_sites(wrapper)
-    all_sites = [s for _, _, sites in per_part for s in sites]
-    parsed = {key: (None if cfg is None else parse_config(cfg)) for key, cfg in rules.items()}
-    chosen = resolve(parsed, all_sites)
-    if any(c is FULL for c in chosen.values()) or any(c is FULL for c in parsed.values()):
+    modules = {path: f"{type(m).__module__}.{type(m).__qualname__}"
+               for path, m in wrapper.model.named_modules() if path and _has_weights(m)}
+    return Captured(wrapper, [s for _, _, sites in per_part for s in sites], modules, (args, kwargs),
+                    partial_reason=reason, parts=per_part)
+
+
+def apply_to_parts(captured: Captured, plan) -> PartlyCaptured:
+    """Insert the plan's adapters into every part; one ``rosafx_adapters`` dict on the wrapper."""
+    wrapper, reason = captured.module, captured.partial_reason
+    if plan.full:
         raise RosafxError("'full' rules are not supported on a partly captured model (the whole model did not "
                           f"export: {reason}).")
-    if not chosen:
-        raise no_match_error(rules, all_sites)
-    bad = sorted({c.method for c in chosen.values() if not get_method(c.method).adapts_partly_captured})
+    bad = sorted(m for m in plan.methods() if not get_method(m).adapts_partly_captured)
     if bad:
         raise RosafxError(f"This model exports only in parts ({reason}); rosafx adapts such a model with "
                           f"{methods_that('adapts_partly_captured')}, not {bad}.")
+    plan.check(captured.sites, captured.modules)
     container = nn.ModuleDict()
-    site_meta, weight_names = {}, []
-    for path, gm, sites in per_part:
-        mine = {s.path: chosen[s.path] for s in sites if s.path in chosen}
+    weights = {}
+    for path, gm, sites in captured.parts:
+        mine = {s.path: plan.sites[s.path] for s in sites if s.path in plan.sites}
         if not mine:
             continue
-        _insert(gm, sites, mine)
-        for key, adapter in adapters_of(gm).items():
+        insert_planned(gm, sites, mine)
+        for key, adapter in getattr(gm, ADAPTERS).items():
             container[key] = adapter
-        for site in sites:
-            if site.path in mine:
-                full_name = f"model.{path}.graph.{site.weight_name}"
-                site_meta[site.path] = {"config": mine[site.path].to_dict(), "weight_name": full_name}
-                weight_names.append(full_name)
-        gm.meta["rosafx"] = {"sites": {p: site_meta[p] for p in mine}, "full": [], "example_inputs": ((), {}),
-                             "fingerprint": ""}
+        own = {s.path: (s.weight_name, s.transposed) for s in sites if s.path in mine}
+        gm.meta[META] = make_record(plan, own, ((), {}), "")
+        weights.update({p: (f"model.{path}.graph.{w}", t) for p, (w, t) in own.items()})
     wrapper.add_module(ADAPTERS, container)
-    assert all(adapter_key(p) in container for p in site_meta)
-    wrapper.meta["rosafx"] = {
-        "sites": site_meta, "full": [], "example_inputs": (args, kwargs),
-        "fingerprint": fingerprint(wrapper, weight_names),
-        "parts": {p: "graph" for p in wrapper.part_paths}, "python": wrapper.python,
-    }
+    assert set(adapters_of(wrapper)) == set(plan.sites)
+    wrapper.meta[META] = make_record(plan, weights, captured.example_inputs,
+                                     fingerprint(wrapper, [w for w, _ in weights.values()]),
+                                     parts={p: "graph" for p in wrapper.part_paths}, python=wrapper.python)
     return wrapper
 
 
 def merge_partly(adapted: PartlyCaptured) -> nn.Module:
     """The user's kind of model, all Python again, with every part's merged weights: plain
     weights, no graphs, no adapters; it generates with its KV cache like any checkpoint."""
-    from rosafx.passes.merge import merge_adapters
     parts = {path: adapted.model.get_submodule(path) for path in adapted.part_paths}
     memo = {id(part): None for part in parts.values()}
     memo.update({id(p): p for p in adapted.model.parameters()})
     model = copy.deepcopy(adapted.model, memo)  # the parts are put back below, as eager modules
     for path, part in parts.items():
         eager = copy.deepcopy(part.eager)
-        if "rosafx" in part.graph.meta:
+        if META in part.graph.meta:
             merged = merge_adapters(part.graph).state_dict()
             own = eager.state_dict()
             for name, value in merged.items():
@@ -328,18 +325,3 @@ def merge_partly(adapted: PartlyCaptured) -> nn.Module:
         (model.get_submodule(owner) if owner else model)._modules[name] = eager
     model.train(adapted.training)
     return model
-
-
-def probe_sites(model: nn.Module, example_inputs=None):
-    """(sites with model paths, a graph for expert-parameter layouts or None): a whole
-    capture when it works, else the parts'."""
-    from .capture import capture
-    from .sites import find_sites
-    try:
-        probe, _, _ = capture(model, example_inputs)
-        return find_sites(probe), probe
-    except RosafxError as exc:
-        if exc.__cause__ is None:
-            raise
-        wrapper, _, _ = capture_partly(model, example_inputs, root_reason=str(exc).splitlines()[0])
-        return [s for _, _, sites in part_sites(wrapper) for s in sites], None

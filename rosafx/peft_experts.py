@@ -12,17 +12,18 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from rosafx.passes.insert import ADAPTERS, adapter_key
 from rosafx.passes.insert_experts import expert_nodes
+from rosafx.rules import Key, Kind
 
+from .adapted_graph import adapter_tensor_name, adapters_of
 from .errors import RosafxError
+from .partial import graphs_of
 
 PREFIX = "base_model.model."
 
 
 def expert_groups(adapted: fx.GraphModule) -> dict[str, dict[int, str]]:
     """Adapted expert parameter -> {expert index: site path}."""
-    from .partial import graphs_of
     return {n.meta["rosafx_experts"]["weight_name"]: dict(n.meta["rosafx_experts"]["sites"])
             for g in graphs_of(adapted) for n in expert_nodes(g)}
 
@@ -38,7 +39,6 @@ def _tensor_prefix(gm: fx.GraphModule, weight_name: str, targeted: set[str]) -> 
 
 def experts_to_peft(adapted: fx.GraphModule, configs: dict, rank: int, alpha: float) -> tuple[list[str], dict]:
     """(target_parameters, tensors) for every adapted expert parameter."""
-    from rosafx.passes.insert import adapters_of
     adapters = adapters_of(adapted)
     groups = expert_groups(adapted)
     tensors = {}
@@ -52,7 +52,7 @@ def experts_to_peft(adapted: fx.GraphModule, configs: dict, rank: int, alpha: fl
                 raise RosafxError(f"HF PEFT's target_parameters use the global r/lora_alpha; expert site '{path}' "
                                   f"has rank {configs[path]['rank']}, alpha {configs[path]['alpha']} "
                                   f"(global {rank}, {alpha}).")
-        pieces = [adapters[adapter_key(experts[e])] for e in range(count)]
+        pieces = [adapters[experts[e]] for e in range(count)]
         prefix = _tensor_prefix(adapted, weight_name, set(groups))
         tensors[f"{prefix}.lora_A.weight"] = torch.cat([a.lora_A.detach() for a in pieces], dim=0)
         tensors[f"{prefix}.lora_B.weight"] = torch.stack([a.lora_B.detach() for a in pieces], dim=-1) \
@@ -61,18 +61,19 @@ def experts_to_peft(adapted: fx.GraphModule, configs: dict, rank: int, alpha: fl
 
 
 def _targeted(weight_name: str, target_parameters) -> bool:
-    return any(weight_name == t or weight_name.endswith("." + t) for t in target_parameters)
+    """PEFT's rule for ``target_parameters``: the parameter's name or a dot-suffix of it."""
+    return any(Key(Kind.SUFFIX, t).selects(weight_name) for t in target_parameters)
 
 
 def experts_from_peft(config: dict, tensors: dict, probe: fx.GraphModule, expert_sites: list) -> tuple[dict, dict]:
-    """Rules and tensors to install for the expert sites that ``target_parameters`` name."""
-    from .serialize import exact_path_rule
+    """Site configs (path -> config dict) and tensors to install for the expert sites that
+    ``target_parameters`` name."""
     targets = config.get("target_parameters") or []
     by_weight: dict[str, list] = {}
     for site in expert_sites:
         if _targeted(site.weight_name, targets):
             by_weight.setdefault(site.weight_name, []).append(site)
-    rules, installs = {}, {}
+    planned, installs = {}, {}
     for weight_name, sites in by_weight.items():
         prefix = _tensor_prefix(probe, weight_name, set(by_weight))
         a_key, b_key = f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"
@@ -83,10 +84,9 @@ def experts_from_peft(config: dict, tensors: dict, probe: fx.GraphModule, expert
         rank = lora_a.shape[0] // count
         per_b = lora_b.reshape(lora_b.shape[0], rank, count)
         for site in sites:
-            rules[exact_path_rule(site.path)] = {
+            planned[site.path] = {
                 "method": "lora", "rank": int(rank), "alpha": float(config["lora_alpha"]), "dropout": 0.0,
                 "rslora": bool(config.get("use_rslora", False))}
-            key = f"{ADAPTERS}.{adapter_key(site.path)}"
-            installs[f"{key}.lora_A"] = lora_a[site.expert * rank:(site.expert + 1) * rank]
-            installs[f"{key}.lora_B"] = per_b[:, :, site.expert].contiguous()
-    return rules, installs
+            installs[adapter_tensor_name(site.path, "lora_A")] = lora_a[site.expert * rank:(site.expert + 1) * rank]
+            installs[adapter_tensor_name(site.path, "lora_B")] = per_b[:, :, site.expert].contiguous()
+    return planned, installs

@@ -2,7 +2,10 @@
 
 Tables, not branches: ``PEFT_WRITERS`` maps a rosafx method id to a function that gives
 PEFT's config fields and tensors; ``PEFT_READERS`` maps a PEFT ``peft_type`` to a function
-that gives rosafx rules and the tensors to install.
+that gives the plan's site configs and the tensors to install. Loading captures the model
+once: capture -> sites -> plan (from the PEFT config and tensors) -> apply -> install.
+PEFT's ``target_modules`` and patterns go through rosafx's one matcher (rosafx/rules.py):
+a string is a REGEX key, a list entry a SUFFIX key.
 """
 from __future__ import annotations
 
@@ -13,12 +16,16 @@ from typing import Callable
 from safetensors.torch import save_file
 from torch import fx, nn
 
-from rosafx.passes.insert import ADAPTERS, adapter_key, adapters_of
-
+from .adapted_graph import SHARED, adapter_tensor_name, adapters_of, plan_of, stored_in_out
+from .adapter_tensors import install_tensors
 from .atomic import atomic_directory
 from .errors import RosafxError
 from .files import read_json, read_safetensors
 from .outputs import check_output
+from .peft_experts import expert_groups, experts_from_peft, experts_to_peft
+from .plan import Plan
+from .rules import Key, Kind, best_match, parse_key
+from .transform import apply, capture_sites
 
 PREFIX = "base_model.model."
 PEFT_DEFAULT_LORA_ALPHA = 8  # peft.LoraConfig's default, used when a config omits lora_alpha
@@ -34,20 +41,19 @@ def _common_value(values: dict[str, object]) -> tuple[object, dict]:
     return common, {path: v for path, v in values.items() if v != common}
 
 
-def _lora_to_peft(adapted: fx.GraphModule, sites: dict) -> tuple[dict, dict]:
-    configs = {p: s["config"] for p, s in sites.items()}
+def _lora_to_peft(adapted: fx.GraphModule, configs: dict) -> tuple[dict, dict]:
+    """``configs``: site path -> config dict."""
     rank, rank_pattern = _common_value({p: c["rank"] for p, c in configs.items()})
     alpha, alpha_pattern = _common_value({p: c["alpha"] for p, c in configs.items()})
     for field in ("dropout", "rslora"):
         if len({c[field] for c in configs.values()}) > 1:
             raise RosafxError(f"HF PEFT stores one '{field}' for all LoRA sites; these sites differ in it.")
     first = next(iter(configs.values()))
-    from .peft_experts import expert_groups, experts_to_peft
     expert_paths = {p for group in expert_groups(adapted).values() for p in group.values()}
     target_parameters, tensors = experts_to_peft(adapted, configs, rank, alpha)
     rank_pattern = {p: v for p, v in rank_pattern.items() if p not in expert_paths}
     alpha_pattern = {p: v for p, v in alpha_pattern.items() if p not in expert_paths}
-    transposed = {p for p, s in sites.items() if _is_transposed(adapted, p)}
+    transposed = {p for p in configs if stored_in_out(adapted, p)}
     config = {
         "peft_type": "LORA", "r": rank, "lora_alpha": alpha, "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern, "lora_dropout": first["dropout"], "use_rslora": first["rslora"],
@@ -58,21 +64,14 @@ def _lora_to_peft(adapted: fx.GraphModule, sites: dict) -> tuple[dict, dict]:
         config["target_parameters"] = target_parameters
     adapters = adapters_of(adapted)
     for path in sorted(set(configs) - expert_paths):
-        adapter = adapters[adapter_key(path)]
+        adapter = adapters[path]
         tensors[f"{PREFIX}{path}.lora_A.weight"] = adapter.lora_A.detach()
         tensors[f"{PREFIX}{path}.lora_B.weight"] = adapter.lora_B.detach()
     return config, tensors
 
 
-def _is_transposed(adapted: fx.GraphModule, path: str) -> bool:
-    from .partial import graphs_of
-    return any(n.meta["rosafx"]["transposed"] for g in graphs_of(adapted) for n in g.nodes
-               if n.op == "call_function" and n.meta.get("rosafx", {}).get("site") == path)
-
-
-def _vera_to_peft(adapted: fx.GraphModule, sites: dict) -> tuple[dict, dict]:
+def _vera_to_peft(adapted: fx.GraphModule, configs: dict) -> tuple[dict, dict]:
     """PEFT's VeRA stores the shared pair once at ``base_model.vera_A`` / ``vera_B``."""
-    configs = {p: s["config"] for p, s in sites.items()}
     for field in ("dropout", "d_initial"):
         if len({c[field] for c in configs.values()}) > 1:
             raise RosafxError(f"HF PEFT stores one '{field}' for all VeRA sites; these sites differ in it.")
@@ -80,14 +79,14 @@ def _vera_to_peft(adapted: fx.GraphModule, sites: dict) -> tuple[dict, dict]:
     config = {
         "peft_type": "VERA", "r": first["rank"], "projection_prng_key": first["seed"], "save_projection": True,
         "vera_dropout": first["dropout"], "d_initial": first["d_initial"], "target_modules": sorted(configs),
-        "fan_in_fan_out": any(_is_transposed(adapted, p) for p in configs), "bias": "none", "init_weights": True,
+        "fan_in_fan_out": any(stored_in_out(adapted, p) for p in configs), "bias": "none", "init_weights": True,
         "layers_to_transform": None, "layers_pattern": None,
     }
     adapters = adapters_of(adapted)
-    tensors = {"base_model.vera_A": adapted.rosafx_shared.vera_A.detach(),
-               "base_model.vera_B": adapted.rosafx_shared.vera_B.detach()}
+    shared = getattr(adapted, SHARED)
+    tensors = {"base_model.vera_A": shared.vera_A.detach(), "base_model.vera_B": shared.vera_B.detach()}
     for path in configs:
-        adapter = adapters[adapter_key(path)]
+        adapter = adapters[path]
         tensors[f"{PREFIX}{path}.vera_lambda_d"] = adapter.lambda_d.detach()
         tensors[f"{PREFIX}{path}.vera_lambda_b"] = adapter.lambda_b.detach()
     return config, tensors
@@ -100,15 +99,15 @@ PEFT_WRITERS: dict[str, Callable[[fx.GraphModule, dict], tuple[dict, dict]]] = {
 
 
 def save_peft(adapted: fx.GraphModule, directory) -> None:
-    meta = adapted.meta["rosafx"]
-    methods = {s["config"]["method"] for s in meta["sites"].values()}
-    if len(methods) != 1 or next(iter(methods)) not in PEFT_WRITERS:
+    plan = plan_of(adapted)
+    methods = plan.methods()
+    if len(methods) != 1 or methods[0] not in PEFT_WRITERS:
         raise RosafxError(f"format='peft' writes one method of {sorted(PEFT_WRITERS)} per directory; this model "
-                          f"uses {sorted(methods)}. Save it with format='rosafx'.")
-    config, tensors = PEFT_WRITERS[next(iter(methods))](adapted, meta["sites"])
+                          f"uses {methods}. Save it with format='rosafx'.")
+    config, tensors = PEFT_WRITERS[methods[0]](adapted, plan.to_dict()["sites"])
     config.update({"task_type": None, "base_model_name_or_path": None, "revision": None,
-                   "inference_mode": True, "modules_to_save": meta["full"] or None})
-    for path in meta["full"]:
+                   "inference_mode": True, "modules_to_save": plan.full or None})
+    for path in plan.full:
         for name, value in adapted.get_submodule(path).state_dict().items():
             tensors[f"{PREFIX}{path}.{name}"] = value.detach()
     check_output(directory)
@@ -132,22 +131,21 @@ def _check_supported(config: dict) -> None:
         raise RosafxError(f"HF PEFT adapter field 'bias' = {config['bias']!r} is not supported (only 'none').")
 
 
-def check_all_used(config: dict, tensors: dict, installs: dict, rules: dict, sites: list, tensors_path,
+def check_all_used(config: dict, tensors: dict, installs: dict, planned: dict, sites: list, tensors_path,
                    used_keys: set[str] = frozenset()) -> None:
     """PEFT loads what its config targets; rosafx must neither drop a tensor silently (a
     module this model lacks, or one ``target_modules`` does not select) nor leave a
-    targeted site without its weights."""
-    from .serialize import exact_path_rule
+    targeted site without its weights. ``planned``: site path -> config dict."""
     used = {id(v) for v in installs.values()}
     unused = sorted(k for k, v in tensors.items() if id(v) not in used and k not in used_keys)
     if unused:
         shown = ", ".join(unused[:4]) + (f" and {len(unused) - 4} more" if len(unused) > 4 else "")
         raise RosafxError(f"{tensors_path} has tensors for modules this model lacks or rosafx cannot load: {shown}. "
                           "Use the adapter with the model it was trained for.")
-    targets = _peft_targets(config)
-    selected = {s.path for s in sites if _peft_selects(targets, s.path)}
-    adapted = {s.path for s in sites
-               if rules.get(exact_path_rule(s.path), {}).get("method") not in (None, "full")}
+    targets = config.get("target_modules")
+    keys = _target_keys(config)
+    selected = {s.path for s in sites if best_match(keys, s.path) is not None}
+    adapted = {s.path for s in sites if s.path in planned}
     outside = sorted(adapted - selected)
     if outside:
         raise RosafxError(f"{tensors_path} has weights for {outside[:4]}, which target_modules {targets!r} does not "
@@ -159,19 +157,12 @@ def check_all_used(config: dict, tensors: dict, installs: dict, rules: dict, sit
                           "model.")
 
 
-def _peft_selects(targets, path: str) -> bool:
-    """PEFT's rule: a string target_modules is a regex that must fully match the path; a
-    list entry matches the path or a dot-suffix of it."""
-    from . import safe_regex
-    if isinstance(targets, str):
-        return safe_regex.fullmatch(targets, path, source="PEFT target_modules")
-    return any(path == key or path.endswith("." + key) for key in targets)
-
-
-def _peft_targets(config: dict) -> object:
+def _target_keys(config: dict) -> list[tuple[Key, bool]]:
+    """PEFT's rule as matcher keys: a string target_modules is a regex that must fully
+    match the path; a list entry matches the path or a dot-suffix of it."""
     targets = config.get("target_modules")
     if isinstance(targets, str):
-        return targets  # PEFT: a string is a regular expression that must fully match
+        return [(Key(Kind.REGEX, targets), True)]
     if not targets and not config.get("target_parameters"):
         raise RosafxError("HF PEFT adapter has no 'target_modules'.")
     if targets is None:
@@ -179,15 +170,14 @@ def _peft_targets(config: dict) -> object:
     if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
         raise RosafxError(f"HF PEFT 'target_modules' must be a regex string or a list of module names, "
                           f"got {targets!r}.")
-    return list(targets)
+    return [(Key(Kind.SUFFIX, t), True) for t in targets]
 
 
 def _lora_from_peft(config: dict, tensors: dict, site_paths: list[str]) -> tuple[dict, dict]:
-    from .serialize import exact_path_rule
     alphas = config.get("alpha_pattern") or {}  # ranks come from the tensors' shapes
     if not isinstance(alphas, dict):
         raise RosafxError(f"HF PEFT adapter field 'alpha_pattern' must be an object, got {alphas!r}.")
-    rules, installs = {}, {}
+    planned, installs = {}, {}
     for path in site_paths:
         a_key, b_key = f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_B.weight"
         if a_key not in tensors:
@@ -198,43 +188,38 @@ def _lora_from_peft(config: dict, tensors: dict, site_paths: list[str]) -> tuple
             raise RosafxError(f"HF PEFT tensor {a_key} has shape {tuple(tensors[a_key].shape)}, expected (r, in).")
         rank = int(tensors[a_key].shape[0])
         alpha = _pattern_value(alphas, path, config.get("lora_alpha", PEFT_DEFAULT_LORA_ALPHA))
-        rules[exact_path_rule(path)] = {"method": "lora", "rank": rank, "alpha": alpha,  # types: Config.from_dict
-                                        "dropout": config.get("lora_dropout", 0.0),
-                                        "rslora": config.get("use_rslora", False)}
-        installs[f"{ADAPTERS}.{adapter_key(path)}.lora_A"] = tensors[a_key]
-        installs[f"{ADAPTERS}.{adapter_key(path)}.lora_B"] = tensors[b_key]
-    return rules, installs
+        planned[path] = {"method": "lora", "rank": rank, "alpha": alpha,  # types: Config.from_dict
+                         "dropout": config.get("lora_dropout", 0.0), "rslora": config.get("use_rslora", False)}
+        installs[adapter_tensor_name(path, "lora_A")] = tensors[a_key]
+        installs[adapter_tensor_name(path, "lora_B")] = tensors[b_key]
+    return planned, installs
 
 
 def _pattern_value(pattern: dict, path: str, default):
-    from . import safe_regex
-    for key, value in pattern.items():
-        if path == key or path.endswith("." + key) or safe_regex.fullmatch(key, path, source="PEFT pattern"):
-            return value
-    return default
+    """PEFT's rank/alpha patterns: the strongest key that selects ``path`` (rosafx/rules.py)."""
+    found = best_match([(parse_key(k), v) for k, v in pattern.items()], path)
+    return found[1] if found is not None else default
 
 
 def _vera_from_peft(config: dict, tensors: dict, site_paths: list[str]) -> tuple[dict, dict]:
     """Without a saved pair (save_projection=False) the pair is drawn again from the seed,
     as PEFT itself does."""
-    from .serialize import SHARED, exact_path_rule
-    rules, installs = {}, {}
+    planned, installs = {}, {}
     for path in site_paths:
         d_key, b_key = f"{PREFIX}{path}.vera_lambda_d", f"{PREFIX}{path}.vera_lambda_b"
         if d_key not in tensors:
             continue
         if b_key not in tensors:
             raise RosafxError(f"HF PEFT adapter has {d_key} but no {b_key}: the file is incomplete.")
-        rules[exact_path_rule(path)] = {"method": "vera", "rank": int(tensors[d_key].shape[0]),
-                                        "d_initial": config.get("d_initial", 0.1),
-                                        "seed": config.get("projection_prng_key", 0),
-                                        "dropout": config.get("vera_dropout", 0.0)}
-        installs[f"{ADAPTERS}.{adapter_key(path)}.lambda_d"] = tensors[d_key]
-        installs[f"{ADAPTERS}.{adapter_key(path)}.lambda_b"] = tensors[b_key]
-    if rules and "base_model.vera_A" in tensors:
+        planned[path] = {"method": "vera", "rank": int(tensors[d_key].shape[0]),
+                         "d_initial": config.get("d_initial", 0.1), "seed": config.get("projection_prng_key", 0),
+                         "dropout": config.get("vera_dropout", 0.0)}
+        installs[adapter_tensor_name(path, "lambda_d")] = tensors[d_key]
+        installs[adapter_tensor_name(path, "lambda_b")] = tensors[b_key]
+    if planned and "base_model.vera_A" in tensors:
         installs[f"{SHARED}.vera_A"] = tensors["base_model.vera_A"]
         installs[f"{SHARED}.vera_B"] = tensors["base_model.vera_B"]
-    return rules, installs
+    return planned, installs
 
 
 PEFT_READERS: dict[str, Callable[[dict, dict, list[str]], tuple[dict, dict]]] = {
@@ -244,10 +229,6 @@ PEFT_READERS: dict[str, Callable[[dict, dict, list[str]], tuple[dict, dict]]] = 
 
 
 def load_peft(model: nn.Module, directory, *, example_inputs=None) -> fx.GraphModule:
-
-    from .serialize import exact_path_rule, install_tensors
-
-    from .transform import transform
     directory = Path(directory)
     config = read_json(directory / CONFIG_NAME, "the HF PEFT adapter config")
     peft_type = config.get("peft_type")
@@ -258,11 +239,11 @@ def load_peft(model: nn.Module, directory, *, example_inputs=None) -> fx.GraphMo
     if not tensors_path.exists():
         raise RosafxError(f"{directory} has no {TENSORS_NAME} (rosafx reads safetensors PEFT adapters only).")
     tensors = read_safetensors(tensors_path, "the HF PEFT adapter tensors")
-    from .partial import probe_sites
-    sites, probe = probe_sites(model, example_inputs)
+    captured = capture_sites(model, example_inputs)
+    sites = captured.sites
     site_paths = [s.path for s in sites if s.expert is None]
     try:
-        rules, installs = PEFT_READERS[peft_type](config, tensors, site_paths)
+        planned, installs = PEFT_READERS[peft_type](config, tensors, site_paths)
     except (TypeError, ValueError, OverflowError) as exc:
         raise RosafxError(f"{directory / CONFIG_NAME} has a field of the wrong type ({exc}); "
                           "it is not a valid HF PEFT adapter config.") from exc
@@ -270,26 +251,25 @@ def load_peft(model: nn.Module, directory, *, example_inputs=None) -> fx.GraphMo
     if config.get("target_parameters"):
         if peft_type != "LORA":
             raise RosafxError(f"HF PEFT field 'target_parameters' is read for LORA adapters only, not {peft_type}.")
-        from .peft_experts import experts_from_peft
         expert_sites = [s for s in sites if s.expert is not None]
-        expert_rules, expert_installs = experts_from_peft(config, tensors, probe, expert_sites)
-        rules.update(expert_rules)
+        probe = captured.module if captured.partial_reason is None else None
+        expert_planned, expert_installs = experts_from_peft(config, tensors, probe, expert_sites)
+        planned.update(expert_planned)
         installs.update(expert_installs)
-        owners = {s.weight_name.rpartition(".")[0] for s in expert_sites if exact_path_rule(s.path) in expert_rules}
+        owners = {s.weight_name.rpartition(".")[0] for s in expert_sites if s.path in expert_planned}
         expert_keys = {k for k in tensors if any(k.startswith(f"{PREFIX}{o}.") for o in owners)
                        and k.endswith((".lora_A.weight", ".lora_B.weight"))}
-    if not rules:
+    if not planned:
         raise RosafxError(f"No tensor in {tensors_path} names a linear site of this model.")
     modules_to_save = config.get("modules_to_save") or []
     if not isinstance(modules_to_save, list) or not all(isinstance(p, str) for p in modules_to_save):
         raise RosafxError(f"HF PEFT adapter field 'modules_to_save' must be a list of module names, "
                           f"got {modules_to_save!r}.")
     for path in modules_to_save:
-        rules[exact_path_rule(path)] = {"method": "full"}
         prefix = f"{PREFIX}{path}."
         installs.update({f"full.{path}.{k[len(prefix):]}": v for k, v in tensors.items() if k.startswith(prefix)})
-    check_all_used(config, tensors, installs, rules, [s for s in sites if s.expert is None], tensors_path,
+    check_all_used(config, tensors, installs, planned, [s for s in sites if s.expert is None], tensors_path,
                    expert_keys)
-    adapted = transform(model, rules, example_inputs=example_inputs)
+    adapted = apply(captured, Plan.from_dict({"sites": planned, "full": modules_to_save}))
     install_tensors(adapted, installs)
     return adapted

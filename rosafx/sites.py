@@ -86,27 +86,28 @@ def _t(graph: fx.Graph, w: fx.Node) -> fx.Node:
     return graph.call_function(aten.t.default, (w,))
 
 
-def _as_read(graph, w, stored_in_out: bool, reads_in_out: bool) -> fx.Node:
+def read_as(graph, w, stored_in_out: bool, reads_in_out: bool) -> fx.Node:
+    """``w`` (stored in x out or out x in) as a call reads it: transposed when the two differ."""
     return w if stored_in_out == reads_in_out else _t(graph, w)
 
 
 SITE_FORMS = [
     SiteForm("linear", aten.linear.default, x=0, weight=1, bias=2, reads_in_out=False,
              rebuild=lambda g, x, w, b, stored_in_out, args: g.call_function(
-                 aten.linear.default, (x, _as_read(g, w, stored_in_out, False), b))),
+                 aten.linear.default, (x, read_as(g, w, stored_in_out, False), b))),
     SiteForm("addmm", aten.addmm.default, x=1, weight=2, bias=0, reads_in_out=True, accepts=_plain_addmm,
              rebuild=lambda g, x, w, b, stored_in_out, args: g.call_function(
-                 aten.addmm.default, (b, x, _as_read(g, w, stored_in_out, True)))),
+                 aten.addmm.default, (b, x, read_as(g, w, stored_in_out, True)))),
     SiteForm("matmul", aten.matmul.default, x=0, weight=1, bias=None, reads_in_out=True,
              rebuild=lambda g, x, w, b, stored_in_out, args: g.call_function(
-                 aten.matmul.default, (x, _as_read(g, w, stored_in_out, True)))),
+                 aten.matmul.default, (x, read_as(g, w, stored_in_out, True)))),
     SiteForm("mm", aten.mm.default, x=0, weight=1, bias=None, reads_in_out=True,
              rebuild=lambda g, x, w, b, stored_in_out, args: g.call_function(
-                 aten.mm.default, (x, _as_read(g, w, stored_in_out, True)))),
+                 aten.mm.default, (x, read_as(g, w, stored_in_out, True)))),
     # bmm over a broadcast 2-D weight is x @ W per batch; matmul broadcasts the same way
     SiteForm("bmm", aten.bmm.default, x=0, weight=1, bias=None, reads_in_out=True,
              rebuild=lambda g, x, w, b, stored_in_out, args: g.call_function(
-                 aten.matmul.default, (x, _as_read(g, w, stored_in_out, True)))),
+                 aten.matmul.default, (x, read_as(g, w, stored_in_out, True)))),
     SiteForm("einsum", aten.einsum.default, x=(1, 0), weight=(1, 1), bias=None,
              reads_in_out=_einsum_reads_in_out, accepts=_einsum_accepts,
              rebuild=lambda g, x, w, b, stored_in_out, args: g.call_function(
@@ -116,6 +117,19 @@ FORMS_BY_TARGET: dict[object, list[SiteForm]] = {}
 for _form in SITE_FORMS:
     FORMS_BY_TARGET.setdefault(_form.target, []).append(_form)
 FORM_BY_NAME = {form.name: form for form in SITE_FORMS}
+
+
+@dataclass(frozen=True)
+class AdapterCall:
+    """How every adapter op (``rosafx/ops``) is called: ``op(x, W, bias, ...)`` with W read
+    out x in, so a W stored in x out is passed through ``aten.t`` (a ``WEIGHT_VIEWS`` view)."""
+    x: ArgPos = 0
+    weight: ArgPos = 1
+    bias: ArgPos = 2
+    reads_in_out: bool = False
+
+
+ADAPTER_CALL = AdapterCall()
 
 
 def _is_2d_transpose(node: fx.Node) -> bool:
@@ -169,10 +183,6 @@ class Site:
     form: str = "linear"      # SITE_FORMS name of the first call, or "expert"
     expert: int | None = None # index into a 3-D expert parameter (E x out x in); None for a 2-D weight
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.out_features, self.in_features)
-
 
 @dataclass(frozen=True)
 class SiteCall:
@@ -202,7 +212,7 @@ def _site_path(weight_name: str, stack_entry: tuple[str, str] | None) -> tuple[s
     return module_path, ""
 
 
-def _weight_source(node) -> tuple[fx.Node, bool] | None:
+def weight_source(node) -> tuple[fx.Node, bool] | None:
     """Follow ``WEIGHT_VIEWS`` back to a get_attr: (that node, whether the views flip W)."""
     flipped = False
     while isinstance(node, fx.Node) and node.op == "call_function":
@@ -222,7 +232,7 @@ def match_site_call(node: fx.Node) -> SiteCall | None:
     for form in FORMS_BY_TARGET.get(node.target, ()):
         if not form.accepts(node):
             continue
-        source = _weight_source(arg_at(node, form.weight))
+        source = weight_source(arg_at(node, form.weight))
         if source is None or not isinstance(arg_at(node, form.x), fx.Node):
             continue
         reads_in_out = form.reads_in_out(node) if callable(form.reads_in_out) else form.reads_in_out
@@ -341,3 +351,30 @@ def find_expert_sites(gm: fx.GraphModule) -> list[Site]:
             sites.append(Site(path, node.target, module_type, in_f, out_f, stored_in_out, weight.dtype,
                               form="expert", expert=expert))
     return sites
+
+
+# ---------------------------------------------------------------- what rules can select
+@dataclass
+class Captured:
+    """A captured model and what rules can select in it."""
+    module: nn.Module                 # an fx.GraphModule, or a PartlyCaptured wrapper
+    sites: list[Site]
+    modules: dict[str, str]           # module path -> class name ("" if unknown), for full/type keys
+    example_inputs: tuple[tuple, dict]
+    partial_reason: str | None = None  # why the whole model did not export (captured in parts)
+    parts: list = field(default_factory=list)
+
+
+def module_types(gm: fx.GraphModule) -> dict[str, str]:
+    """Every module path that holds a parameter -> its class name as the trace recorded it."""
+    types: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        for path, module_type in (node.meta.get("nn_module_stack") or {}).values():
+            path = re.sub(r"@\d+", "", path)  # a module called twice is recorded as "name@1"
+            types.setdefault(path, module_type if isinstance(module_type, str)
+                             else f"{module_type.__module__}.{module_type.__qualname__}")
+    paths = set()
+    for name, _ in gm.named_parameters(remove_duplicate=False):
+        parts = name.split(".")[:-1]
+        paths.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return {p: types.get(p, "") for p in sorted(paths)}

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 import rosafx
-from rosafx.passes.insert import adapters_of
+from rosafx.adapted_graph import adapters_of
 
 from models import main_output, other_inputs
 
@@ -69,7 +69,7 @@ def check_only_adapters_train(case: Case, steps: int = 2):
     model, _, adapted, inputs = case.build()
     names = trainable_names(adapted)
     assert names and all(n.startswith("rosafx_adapters.") or n.startswith("rosafx_shared.")
-                         or any(n.startswith(f + ".") for f in adapted.meta["rosafx"]["full"]) for n in names), names
+                         or any(n.startswith(f + ".") for f in adapted.meta["rosafx"]["plan"].full) for n in names), names
     user_before = {n: p.detach().clone() for n, p in model.named_parameters()}
     base_before = {n: p.detach().clone() for n, p in adapted.named_parameters() if not p.requires_grad}
     train_before = {n: p.detach().clone() for n, p in adapted.named_parameters() if p.requires_grad}

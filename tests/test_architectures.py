@@ -12,7 +12,7 @@ import torch
 
 import rosafx
 from rosafx.generation import greedy, into_model
-from rosafx.passes.insert import adapter_key, adapter_nodes, adapters_of
+from rosafx.adapted_graph import adapters_of
 
 from arch_zoo import ARCHS
 from models import main_output
@@ -55,10 +55,10 @@ def test_train_step_then_merge_matches_float64_reference(case):
     adapted.eval()
     assert all(a.lora_B.abs().sum() > 0 for a in adapters_of(adapted).values())
     reference = copy.deepcopy(arch.model).double()
-    stored_in_out = {n.meta["rosafx"]["site"] for n in adapter_nodes(adapted) if n.meta["rosafx"]["transposed"]}
+    stored_in_out = {p for p, s in adapted.meta["rosafx"]["sites"].items() if s["stored_in_out"]}
     with torch.no_grad():
         for path, site in adapted.meta["rosafx"]["sites"].items():
-            adapter = adapters_of(adapted)[adapter_key(path)]
+            adapter = adapters_of(adapted)[path]
             delta = adapter.scale * adapter.lora_B.double() @ adapter.lora_A.double()
             reference.get_parameter(site["weight_name"]).add_(delta.t() if path in stored_in_out else delta)
     inputs = arch.other_inputs()

@@ -61,6 +61,7 @@ def test_inspect_and_methods(hf_dir, capsys):
     assert run_cli("inspect", hf_dir, "--method", "lora", "--target", "query", "--rank", "2") == 0
     out = capsys.readouterr().out
     assert "trainable parameters: 256" in out  # 2 query sites x rank 2 x (32 in + 32 out)
+    assert "plan" in out and "rank=2" in out  # the plan, with each site's options
     assert run_cli("methods") == 0
     assert "lora" in capsys.readouterr().out
 

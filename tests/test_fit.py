@@ -14,7 +14,7 @@ from rosafx.errors import RosafxError
 from rosafx.methods import REGISTRY
 from rosafx.methods.base import Lifecycle, Method
 from rosafx.methods.lora import LoraAdapter, LoraConfig
-from rosafx.passes.insert import adapters_of
+from rosafx.adapted_graph import adapters_of
 from rosafx.serialize import adapter_tensors
 
 VOCAB = 97

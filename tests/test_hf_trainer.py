@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from rosafx.hf_trainer import RosafxCallback
-from rosafx.passes.insert import adapters_of
+from rosafx.adapted_graph import adapters_of
 from rosafx.serialize import adapter_tensors
 from test_fit import VOCAB, adapt, loss_fn, tensors_close
 

@@ -9,7 +9,7 @@ import torch
 import rosafx
 from rosafx.errors import RosafxError
 from rosafx.methods.lora_ga import gradient_init
-from rosafx.passes.insert import adapter_key, adapters_of
+from rosafx.adapted_graph import adapters_of
 
 from invariants import ALL, Case, perturb, rel_err, run, run_check
 from models import ZOO, main_output, other_inputs, tiny_bert
@@ -75,7 +75,7 @@ def test_init_spans_the_gradient_singular_subspaces_of_the_paper():
     paths = list(adapted.meta["rosafx"]["sites"])
     grads = eager_mean_gradients(model, calibration_batches(model, inputs), paths)
     for path in paths:
-        adapter = adapters_of(adapted)[adapter_key(path)]
+        adapter = adapters_of(adapted)[path]
         U, S, Vh = torch.linalg.svd(grads[path])
         A, B = adapter.lora_A0.double(), adapter.lora_B0.double()
         factor = adapter.out_features ** 0.25 / 16 ** 0.5
@@ -95,7 +95,7 @@ def test_merge_is_exact_relative_to_the_original_weights():
     perturb(adapted)
     merged = rosafx.merge(adapted)
     for path in adapted.meta["rosafx"]["sites"]:
-        adapter = adapters_of(adapted)[adapter_key(path)]
+        adapter = adapters_of(adapted)[path]
         W0 = model.get_submodule(path).weight.double()
         A, B = adapter.lora_A.double(), adapter.lora_B.double()
         A0, B0 = adapter.lora_A0.double(), adapter.lora_B0.double()
@@ -147,7 +147,7 @@ def test_peft_convention_equals_peft_preprocess_loraga(tmp_path, monkeypatch):
     batches = calibration_batches(model, inputs)
     rosafx.calibrate(adapted, batches, loss_fn, progress=False)
 
-    cache = {f"{path}._peft_loraga_grad": observed[adapter_key(path)] / len(batches)
+    cache = {f"{path}._peft_loraga_grad": observed[path] / len(batches)
              for path in adapted.meta["rosafx"]["sites"]}
     torch.save(cache, tmp_path / "grads.pt")
     config = LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], init_lora_weights="lora_ga",
@@ -158,7 +158,7 @@ def test_peft_convention_equals_peft_preprocess_loraga(tmp_path, monkeypatch):
     checked = 0
     for name, module in peft_model.base_model.model.named_modules():
         if hasattr(module, "lora_A") and "default" in module.lora_A:
-            adapter = adapters_of(adapted)[adapter_key(name)]
+            adapter = adapters_of(adapted)[name]
             assert adapter.scale == module.scaling["default"]
             assert torch.allclose(adapter.lora_A, module.lora_A["default"].weight, atol=1e-6, rtol=1e-5)
             assert torch.allclose(adapter.lora_B, module.lora_B["default"].weight, atol=1e-6, rtol=1e-5)

@@ -5,7 +5,7 @@ import torch
 
 import rosafx
 from rosafx.errors import RosafxError
-from rosafx.passes.insert import adapter_nodes, adapters_of
+from rosafx.adapted_graph import adapter_nodes, adapters_of
 
 from invariants import perturb
 from models import ZOO, main_output, other_inputs

@@ -4,7 +4,7 @@ import torch
 
 import rosafx
 from rosafx.errors import RosafxError
-from rosafx.passes.insert import adapters_of
+from rosafx.adapted_graph import adapters_of
 
 from invariants import perturb
 from models import VOCAB, called_twice, tiny_bert, tiny_gpt2
@@ -17,7 +17,7 @@ def test_merged_weight_equals_float64_formula():
     merged = rosafx.merge(adapted)
     for layer in range(2):
         path = f"encoder.layer.{layer}.attention.self.query"
-        adapter = adapters_of(adapted)[path.replace(".", "__")]
+        adapter = adapters_of(adapted)[path]
         W0 = model.get_submodule(path).weight.double()
         want = W0 + (5 / 3) * adapter.lora_B.double() @ adapter.lora_A.double()
         got = merged.get_parameter(f"{path}.weight").double()

@@ -11,7 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 import rosafx
 from rosafx.capture import capture
 from rosafx.errors import RosafxError
-from rosafx.passes.insert import adapter_key, adapters_of
+from rosafx.adapted_graph import adapters_of
 from rosafx.sites import find_sites
 
 from models import VOCAB
@@ -53,7 +53,7 @@ def float64_reference(model, adapted):
     sites = {s.path: s for s in find_sites(capture(model)[0])}
     with torch.no_grad():
         for path in adapted.meta["rosafx"]["sites"]:
-            adapter, site = adapters_of(adapted)[adapter_key(path)], sites[path]
+            adapter, site = adapters_of(adapted)[path], sites[path]
             delta = adapter.scale * adapter.lora_B.double() @ adapter.lora_A.double()
             weight = ref.get_parameter(site.weight_name)
             target = weight[site.expert] if site.expert is not None else weight
@@ -74,15 +74,16 @@ def test_expert_slices_are_sites_rules_address(grouped):
     assert len(sites) == 2 * EXPERTS + 2 + 2
     assert "model.layers.1.mlp.experts.3.gate_up_proj" in sites
     assert "model.layers.0.mlp.experts.2.down_proj" in sites and "model.layers.0.mlp.experts.1.down_proj" not in sites
-    gate_up = adapters_of(adapted)[adapter_key("model.layers.0.mlp.experts.0.gate_up_proj")]
+    gate_up = adapters_of(adapted)["model.layers.0.mlp.experts.0.gate_up_proj"]
     assert tuple(gate_up.lora_B.shape) == (2 * 48, 2) and tuple(gate_up.lora_A.shape) == (2, 32)
     assert (logits(adapted) - logits(model)).abs().max() < 1e-6  # B = 0: identity
 
 
 def test_batched_experts_give_the_same_sites():
-    grouped_sites = {(s.path, s.shape) for s in find_sites(capture(tiny_mixtral())[0]) if s.expert is not None}
-    batched_sites = {(s.path, s.shape) for s in find_sites(capture(tiny_mixtral("batched_mm"))[0])
+    grouped_sites = {(s.path, (s.out_features, s.in_features)) for s in find_sites(capture(tiny_mixtral())[0])
                      if s.expert is not None}
+    batched_sites = {(s.path, (s.out_features, s.in_features))
+                     for s in find_sites(capture(tiny_mixtral("batched_mm"))[0]) if s.expert is not None}
     assert grouped_sites == batched_sites and len(grouped_sites) == 2 * 2 * EXPERTS
 
 

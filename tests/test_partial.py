@@ -12,7 +12,7 @@ from peft import PeftModel
 import rosafx
 from rosafx.errors import RosafxError
 from rosafx.partial import PartlyCaptured
-from rosafx.passes.insert import adapter_key, adapters_of
+from rosafx.adapted_graph import adapters_of
 
 from arch_zoo import ARCHS
 
@@ -79,7 +79,7 @@ def test_adapted_and_merged_match_float64_reference(eager_mixtral):
     reference = copy.deepcopy(arch.model).double()
     with torch.no_grad():
         for path in adapted.meta["rosafx"]["sites"]:
-            adapter = adapters_of(adapted)[adapter_key(path)]
+            adapter = adapters_of(adapted)[path]
             reference.get_parameter(f"{path}.weight").add_(
                 adapter.scale * adapter.lora_B.double() @ adapter.lora_A.double())
     inputs = arch.other_inputs()

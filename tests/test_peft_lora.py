@@ -9,7 +9,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 import rosafx
 from rosafx.errors import RosafxError
-from rosafx.passes.insert import adapter_key, adapters_of
+from rosafx.adapted_graph import adapters_of
 
 from invariants import perturb, rel_err
 from models import VOCAB, main_output, tiny_bert, tiny_gpt2, tiny_llama
@@ -44,7 +44,7 @@ def test_same_values_same_outputs_as_peft(name):
     with torch.no_grad():
         for module_name, module in peft_model.base_model.model.named_modules():
             if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
-                adapter = adapters[adapter_key(module_name)]
+                adapter = adapters[module_name]
                 module.lora_A["default"].weight.copy_(adapter.lora_A)
                 module.lora_B["default"].weight.copy_(adapter.lora_B)
     peft_model.eval()
@@ -75,7 +75,7 @@ def test_peft_directory_loads_in_rosafx(tmp_path):
     peft_model.eval().save_pretrained(tmp_path / "peft")
     loaded = rosafx.load(tiny_bert()[0], tmp_path / "peft")
     assert rel_err(outputs(loaded), outputs(peft_model)) < 1e-5
-    ranks = {p: s["config"]["rank"] for p, s in loaded.meta["rosafx"]["sites"].items()}
+    ranks = {p: c.rank for p, c in loaded.meta["rosafx"]["plan"].sites.items()}
     assert ranks["encoder.layer.0.attention.self.value"] == 2 and ranks["encoder.layer.0.attention.self.query"] == 4
 
 

@@ -9,7 +9,7 @@ from peft import PeftModel, VeraConfig, get_peft_model
 
 import rosafx
 from rosafx.errors import RosafxError
-from rosafx.passes.insert import adapter_key, adapters_of
+from rosafx.adapted_graph import adapters_of
 
 from invariants import perturb, rel_err
 from models import VOCAB, main_output, tiny_bert, tiny_gpt2, tiny_llama
@@ -53,7 +53,7 @@ def test_same_pair_and_same_outputs_as_peft(name):
     with torch.no_grad():
         for module_name, module in peft_model.base_model.model.named_modules():
             if hasattr(module, "vera_lambda_d") and "default" in module.vera_lambda_d:
-                adapter = adapters[adapter_key(module_name)]
+                adapter = adapters[module_name]
                 module.vera_lambda_d["default"].copy_(adapter.lambda_d)
                 module.vera_lambda_b["default"].copy_(adapter.lambda_b)
                 copied += 1
@@ -85,7 +85,7 @@ def test_peft_directory_loads_in_rosafx(save_projection, tmp_path):
     peft_model.eval().save_pretrained(tmp_path / "peft")
     loaded = rosafx.load(tiny_bert()[0], tmp_path / "peft")
     assert rel_err(outputs(loaded), outputs(peft_model)) < 1e-5
-    assert {s["config"]["seed"] for s in loaded.meta["rosafx"]["sites"].values()} == {SEED}
+    assert {c.seed for c in loaded.meta["rosafx"]["plan"].sites.values()} == {SEED}
 
 
 def test_unsupported_peft_field_is_named(tmp_path):

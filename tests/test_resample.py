@@ -5,7 +5,7 @@ import pytest
 import torch
 from invariants import perturb, rel_err, run
 from models import functional_linear, tiny_bert
-from rosafx.passes.insert import adapters_of
+from rosafx.adapted_graph import adapters_of
 
 import rosafx
 from rosafx.errors import RosafxError

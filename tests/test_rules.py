@@ -66,7 +66,7 @@ def test_config_object_is_accepted():
     model, _ = tiny_bert()
     adapted = rosafx.transform(model, {"query": LoraConfig(rank=2, alpha=4)})
     assert len(adapted.meta["rosafx"]["sites"]) == 2
-    assert adapted.meta["rosafx"]["sites"]["encoder.layer.0.attention.self.query"]["config"]["rank"] == 2
+    assert adapted.meta["rosafx"]["plan"].sites["encoder.layer.0.attention.self.query"].rank == 2
 
 
 def test_a_key_that_matches_nothing_warns():

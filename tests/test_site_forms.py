@@ -9,7 +9,7 @@ from torch import nn
 
 import rosafx
 from rosafx.capture import capture
-from rosafx.passes.insert import adapter_nodes, adapters_of
+from rosafx.adapted_graph import adapters_of
 from rosafx.sites import find_sites
 
 from models import VOCAB, main_output
@@ -61,9 +61,9 @@ def randomize(adapted):
 def reference_with_deltas(model, adapted):
     """The user's eager model with each site's W + s·B·A (float64, in W's stored layout)."""
     ref = copy.deepcopy(model).double()
-    stored_in_out = {n.meta["rosafx"]["site"] for n in adapter_nodes(adapted) if n.meta["rosafx"]["transposed"]}
+    stored_in_out = {p for p, s in adapted.meta["rosafx"]["sites"].items() if s["stored_in_out"]}
     for path, site in adapted.meta["rosafx"]["sites"].items():
-        adapter = adapters_of(adapted)[path.replace(".", "__")]
+        adapter = adapters_of(adapted)[path]
         delta = adapter.scale * adapter.lora_B.detach().double() @ adapter.lora_A.detach().double()
         weight = ref.get_parameter(site["weight_name"])
         with torch.no_grad():
@@ -85,7 +85,7 @@ def test_every_hand_written_form_is_a_site_with_its_layout(hand_written):
     gm, _, _ = capture(model, (x,))
     found = {s.path: (s.form, s.transposed) for s in find_sites(gm)}
     assert found == EXPECTED
-    shapes = {s.path: s.shape for s in find_sites(gm)}
+    shapes = {s.path: (s.out_features, s.in_features) for s in find_sites(gm)}
     assert shapes["b"] == (24, 24) and shapes["d"] == (12, 20) and shapes["f"] == (8, 12)
 
 

@@ -137,7 +137,7 @@ class Adapter(nn.Module):
     def check_ready(self, action: str) -> None:
         """Raise a RosafxError if the adapter cannot yet be trained or merged."""
 
-    # calibration (data-dependent preparation; see passes/calibrate.py)
+    # calibration (data-dependent preparation; see rosafx/calibration.py)
     def wants_gradient(self) -> bool:
         return False
 
@@ -214,7 +214,7 @@ def calibrate_pending(adapters: list[Adapter], ctx: TrainingContext) -> bool:
     """Calibrate those of ``adapters`` that still want a gradient; True if any did."""
     pending = [a for a in adapters if a.wants_gradient()]
     if pending:
-        from rosafx.passes.calibrate import calibrate
+        from rosafx.calibration import calibrate
         calibrate(ctx.model, ctx.calibration_batches(), ctx.loss_fn, only=pending)
     return bool(pending)
 

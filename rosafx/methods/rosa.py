@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..errors import RosafxError
+from ..ranks import broadcast_adapters
 from .base import Lifecycle, Method, MethodConfig, TrainingContext
 from .lora import LowRankAdapter
 
@@ -106,11 +107,24 @@ def split_weights(adapters: list[RosaAdapter], weights: list[Tensor]) -> None:
                 adapter.base_weight.copy_(remainder.to(adapter.base_weight.dtype))
 
 
+def resample_adapters(adapters: list[RosaAdapter], optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Resample these rosa sites (all of a model's, or one group of its life cycle)."""
+    with torch.no_grad():
+        folded = [a.base_weight.double() + a.lora_B.double() @ a.lora_A.double() for a in adapters]
+        for adapter in adapters:
+            adapter.resamples += 1
+        split_weights(adapters, folded)
+    broadcast_adapters(adapters)  # under DDP: rank 0's factorisation on every rank, bit for bit
+    if optimizer is not None:
+        for adapter in adapters:
+            for param in (adapter.lora_A, adapter.lora_B):
+                optimizer.state.pop(param, None)
+
+
 class ResampleSchedule(Lifecycle):
     """Resample each group of sites (same ``resample_every``) when its interval comes round."""
 
     def after_step(self, ctx: TrainingContext) -> None:
-        from rosafx.passes.resample import resample_adapters
         groups: dict[int, list[RosaAdapter]] = {}
         for adapter in self.adapters:
             every = adapter.config.resample_every

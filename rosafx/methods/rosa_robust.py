@@ -234,14 +234,14 @@ class RosaRobust(Method):
 
 def masks_of(adapted) -> dict[str, tuple[Tensor, Tensor]]:
     """Each rosa-robust site's mask (crow_indices, col_indices), for the restart flow."""
-    from rosafx.passes.insert import adapters_of
+    from rosafx.adapted_graph import adapters_of
     return {a.site_path: (a.crow_indices.clone(), a.col_indices.clone())
             for a in adapters_of(adapted).values() if isinstance(a, RosaRobustAdapter)}
 
 
 def apply_masks(adapted, masks: dict[str, tuple[Tensor, Tensor]]) -> None:
     """Install saved masks on a fresh adapted model (values 0): restart from pretrained weights."""
-    from rosafx.passes.insert import adapters_of
+    from rosafx.adapted_graph import adapters_of
     by_path = {a.site_path: a for a in adapters_of(adapted).values() if isinstance(a, RosaRobustAdapter)}
     missing = sorted(set(masks) - set(by_path))
     if missing:

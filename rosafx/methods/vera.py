@@ -18,11 +18,10 @@ import math
 import torch
 from torch import Tensor, fx, nn
 
+from ..adapted_graph import SHARED
 from ..errors import RosafxError
 from ..ops import vera as vera_op
 from .base import Adapter, GraphEmitter, Method, MethodConfig
-
-SHARED = "rosafx_shared"
 
 
 @dataclasses.dataclass

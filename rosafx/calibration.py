@@ -1,5 +1,9 @@
 """Calibrate: the data-dependent preparation of every site that asks for it.
 
+Part of the core, not a graph pass: methods' life cycles call it (rosafx/methods/base.py,
+``calibrate_pending``), and the only graph change it makes goes through the adapted-graph
+owner (``set_base_weight``).
+
 One pass over the user's batches serves every such site (lora-ga's init and rosa-robust's
 masks alike). For each site whose adapter ``wants_gradient()``, the weight the site reads
 is made to require grad for the duration; a post-accumulate hook hands each batch's
@@ -17,18 +21,14 @@ import torch
 from torch import fx
 from tqdm.auto import tqdm
 
-from rosafx.distributed import broadcast_adapters, mean_across_ranks
-from rosafx.errors import RosafxError
-
-from .insert import adapter_nodes, adapters_of, set_base_weight, site_weight
+from .adapted_graph import adapter_nodes, adapters_of, set_base_weight, site_of, site_weight
+from .errors import RosafxError
+from .ranks import broadcast_adapters, mean_across_ranks
 
 
 def site_weight_leaves(gm: fx.GraphModule) -> dict[str, tuple[torch.Tensor, bool]]:
-    """Adapter key -> (the leaf tensor its op nodes read as W, whether it is stored in x out)."""
-    leaves = {}
-    for node in adapter_nodes(gm):
-        leaves[node.meta["rosafx"]["key"]] = site_weight(gm, node)
-    return leaves
+    """Site path -> (the leaf tensor its op nodes read as W, whether it is stored in x out)."""
+    return {path: site_weight(gm, path) for path in dict.fromkeys(site_of(n) for n in adapter_nodes(gm))}
 
 
 @contextmanager
@@ -65,20 +65,20 @@ def calibrate(adapted: fx.GraphModule, batches: Iterable, loss_fn: Callable, *,
         raise RosafxError(f"Sites {shared} read the same weight tensor; calibrate them separately.")
     hooks = []
 
-    def observer(key: str, transposed: bool):
+    def observer(path: str, transposed: bool):
         def hook(tensor: torch.Tensor) -> None:
             grad = mean_across_ranks(tensor.grad.detach())  # under DDP: every rank's data
-            adapters[key].observe_gradient((grad.t() if transposed else grad).float())
+            adapters[path].observe_gradient((grad.t() if transposed else grad).float())
             tensor.grad = None  # free it now: one full gradient at a time
         return hook
 
-    for key, adapter in adapters.items():
+    for adapter in adapters.values():
         adapter.begin_calibration()
     num_batches = 0
     with _only_these_require_grad(adapted, [leaves[k][0] for k in adapters]):
-        for key in adapters:
-            tensor, transposed = leaves[key]
-            hooks.append(tensor.register_post_accumulate_grad_hook(observer(key, transposed)))
+        for path in adapters:
+            tensor, transposed = leaves[path]
+            hooks.append(tensor.register_post_accumulate_grad_hook(observer(path, transposed)))
         try:
             total = len(batches) if hasattr(batches, "__len__") else None
             for batch in tqdm(batches, total=total, desc="rosafx calibrate", disable=not progress, unit="batch"):
@@ -92,11 +92,11 @@ def calibrate(adapted: fx.GraphModule, batches: Iterable, loss_fn: Callable, *,
                 handle.remove()
     if num_batches == 0:
         raise RosafxError("calibrate got no batches: pass a non-empty iterable.")
-    for key, adapter in adapters.items():
-        tensor, transposed = leaves[key]
+    for path, adapter in adapters.items():
+        tensor, transposed = leaves[path]
         base = (tensor.t() if transposed else tensor).detach()
         new_base = adapter.end_calibration(num_batches, base)
         if new_base is not None:
-            set_base_weight(adapted, key, new_base.to(base.dtype))
+            set_base_weight(adapted, path, new_base.to(base.dtype))
     broadcast_adapters(adapters.values())  # under DDP: rank 0's result, bit for bit, on every rank
     return adapted

@@ -1,0 +1,120 @@
+"""The installed package's import graph: no cycles, and nothing imports a layer above its own.
+
+    core   (capture, sites, rules, plan, adapted graph, methods, ops, kernels, data, ...)
+      ^
+    passes (rosafx.passes.*)
+      ^
+    api and cli (everything else: transform, serialize, fit, rosafx.cli.*, ...)
+
+Imports are read with ``ast`` from the installed files, at any depth (an import inside a
+function is an edge like any other), so a lazy import cannot hide a cycle.
+"""
+import ast
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+PACKAGES = ["rosafx", "rosafx.methods", "rosafx.ops", "rosafx.passes", "rosafx.kernels", "rosafx.cli", "rosafx.data"]
+CORE = ("rosafx.errors", "rosafx.safe_regex", "rosafx.atomic", "rosafx.files", "rosafx.outputs", "rosafx.capture",
+        "rosafx.sites", "rosafx.rules", "rosafx.plan", "rosafx.adapted_graph", "rosafx.adapter_tensors",
+        "rosafx.calibration", "rosafx.ranks", "rosafx.methods", "rosafx.ops", "rosafx.kernels", "rosafx.data")
+PASSES = ("rosafx.passes",)
+LAYER_NAMES = ("core", "passes", "api/cli")
+
+
+def layer(module: str) -> int:
+    def under(prefixes):
+        return any(module == p or module.startswith(p + ".") for p in prefixes)
+    return 0 if under(CORE) else 1 if under(PASSES) else 2
+
+
+def package_modules() -> dict[str, Path]:
+    """Every module of the installed package (the folders the package-dir mapping names too)."""
+    found = {}
+    for package in PACKAGES:
+        (root,) = importlib.util.find_spec(package).submodule_search_locations
+        for path in Path(root).glob("*.py"):
+            found[package if path.name == "__init__.py" else f"{package}.{path.stem}"] = path
+    return found
+
+
+def imports_of(module: str, path: Path, known: set[str]) -> set[str]:
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    edges = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            edges.update(alias.name for alias in node.names if alias.name in known)
+        elif isinstance(node, ast.ImportFrom):
+            source = node.module
+            if node.level:
+                base = package
+                for _ in range(node.level - 1):
+                    base = base.rpartition(".")[0]
+                source = f"{base}.{node.module}" if node.module else base
+            for alias in node.names:
+                if f"{source}.{alias.name}" in known:    # from package import submodule
+                    edges.add(f"{source}.{alias.name}")
+                elif source in known:
+                    edges.add(source)
+    edges.discard(module)
+    return edges
+
+
+@pytest.fixture(scope="module")
+def graph() -> dict[str, set[str]]:
+    modules = package_modules()
+    return {m: imports_of(m, p, set(modules)) for m, p in modules.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_graph_sees_the_mapped_folders_and_lazy_imports(graph):
+    assert {"rosafx.passes.merge", "rosafx.cli.main", "rosafx.kernels.ops", "rosafx.methods.rosa"} <= set(graph)
+    assert "rosafx.passes.merge" in graph["rosafx.partial"]           # a top-level import
+    assert "rosafx.serialize" in graph["rosafx.api"]                  # an import inside a function
+
+
+def test_no_import_cycles(graph):
+    assert cycles(graph) == []
+
+
+def test_nothing_imports_a_layer_above_its_own(graph):
+    upward = sorted(f"{m} ({LAYER_NAMES[layer(m)]}) -> {t} ({LAYER_NAMES[layer(t)]})"
+                    for m, targets in graph.items() for t in targets if layer(t) > layer(m))
+    assert upward == []
+
+
+def test_a_cycle_and_an_upward_import_are_found():
+    fake = {"rosafx.sites": {"rosafx.passes.merge"}, "rosafx.passes.merge": {"rosafx.sites"}}
+    assert cycles(fake) == [["rosafx.passes.merge", "rosafx.sites"]]
+    assert layer("rosafx.passes.merge") > layer("rosafx.sites")
