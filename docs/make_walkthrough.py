@@ -35,7 +35,7 @@ passes      rosafx.passes: dropout, insert (+ insert_experts), fuse_siblings, lo
             decompose, export (+ onnx_latency)
    ^
 core        capture, sites (the site-form table), rules (the one matcher), plan, adapted_graph (the
-            schema), adapter_tensors, calibration, ranks, methods/*, ops/*, kernels/*, data/*, errors, ...
+            schema), adapter_tensors, calibration, ranks, layers, methods/*, ops/*, kernels/*, data/*, errors, ...
 ```
 
 A module imports only its own layer or the ones below, and the import graph has no cycle;

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 
 import rosafx
+from rosafx.adapted_graph import adapters_of
 from rosafx.errors import RosafxError
 from rosafx.grad_checkpoint import GradCheckpointed
 from rosafx.memory import live_activation_bytes, saved_activation_bytes
-from rosafx.passes.insert import adapters_of
 from rosafx.serialize import adapter_tensors
 
 VOCAB = 97

@@ -18,7 +18,8 @@ import pytest
 PACKAGES = ["rosafx", "rosafx.methods", "rosafx.ops", "rosafx.passes", "rosafx.kernels", "rosafx.cli", "rosafx.data"]
 CORE = ("rosafx.errors", "rosafx.safe_regex", "rosafx.atomic", "rosafx.files", "rosafx.outputs", "rosafx.capture",
         "rosafx.sites", "rosafx.rules", "rosafx.plan", "rosafx.adapted_graph", "rosafx.adapter_tensors",
-        "rosafx.calibration", "rosafx.ranks", "rosafx.methods", "rosafx.ops", "rosafx.kernels", "rosafx.data")
+        "rosafx.calibration", "rosafx.ranks", "rosafx.layers", "rosafx.methods", "rosafx.ops", "rosafx.kernels",
+        "rosafx.data")
 PASSES = ("rosafx.passes",)
 LAYER_NAMES = ("core", "passes", "api/cli")
 
