@@ -88,18 +88,19 @@ CATASTROPHIC = "([a-z.0-9]|[a-z])+[0-9]{3}"  # exponential even for the regex en
 
 
 def test_catastrophic_target_regex_fails_fast(fault_models, capsys):
-    started = time.perf_counter()
+    started = time.process_time()
     result = cli(capsys, "inspect", fault_models["hf"], "--method", "lora", "--target", CATASTROPHIC)
     assert_user_error(result, CATASTROPHIC, "backtracks")
-    assert time.perf_counter() - started < 60  # python's re: minutes per path
+    # CPU time, not wall time: a loaded machine must not fail the test, a runaway match must
+    assert time.process_time() - started < 60  # python's re: minutes per path
 
 
 def test_issue_pattern_matches_in_linear_time():
     """The issue's ([a-z.0-9]+)+X ran > 120 s under re; the engine answers at once."""
     from rosafx import safe_regex
-    started = time.perf_counter()
+    started = time.process_time()
     assert not safe_regex.fullmatch("([a-z.0-9]+)+X", "encoder.layer.0.attention.output.dense" * 3)
-    assert time.perf_counter() - started < 1
+    assert time.process_time() - started < 1
 
 
 # ---------------------------------------------------------------- damaged adapter directories (rosafx format)
@@ -196,12 +197,12 @@ def test_damaged_peft_directory(row, peft_dir, tmp_path):
     damage, words = PEFT_ROWS[row]
     path = copy_tree(source, tmp_path / "adapter")
     damage(path)
-    started = time.perf_counter()
+    started = time.process_time()
     with pytest.raises(RosafxError) as caught:
         rosafx.load(model, path)
     message = str(caught.value)
     assert "\n" not in message and all(w.lower() in message.lower() for w in words), message
-    assert time.perf_counter() - started < 60
+    assert time.process_time() - started < 60
 
 
 def test_peft_missing_lora_alpha_uses_peft_default(peft_dir, tmp_path):
