@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ENCODER_LINEARS  # noqa: E402  (the 36 encoder linears rosafx's default target selects)
 from quality_split import split_task  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,10 +72,6 @@ SWEEP = {
 # PEFT rows take the LR of the rosafx method they mirror.
 LR_OF = {"peft-lora": "lora", "peft-vera": "vera"}
 VARIANTS = ["full", "lora", "peft-lora", "lora-ga", "vera", "peft-vera", "rosa-robust", "rosa"]
-# The encoder linears rosafx's default target selects (not pooler, not classifier), as a
-# regex PEFT's target_modules takes.
-ENCODER_LINEARS = (r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|"
-                   r"intermediate\.dense|output\.dense)")
 
 
 def model_dir() -> str:
