@@ -95,7 +95,7 @@ def backward(dy, needs, x, weight, bias, A, B, scale, x_a=None):
     dx = dW = db = dA = dB = dx_a = None
     if needs[0]:
         if merged:
-            dx = dy2 @ _merged_weight(weight, A, B, scale)
+            dx = dy2 @ _merged_weight(weight, A, B, scale).to(dy2.dtype)      # dy is bf16 under autocast
         else:
             dx = dy2 @ weight.to(dy2.dtype)
             if x_a is None:
