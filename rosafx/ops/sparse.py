@@ -7,10 +7,11 @@ How it runs on CPU, and why: a sparse-dense product costs far more per flop than
 one (it gathers), and at 1 % density S·xᵀ and dy·S each took about as long as the dense
 x·Wᵀ on 2 cores. So the forward and dx read a transient dense W + S (one out x in copy of
 W plus an index_add of the values, freed at once; built again in the backward rather than
-saved), which costs one weight copy instead of two sparse products per step and needs no
-transposed copy of S at all. The only sparse kernel left is the values' gradient, an
-SDDMM sampled at the mask (``torch.sparse.sampled_addmm``, vectorised along the N rows),
-fed with both operands N-contiguous. Nothing of size out x in is kept between steps, and
+saved; scale·B·A is added into it too when the adapter reads x, so the low-rank term needs
+no N-row product in the forward and dx), which costs one weight copy instead of two sparse
+products per step and needs no transposed copy of S at all. The only sparse kernel left is
+the values' gradient, an SDDMM sampled at the mask (``torch.sparse.sampled_addmm``,
+vectorised along the N rows), fed with both operands N-contiguous. Nothing of size out x in is kept between steps, and
 no N x out / N x in buffer is zero-filled.
 """
 from __future__ import annotations
@@ -67,16 +68,31 @@ def _(weight, crow, col, values):
     return weight.new_empty(weight.shape, dtype=values.dtype)
 
 
+def _folds_low_rank(A: Tensor, B: Tensor, values: Tensor, x_a: Optional[Tensor]) -> bool:
+    """Whether scale·B·A joins the transient W + S (out·in·r flops): only when it exists (a
+    non-empty mask), the adapter reads x itself and A, B share S's dtype. Then the forward and
+    dx need no N-row low-rank product at all, as in ops/lowrank.py's merged route."""
+    return values.numel() > 0 and A.shape[0] > 0 and x_a is None and A.dtype == B.dtype == values.dtype
+
+
+def _dense_weight(weight, A, B, scale, crow, col, values, fold: bool) -> Tensor:
+    """W + S (+ scale·B·A when ``fold``), a new tensor in values' dtype."""
+    merged = dense_with_sparse(weight, crow, col, values)
+    return merged.addmm_(B, A, alpha=scale) if fold else merged
+
+
 def forward(x, weight, bias, A, B, scale, crow, col, values, x_a=None) -> Tensor:
-    if values.numel() and weight.dtype != values.dtype:
-        y = F.linear(x.to(values.dtype), dense_with_sparse(weight, crow, col, values),
-                     None if bias is None else bias.to(values.dtype)).to(x.dtype)
-    elif values.numel():
-        y = F.linear(x, dense_with_sparse(weight, crow, col, values), bias)
+    folded = _folds_low_rank(A, B, values, x_a)
+    if values.numel():
+        merged = _dense_weight(weight, A, B, scale, crow, col, values, folded)
+        if weight.dtype != values.dtype:
+            y = F.linear(x.to(values.dtype), merged, None if bias is None else bias.to(values.dtype)).to(x.dtype)
+        else:
+            y = F.linear(x, merged, bias)
     else:
         y = F.linear(x, weight, bias)
-    if A.shape[0] > 0:
-        h = rows(x if x_a is None else x_a).to(A.dtype) @ A.t()                  # (N, r)
+    if A.shape[0] > 0 and not folded:
+        h = (A @ rows(x if x_a is None else x_a).to(A.dtype).t()).t()            # (N, r); A·xᵀ: N inner
         y2 = rows(y)
         if y.dtype == B.dtype and y.is_contiguous():
             y2.addmm_(h, B.t(), alpha=scale)                                     # in place: no N x out temporary
@@ -110,15 +126,17 @@ def backward(dy, needs, x, weight, bias, A, B, scale, crow, col, values, x_a=Non
     adapter_in = rows(x if x_a is None else x_a).to(A.dtype)
     dyA = dy2.to(A.dtype)
     # (Bᵀ·dyᵀ)ᵀ and (hᵀ·dy)ᵀ: see ops/lowrank.py (MKL's skinny-product layouts)
-    g = (B.t() @ dyA.t()).t().mul_(scale) if low_rank else None     # (N, r)
+    folded = _folds_low_rank(A, B, values, x_a)
+    need_g = low_rank and (needs[3] or needs[9] or (needs[0] and not folded))
+    g = (B.t() @ dyA.t()).t().mul_(scale) if need_g else None       # (N, r)
     dx = dW = db = dA = dB = dvalues = dx_a = None
     if needs[0]:
         if values.numel():
-            merged = dense_with_sparse(weight, crow, col, values)
+            merged = _dense_weight(weight, A, B, scale, crow, col, values, folded)
             dx = dy2.to(merged.dtype) @ merged
         else:
             dx = dy2 @ weight.to(dy2.dtype)
-        if x_a is None and low_rank:
+        if x_a is None and low_rank and not folded:
             if dx.dtype == A.dtype:
                 dx.addmm_(g, A)
             else:
@@ -133,7 +151,7 @@ def backward(dy, needs, x, weight, bias, A, B, scale, crow, col, values, x_a=Non
     if needs[3]:
         dA = g.t() @ adapter_in if low_rank else torch.zeros_like(A)
     if needs[4]:
-        dB = ((adapter_in @ A.t()).mul_(scale).t() @ dyA).t() if low_rank else torch.zeros_like(B)
+        dB = ((A @ adapter_in.t()) @ dyA).mul_(scale).t() if low_rank else torch.zeros_like(B)
     if needs[8]:
         dvalues = sampled_dyT_x(dy2.to(values.dtype), x2, crow, col) if values.numel() else torch.zeros_like(values)
     return dx, dW, db, dA, dB, None, None, None, dvalues, dx_a
