@@ -59,6 +59,44 @@ def test_op_forward_and_gradients_match_float64(separate_input):
             assert a.grad is None
 
 
+@pytest.mark.parametrize("separate_input", [False, True])
+@pytest.mark.parametrize("rows", [12, 2], ids=["saved", "rebuilt"])
+def test_backward_reuses_the_forwards_transient_weight(separate_input, rows, monkeypatch):
+    """spec.py's forward_saving opt-in: with x at least as large as W the forward's W + ΔW
+    (ΔW with a separate input) reaches the backward, which builds none; with fewer rows the
+    backward builds it again. Gradients equal float64 autograd either way, and no handoff
+    outlives the call."""
+    import rosafx.ops.vera as V
+    from rosafx.ops import spec
+    built = []
+    for name in ("_effective_weight", "delta_weight"):
+        original = getattr(V, name)
+        monkeypatch.setattr(V, name, lambda *a, _f=original, _n=name: built.append(_n) or _f(*a))
+    g = torch.Generator().manual_seed(4)
+    out_f, in_f, r = 6, 5, 3
+    tensors = [torch.randn(rows, in_f, generator=g), torch.randn(out_f, in_f, generator=g),
+               torch.randn(out_f, generator=g), torch.randn(r, in_f, generator=g),
+               torch.randn(out_f, r, generator=g), torch.randn(r, generator=g), torch.randn(out_f, generator=g)]
+    if separate_input:
+        tensors.append(torch.randn(rows, in_f, generator=g))
+    grads = [True, False, False, False, False, True, True, True]
+    ours = [t.clone().requires_grad_(grads[i]) for i, t in enumerate(tensors)]
+    ref = [t.double().requires_grad_(grads[i]) for i, t in enumerate(tensors)]
+    y = torch.ops.rosafx.vera_linear.default(*ours)
+    assert spec._HANDOFF.output is None
+    forward_builds = len(built)
+    dy = torch.randn(y.shape, generator=g)
+    y.backward(dy)
+    vera_reference(*ref).backward(dy.double())
+    assert forward_builds == 1 and len(built) == (1 if rows == 12 else 2)
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        if grads[i]:
+            assert rel_err(a.grad.double(), b.grad) < 1e-5, i
+    with torch.no_grad():
+        torch.ops.rosafx.vera_linear.default(*ours)
+    assert spec._HANDOFF.output is None
+
+
 def test_delta_weight_is_diag_b_B_diag_d_A_and_pair_is_stored_once():
     model, _ = tiny_bert()
     adapted = rosafx.transform(model, RULES["bert"])

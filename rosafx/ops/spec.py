@@ -19,10 +19,21 @@ functions over the op's arguments::
 ``spec.implement("torch", forward, backward)`` registers ``rosafx::<name>`` (the reference,
 any device); ``spec.implement("triton", ...)`` registers ``rosafx::<name>_triton``.
 ``rosafx.lower`` only moves a node between the implementations of one spec.
+
+Opt-in, for an implementation whose forward builds something its backward needs again (a
+transient merged weight): ``implement(..., forward_saving=f)`` with ``f(*args) -> (y, extras)``
+(a tuple of tensors). When a gradient will follow (grad mode on and some tensor argument
+requires grad), the op runs ``f`` instead of ``forward``, the extras are saved beside the
+arguments, and the backward is called as ``backward(dy, needs, *args, saved=extras)``.
+Whenever no extras reach the backward (under torch.compile or export the forward runs on
+fake tensors; grad mode off), it is called without ``saved``, exactly as an implementation
+without the opt-in, so it must also work from the arguments alone.
 """
 from __future__ import annotations
 
 import inspect
+import threading
+import weakref
 from typing import Callable, Optional
 
 import torch
@@ -42,6 +53,42 @@ def linear_output_like(x: Tensor, weight: Tensor, *rest) -> Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+class _Handoff(threading.local):
+    """The extras of the last ``forward_saving`` call on this thread, for the ``setup_context``
+    that custom_op's autograd runs right after the forward: keyed by the output's identity
+    (held weakly), so anything that is not that very call's output gets nothing and the
+    backward rebuilds. Were a call not followed by its setup_context (``_gradient_follows``
+    wrong), its extras would stay here until the next call: one set per thread at most."""
+    output: Optional[weakref.ref] = None
+    extras: tuple = ()
+
+    def put(self, output: Tensor, extras: tuple) -> None:
+        self.output, self.extras = weakref.ref(output), tuple(extras)
+
+    def take(self, output) -> Optional[tuple]:
+        found = self.extras if self.output is not None and self.output() is output else None
+        self.output, self.extras = None, ()
+        return found
+
+
+_HANDOFF = _Handoff()
+
+
+def _gradient_follows(args) -> bool:
+    """Whether custom_op's autograd will run setup_context after this kernel call: some tensor
+    argument requires grad and the kernel runs inside its autograd.Function's forward, which
+    turns forward-mode AD off too (torch.no_grad and inference_mode calls reach the kernel
+    with it on, or in inference mode)."""
+    if torch._C._is_fwd_grad_enabled() or torch.is_inference_mode_enabled():
+        return False
+    for value in args:
+        if isinstance(value, Tensor) and value.requires_grad:
+            return True
+        if isinstance(value, (list, tuple)) and any(isinstance(v, Tensor) and v.requires_grad for v in value):
+            return True
+    return False
+
+
 class OpSpec:
     def __init__(self, stub: Callable, fake: Callable = linear_output_like):
         self.name = stub.__name__
@@ -54,13 +101,24 @@ class OpSpec:
     def op_name(self, backend: str) -> str:
         return self.name if backend == REFERENCE else f"{self.name}_{backend}"
 
-    def implement(self, backend: str, forward: Callable, backward: Callable):
+    def implement(self, backend: str, forward: Callable, backward: Callable, *,
+                  forward_saving: Optional[Callable] = None):
         """Register ``forward`` / ``backward`` as this op's ``backend`` implementation; returns
-        the op overload (``torch.ops.rosafx.<name>[_backend].default``)."""
+        the op overload (``torch.ops.rosafx.<name>[_backend].default``). ``forward_saving``:
+        the opt-in of the module docstring."""
         name = self.op_name(backend)
         if backend in self.ops:
             return self.ops[backend]
-        op = torch.library.custom_op(f"rosafx::{name}", forward, mutates_args=(), schema=self.schema)
+        kernel = forward
+        if forward_saving is not None:
+            def kernel(*args):
+                if not _gradient_follows(args):
+                    return forward(*args)
+                y, extras = forward_saving(*args)
+                _HANDOFF.put(y, extras)
+                return y
+            kernel.__name__, kernel.__doc__ = forward.__name__, forward.__doc__
+        op = torch.library.custom_op(f"rosafx::{name}", kernel, mutates_args=(), schema=self.schema)
         op.register_fake(self.fake)
         op.register_autograd(self._backward(backward), setup_context=self._setup)
         self.ops[backend] = getattr(torch.ops.rosafx, name).default
@@ -78,8 +136,10 @@ class OpSpec:
                 tensors.extend(value)
             else:
                 layout.append(("value", value))
+        extras = _HANDOFF.take(output)
         ctx.layout = layout
-        ctx.save_for_backward(*tensors)
+        ctx.n_extras = None if extras is None else len(extras)
+        ctx.save_for_backward(*tensors, *(extras or ()))
 
     def _backward(self, backward: Callable) -> Callable:
         n_args = self.n_args
@@ -89,7 +149,10 @@ class OpSpec:
             args = [entry[1] if isinstance(entry, tuple) else
                     list(saved[entry]) if isinstance(entry, slice) else saved[entry] for entry in ctx.layout]
             needs = (tuple(ctx.needs_input_grad) + (False,) * n_args)[:n_args]
-            grads = tuple(backward(dy, needs, *args))
+            if ctx.n_extras is None:
+                grads = tuple(backward(dy, needs, *args))
+            else:
+                grads = tuple(backward(dy, needs, *args, saved=tuple(saved[len(saved) - ctx.n_extras:])))
             return (grads + (None,) * n_args)[: len(ctx.needs_input_grad)]
 
         wired.__doc__ = self.doc

@@ -76,20 +76,35 @@ def _effective_weight(weight: Tensor, A: Tensor, B: Tensor, d: Tensor, b: Tensor
     return merged.addmm_(B.to(d.dtype) * b[:, None], A.to(d.dtype) * d[:, None])
 
 
-def forward(x, weight, bias, A_shared, B_shared, d, b, x_a=None) -> Tensor:
+def _transient_and_output(x, weight, bias, A_shared, B_shared, d, b, x_a) -> tuple[Tensor, Tensor]:
+    """(y, the transient weight the backward reads again: W + ΔW, or ΔW when x_a is given)."""
     A, B = _slices(weight, A_shared, B_shared)
     if x_a is None:
+        merged = _effective_weight(weight, A, B, d, b)
         if weight.dtype == d.dtype and x.dtype == d.dtype:
-            return F.linear(x, _effective_weight(weight, A, B, d, b), bias)
-        y = F.linear(x.to(d.dtype), _effective_weight(weight, A, B, d, b), None if bias is None else bias.to(d.dtype))
-        return y.to(x.dtype)
+            return F.linear(x, merged, bias), merged
+        y = F.linear(x.to(d.dtype), merged, None if bias is None else bias.to(d.dtype))
+        return y.to(x.dtype), merged
     y = F.linear(x, weight, bias)
-    y2, delta_t = rows(y), delta_weight(A, B, d, b).t()
-    x_a2 = rows(x_a).to(d.dtype)
+    delta = delta_weight(A, B, d, b)
+    y2, x_a2 = rows(y), rows(x_a).to(d.dtype)
     if y.dtype == d.dtype and y.is_contiguous():
-        y2.addmm_(x_a2, delta_t)
-        return y
-    return (y2 + (x_a2 @ delta_t).to(y.dtype)).reshape(y.shape)
+        y2.addmm_(x_a2, delta.t())
+        return y, delta
+    return (y2 + (x_a2 @ delta.t()).to(y.dtype)).reshape(y.shape), delta
+
+
+def forward(x, weight, bias, A_shared, B_shared, d, b, x_a=None) -> Tensor:
+    return _transient_and_output(x, weight, bias, A_shared, B_shared, d, b, x_a)[0]
+
+
+def forward_saving(x, weight, bias, A_shared, B_shared, d, b, x_a=None) -> tuple[Tensor, tuple]:
+    """forward, and the transient weight for the backward (spec.py's opt-in) when it is no
+    larger than x, which the op saves anyway: then keeping it costs at most x's memory again,
+    and saves the backward an out·r·in product (as many flops as 2/3 of an N = 384-row
+    matmul at rank 256 on 384 x 384)."""
+    y, transient = _transient_and_output(x, weight, bias, A_shared, B_shared, d, b, x_a)
+    return y, ((transient,) if transient.numel() <= x.numel() else ())
 
 
 def _dyT_h(dy2: Tensor, adapter_in: Tensor, A: Tensor, h: Optional[Tensor]) -> Tensor:
@@ -104,9 +119,10 @@ def _dyT_h(dy2: Tensor, adapter_in: Tensor, A: Tensor, h: Optional[Tensor]) -> T
     return (dy2.t() @ adapter_in) @ A.t()
 
 
-def backward(dy, needs, x, weight, bias, A_shared, B_shared, d, b, x_a=None, h=None):
-    """The spec's gradients (``vera_linear.doc``) in torch; W + ΔW is dense and transient,
-    Mᵀ formed the cheaper way round."""
+def backward(dy, needs, x, weight, bias, A_shared, B_shared, d, b, x_a=None, h=None, saved=None):
+    """The spec's gradients (``vera_linear.doc``) in torch; W + ΔW is dense and transient
+    (``saved`` by the forward, or built again), Mᵀ formed the cheaper way round."""
+    transient = saved[0] if saved else None
     A, B = _slices(weight, A_shared, B_shared)
     A, B = A.to(d.dtype), B.to(d.dtype)
     dy2 = rows(dy)
@@ -114,12 +130,14 @@ def backward(dy, needs, x, weight, bias, A_shared, B_shared, d, b, x_a=None, h=N
     dx = dW = dbias = dd = db = dx_a = None
     if needs[0]:
         if x_a is None:
-            dx = (dyd @ _effective_weight(weight, A, B, d, b)).to(x.dtype)
+            merged = transient if transient is not None else _effective_weight(weight, A, B, d, b)
+            dx = (dyd @ merged).to(x.dtype)
         else:
             dx = dy2 @ weight.to(dy2.dtype)
         dx = dx.reshape(x.shape)
     if needs[7] and x_a is not None:
-        dx_a = (dyd @ delta_weight(A, B, d, b)).to(x_a.dtype).reshape(x_a.shape)
+        delta = transient if transient is not None else delta_weight(A, B, d, b)
+        dx_a = (dyd @ delta).to(x_a.dtype).reshape(x_a.shape)
     if needs[1]:
         dW = (dy2.t() @ rows(x).to(dy2.dtype)).to(weight.dtype)
     if needs[2] and bias is not None:
@@ -137,5 +155,9 @@ def forward_given_h(x, weight, bias, A_shared, B_shared, d, b, x_a, h) -> Tensor
     return forward(x, weight, bias, A_shared, B_shared, d, b, x_a)
 
 
-vera_linear.implement("torch", forward, backward)
-vera_linear_given_h.implement("torch", forward_given_h, backward)
+def forward_given_h_saving(x, weight, bias, A_shared, B_shared, d, b, x_a, h) -> tuple[Tensor, tuple]:
+    return forward_saving(x, weight, bias, A_shared, B_shared, d, b, x_a)
+
+
+vera_linear.implement("torch", forward, backward, forward_saving=forward_saving)
+vera_linear_given_h.implement("torch", forward_given_h, backward, forward_saving=forward_given_h_saving)
