@@ -32,7 +32,8 @@ def hf_example_inputs(model: nn.Module, batch: int = 2, seq: int = 7) -> dict[st
     ``attention_mask`` and the module takes it too."""
     vocab = int(getattr(model.config, "vocab_size", 100) or 100)
     gen = torch.Generator().manual_seed(0)
-    return {"input_ids": torch.randint(0, vocab, (batch, seq), generator=gen)}
+    device = next(model.parameters(), torch.empty(0)).device      # a model on a GPU is captured there
+    return {"input_ids": torch.randint(0, vocab, (batch, seq), generator=gen).to(device)}
 
 
 def _dynamic_dims(value: Any) -> Any:

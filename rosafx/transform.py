@@ -10,6 +10,7 @@ plan's sites, ``full`` modules made trainable, the adapted graph's record writte
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any
 
@@ -19,7 +20,7 @@ from torch import fx, nn
 from rosafx.passes.dropout import dropout_follows_mode
 from rosafx.passes.insert import insert_planned
 
-from .adapted_graph import META, adapters_of, fingerprint, make_record
+from .adapted_graph import META, SHARED, adapters_of, fingerprint, make_record
 from .capture import capture
 from .errors import RosafxError
 from .partial import apply_to_parts, capture_parts
@@ -73,12 +74,28 @@ def apply(captured: Captured, plan: Plan) -> nn.Module:
     gm, sites = captured.module, captured.sites
     plan.check(sites, captured.modules)
     gm = insert_planned(gm, sites, plan.sites)                  # sites -> rosafx op nodes
+    _follow_site_devices(gm, [s for s in sites if s.path in plan.sites])
     _make_trainable(gm, plan.full)                      # full modules: own copy, requires_grad
     weights = {s.path: (s.weight_name, s.transposed) for s in sites if s.path in plan.sites}
     gm.meta[META] = make_record(plan, weights, captured.example_inputs,
                                 fingerprint(gm, [w for w, _ in weights.values()]))
     _install_ready_check(gm)
     return gm
+
+
+def _follow_site_devices(gm: fx.GraphModule, sites: list) -> None:
+    """Adapters are built on the CPU; a model captured on a GPU trains them where its weights
+    are (dtypes stay: adapter tensors keep their own precision)."""
+    adapters = adapters_of(gm)
+    devices = set()
+    for site in sites:
+        device = functools.reduce(getattr, site.weight_name.split("."), gm).device
+        devices.add(device)
+        if site.path in adapters:
+            adapters[site.path].to(device)
+    shared = getattr(gm, SHARED, None)
+    if shared is not None and len(devices) == 1:
+        shared.to(devices.pop())
 
 
 def _make_trainable(gm: fx.GraphModule, full_paths: list[str]) -> None:

@@ -108,7 +108,9 @@ class RosaRobustAdapter(Adapter):
     def _set_mask(self, crow: Tensor, col: Tensor, values: Tensor | None = None) -> None:
         self.register_buffer("crow_indices", crow)
         self.register_buffer("col_indices", col)
-        self.sparse_values = nn.Parameter(torch.zeros(col.numel()) if values is None else values.float().clone())
+        device = self.lora_A.device                      # the adapter's own device (a GPU after capture there)
+        self.sparse_values = nn.Parameter(torch.zeros(col.numel(), device=device) if values is None
+                                          else values.float().to(device).clone())
 
     @property
     def masked(self) -> bool:
