@@ -74,6 +74,12 @@ def init_from_torchrun() -> World:
         return World()
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        if backend == "nccl" and torch.cuda.device_count() < per_node:
+            raise RosafxError(f"torchrun started {per_node} processes on this node but it has "
+                              f"{torch.cuda.device_count()} CUDA device(s): one process per GPU. Start at most "
+                              f"{torch.cuda.device_count()} (--nproc), or train on CPU processes with "
+                              "CUDA_VISIBLE_DEVICES='' (gloo).")
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend)

@@ -27,7 +27,7 @@ HERE = Path(__file__).parent
 @pytest.fixture(scope="module")
 def two_rank_adapters(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}   # CPU processes, also on a GPU machine
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(HERE / "distributed_worker.py"), str(out)], env=env, capture_output=True, text=True,
                           timeout=600)

@@ -41,7 +41,7 @@ def test_layer_modules_compute_the_same_with_the_same_names():
 
 
 def test_two_ranks_with_sharded_layers_equal_one_process(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}   # CPU processes, also on a GPU machine
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(HERE / "fsdp_worker.py"), str(tmp_path)], env=env, capture_output=True, text=True,
                           timeout=600)

@@ -147,10 +147,11 @@ def test_train_continues_from_adapt_output(encoder_dir, tmp_path, tokenizer, cap
     assert not (tmp_path / "r2").exists()
 
 
-def test_train_nproc_2_launches_torchrun_and_rank_0_writes_the_run(encoder_dir, tmp_path, capsys):
+def test_train_nproc_2_launches_torchrun_and_rank_0_writes_the_run(encoder_dir, tmp_path, capsys, monkeypatch):
     """`--nproc 2`: torchrun, two gloo processes (the equality with one process is in
     tests/test_distributed.py); RUN written once, the global batch recorded; a resume with
     another number of processes is refused."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")      # CPU processes, also on a one-GPU machine
     data = GLUE / "MRPC" / "train.tsv"
     run = tmp_path / "run"
     assert run_cli("train", encoder_dir, "--method", "rosa", "--rank", "2", "-O", "resample_every=2", "--data", data,
