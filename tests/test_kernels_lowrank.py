@@ -20,6 +20,21 @@ def test_matmul_strided_views_and_accumulate():
     assert rel_err(c, want) < 1e-5
 
 
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_matmul_split_along_k_matches_float64(accumulate):
+    """A thin product over a long K (dA = gᵀ·x over the tokens) is split along K with
+    atomic fp32 partials; alpha and the column vector apply to every partial."""
+    from rosafx.kernels.matmul import launch_shape
+    g = torch.Generator().manual_seed(2)
+    a, b = randn(600, 5, gen=g, grad=False).t(), randn(600, 37, gen=g, grad=False)      # 5 x 600 by 600 x 37
+    assert launch_shape(5, 37, 600)[3] > 1
+    col = randn(37, gen=g, grad=False)
+    c = randn(5, 37, gen=g, grad=False)
+    want = (c.double() if accumulate else 0) + 0.5 * (a.double() @ b.double()) * col.double()
+    got = matmul(a, b, alpha=0.5, out=c, accumulate=accumulate, col_scale=col)
+    assert got is c and rel_err(c, want) < 1e-5
+
+
 def lowrank_reference(x, W, b, A, B, scale):
     return F.linear(x, W, b) + scale * (x @ A.t()) @ B.t()
 
