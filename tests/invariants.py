@@ -53,7 +53,7 @@ def perturb(adapted, seed=0, std=0.05):
         for adapter in adapters_of(adapted).values():
             for p in adapter.parameters():
                 if p.requires_grad:
-                    p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+                    p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device) * std)
 
 
 def trainable_names(module):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="half precision Triton needs a CUDA GPU")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (on a CPU Triton runs only in the interpreter)")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 N_IN, N_OUT, RANK = 37, 29, 3          # no block size divides these
 

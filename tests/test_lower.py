@@ -1,5 +1,6 @@
-"""rosafx.lower: a whole adapted model on the Triton backend (interpreter on CPU) gives the
-torch reference backend's outputs and gradients; the graph stays mergeable and reversible."""
+"""rosafx.lower: a whole adapted model on the Triton backend (interpreter on CPU, the GPU
+when there is one) gives the torch reference backend's outputs and gradients; the graph stays
+mergeable and reversible."""
 import pytest
 import torch
 
@@ -8,14 +9,25 @@ from rosafx.errors import RosafxError
 from rosafx.adapted_graph import adapter_nodes, adapters_of
 
 from invariants import perturb
-from models import ZOO, main_output, other_inputs
+from kernel_checks import DEVICE
+from models import ZOO, main_output, other_inputs as cpu_inputs
 
 ops = torch.ops.rosafx
 CASES = {"bert": ("query", "lowrank_linear"), "gpt2": ("c_attn", "lowrank_linear")}
 
 
-def adapted_model(zoo_name, method="lora"):
+def on_device(zoo_name):
+    """A zoo model on the kernels' device, captured there (the graph keeps its device)."""
     model, example = ZOO[zoo_name]()
+    return model.to(DEVICE), example
+
+
+def other_inputs(model, example):
+    return tuple(t.to(DEVICE) for t in cpu_inputs(model, example))
+
+
+def adapted_model(zoo_name, method="lora"):
+    model, example = on_device(zoo_name)
     pattern, _ = CASES[zoo_name]
     adapted = rosafx.transform(model, {pattern: {"method": method, "rank": 3}}, example_inputs=example)
     perturb(adapted)
@@ -25,7 +37,7 @@ def adapted_model(zoo_name, method="lora"):
 def outputs_and_grads(adapted, inputs):
     params = [p for p in adapted.parameters() if p.requires_grad]
     out = main_output(adapted(*inputs))
-    loss = (out * torch.linspace(-1, 1, out.shape[-1])).sum()
+    loss = (out * torch.linspace(-1, 1, out.shape[-1], device=out.device)).sum()
     return out.detach(), torch.autograd.grad(loss, params)
 
 
@@ -35,7 +47,7 @@ def rel_err(got, want):
 
 def rosa_robust_bert():
     """rosa-robust after calibration: sparse masks (some rows empty) plus rank 2."""
-    model, example = ZOO["bert"]()
+    model, example = on_device("bert")
     rule = {"method": "rosa-robust", "rank": 2, "alpha": 4, "density": 0.05}
     adapted = rosafx.transform(model, {"query": rule, "value": rule}, example_inputs=example)
     inputs = other_inputs(model, example)
@@ -51,7 +63,7 @@ def rosa_robust_bert():
 def vera_bert():
     """VeRA on 32 -> 32 (query), 32 -> 48 (intermediate) and 48 -> 32 (output) sites: the
     shared pair is sized for the largest in and out, so every site reads a strict slice of A or B."""
-    model, example = ZOO["bert"]()
+    model, example = on_device("bert")
     rule = {"method": "vera", "rank": 3, "d_initial": 0.1}
     rules = {"query": rule, "intermediate.dense": rule, r".*layer\.\d+\.output\.dense": rule}
     adapted = rosafx.transform(model, rules, example_inputs=example)
@@ -89,7 +101,7 @@ def test_triton_backend_matches_torch_backend(case):
 
 def test_training_mode_with_adapter_dropout_matches_torch_backend():
     """x_a = dropout(x) feeds the op: same RNG seed, same mask, so the backends must agree."""
-    model, example = ZOO["bert"]()
+    model, example = on_device("bert")
     adapted = rosafx.transform(model, {"query": {"method": "lora", "rank": 3, "dropout": 0.3}}, example_inputs=example)
     perturb(adapted)
     adapted.train()
@@ -121,10 +133,11 @@ def test_lowered_graph_merges_and_lowers_back():
     assert {n.target for n in adapter_nodes(back)} == {ops.lowrank_linear.default}
 
 
-def test_auto_keeps_torch_for_cpu_tensors():
+def test_auto_picks_triton_for_cuda_tensors_and_torch_for_cpu_tensors():
     _, adapted, _ = adapted_model("bert")
-    lowered = rosafx.lower(adapted, backend="auto")      # adapter tensors are on the CPU
-    assert {n.target for n in adapter_nodes(lowered)} == {ops.lowrank_linear.default}
+    lowered = rosafx.lower(adapted, backend="auto")      # adapter tensors sit on DEVICE
+    want = ops.lowrank_linear_triton if DEVICE == "cuda" else ops.lowrank_linear
+    assert {n.target for n in adapter_nodes(lowered)} == {want.default}
 
 
 def test_unknown_backend_is_a_user_error():
