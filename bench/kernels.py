@@ -65,6 +65,7 @@ def lowrank_variants(x, W, A, B, scale):
     from rosafx.kernels import lowrank_linear
 
     variants = {
+        "base only (floor)": lambda: F.linear(x, W),
         "triton (rosafx.kernels)": lambda: lowrank_linear(x, W, None, A, B, scale),
         "torch reference op": lambda: torch.ops.rosafx.lowrank_linear.default(x, W, None, A, B, scale, None),
         "unfused torch ops": lambda: F.linear(x, W) + (scale * ((x.float() @ A.t()) @ B.t())).to(x.dtype),
@@ -92,6 +93,66 @@ def lowrank_variants(x, W, A, B, scale):
     return variants
 
 
+def profile(label: str, step, steps: int = 10) -> dict:
+    """GPU kernel time vs wall time of ``steps`` fwd+bwd steps (torch.profiler): when the wall
+    time is far above the kernels' sum, the step is bound by launch and Python overhead."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    step()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            step()
+        end.record()
+        torch.cuda.synchronize()
+    wall_ms = start.elapsed_time(end) / steps
+    kernels = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[event.name] = kernels.get(event.name, 0.0) + event.device_time / 1e3 / steps
+    gpu_ms = sum(kernels.values())
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:8]
+    print(f"  profile  {label}: wall {wall_ms:.3f} ms/step, GPU kernels {gpu_ms:.3f} ms/step, "
+          f"{sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA) // steps} launches/step")
+    for name, ms in top:
+        print(f"           {ms * 1e3:8.1f} us  {name[:90]}")
+    return {"wall_ms": wall_ms, "gpu_kernel_ms": gpu_ms, "top": top}
+
+
+def adapter_products(x, A, B, dy, iters):
+    """Each of LoRA's six small products alone: the Triton kernel against cuBLAS (torch.mm on
+    the same operands, fp32 adapter side). Shows which product costs what."""
+    from rosafx.kernels.matmul import launch_shape, matmul
+    x2, dy2 = x.detach(), dy
+    A, B = A.detach(), B.detach()
+    h = x2.float() @ A.t()
+    g = dy2.float() @ B
+    y = torch.empty(x2.shape[0], B.shape[0], device=x.device, dtype=x.dtype)
+    dx = torch.empty_like(x2)
+    cases = {                       # name: (triton call, torch call, M, N, K)
+        "h = x·Aᵀ": (lambda: matmul(x2, A.t(), out_dtype=A.dtype), lambda: x2.float() @ A.t()),
+        "y += s·h·Bᵀ": (lambda: matmul(h, B.t(), alpha=2.0, out=y, accumulate=True),
+                        lambda: y.add_((h @ B.t()).to(y.dtype), alpha=2.0)),
+        "g = dy·B": (lambda: matmul(dy2, B, out_dtype=A.dtype), lambda: dy2.float() @ B),
+        "dx += g·A": (lambda: matmul(g, A, out=dx, accumulate=True), lambda: dx.add_((g @ A).to(dx.dtype))),
+        "dA = gᵀ·x": (lambda: matmul(g.t(), x2, out_dtype=A.dtype), lambda: g.t() @ x2.float()),
+        "dB = dyᵀ·h": (lambda: matmul(dy2.t(), h, out_dtype=B.dtype), lambda: dy2.t().float() @ h),
+    }
+    shapes = {"h = x·Aᵀ": (x2.shape[0], A.shape[0], A.shape[1]), "y += s·h·Bᵀ": (x2.shape[0], B.shape[0], A.shape[0]),
+              "g = dy·B": (x2.shape[0], A.shape[0], B.shape[0]), "dx += g·A": (x2.shape[0], A.shape[1], A.shape[0]),
+              "dA = gᵀ·x": (A.shape[0], A.shape[1], x2.shape[0]), "dB = dyᵀ·h": (B.shape[0], A.shape[0], x2.shape[0])}
+    figures = {}
+    for name, (mine, theirs) in cases.items():
+        ms_mine, ms_torch = timed(mine, iters), timed(theirs, iters)
+        M, N, K = shapes[name]
+        print(f"  product  {name:12s} M={M:5d} N={N:5d} K={K:5d} launch {launch_shape(M, N, K)}: "
+              f"triton {ms_mine * 1e3:7.1f} us, torch {ms_torch * 1e3:7.1f} us")
+        figures[name] = {"triton_ms": ms_mine, "torch_ms": ms_torch, "mnk": [M, N, K]}
+    return figures
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=8192)
@@ -100,6 +161,7 @@ def main():
     parser.add_argument("--density", type=float, default=0.01)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--json", default=None, help="write the figures here too")
+    parser.add_argument("--profile", action="store_true", help="GPU kernel time vs wall time per low-rank variant")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="run every variant once on tiny CPU shapes (TRITON_INTERPRET=1) to check the script")
     args = parser.parse_args()
@@ -167,6 +229,10 @@ def main():
         ms = timed(fwd_bwd(fn, [x, d, b], dy), args.iters)
         print(f"  vera     {label:26s} {ms:8.3f} ms")
         results["vera"][label] = {"ms": ms}
+    results["products"] = adapter_products(x, A, B, dy, args.iters)
+    if args.profile and torch.cuda.is_available():
+        results["profile"] = {label: profile(label, fwd_bwd(fn, [x, A, B], dy)) for label, fn in
+                              lowrank_variants(x, W, A, B, scale).items() if label != "unfused torch ops"}
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2)
