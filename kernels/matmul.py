@@ -38,6 +38,7 @@ def _matmul_kernel(
     # meta-parameters
     ACCUMULATE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, HAS_COL_SCALE: tl.constexpr,
     ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOWNCAST: tl.constexpr = None,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -53,13 +54,16 @@ def _matmul_kernel(
                     mask=(rm[:, None] < M) & (ks[None, :] < k_end), other=0.0)
         b = tl.load(b_ptr + ks[:, None] * stride_bk + rn[None, :] * stride_bn,
                     mask=(ks[:, None] < k_end) & (rn[None, :] < N), other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        if IEEE:
-            acc += tl.dot(a, b, input_precision="ieee")
+        if DOWNCAST is not None:      # the fp32 side rounded to the half side's dtype: bf16/fp16 MMA
+            acc += tl.dot(a.to(DOWNCAST), b.to(DOWNCAST))
         else:
-            acc += tl.dot(a, b, input_precision="tf32")
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            if IEEE:
+                acc += tl.dot(a, b, input_precision="ieee")
+            else:
+                acc += tl.dot(a, b, input_precision="tf32")
     acc = acc * alpha
     if HAS_COL_SCALE:
         acc = acc * tl.load(col_scale_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
@@ -77,19 +81,22 @@ def _block(n: int, lo: int = 16, hi: int = 64) -> int:
     return max(lo, min(hi, triton.next_power_of_2(n)))
 
 
-# Enough programs to fill a large GPU (132 SMs on an H100) a couple of times over.
+# Enough programs to fill a large GPU (132 SMs on an H100) about twice over.
 TARGET_PROGRAMS = 256
 
 
 def launch_shape(M: int, N: int, K: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K) for an M x K by K x N product: the long side of
-    the output gets the larger tile, and K is split when the output has too few tiles."""
-    block_m, block_n = (_block(M, hi=128), _block(N, hi=64)) if M >= N else (_block(M, hi=64), _block(N, hi=128))
-    block_k = _block(K, hi=64)
+    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K) for an M x K by K x N product, from the sweep in
+    bench/matmul_sweep.py on an H100 (docs/kernels.md): 64-row tiles, 128-wide K steps for
+    the long reductions, K split until the grid has ~TARGET_PROGRAMS programs (keeping at
+    least 4 K steps each), and 64 x 128 output tiles for the rank-K products into y and dx."""
+    block_m = _block(M, hi=64)
+    block_n = _block(N, hi=128 if M >= N else 64)
+    block_k = _block(K, hi=128)
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     steps = triton.cdiv(K, block_k)
     split = 1
-    if steps >= 8 and tiles < TARGET_PROGRAMS:        # keep >= 4 K steps per program
+    if steps >= 8 and tiles < TARGET_PROGRAMS:
         split = max(1, min(steps // 4, triton.cdiv(TARGET_PROGRAMS, tiles)))
     return block_m, block_n, block_k, split
 
@@ -141,7 +148,7 @@ def matmul(a: Tensor, b: Tensor, *, alpha: float = 1.0, out: Optional[Tensor] = 
         float(alpha), k_per_split,
         ACCUMULATE=accumulate, UPCAST=upcast, IEEE=ieee, HAS_COL_SCALE=col_scale is not None,
         ATOMIC=split > 1, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        num_warps=8 if BLOCK_M * BLOCK_N >= 128 * 64 else 4,
+        num_warps=4,
     )
     if target is not out:
         if accumulate:

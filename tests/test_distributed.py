@@ -51,7 +51,9 @@ def test_two_ranks_equal_one_process_with_the_global_batch(two_rank_adapters, na
             tensors_close(load_file(str(two_rank_adapters / f"lora-ga-gradients-rank{rank}.safetensors")),
                           gradients, rel=1e-5)
     else:
-        tensors_close(rank0, adapter_tensors(adapted), rel=1e-5)
+        # two resamples re-split W + B·A by SVD, which magnifies the all-reduce's summation
+        # order: 1.04e-5 was seen for rosa on the GPU machine's CPU (torch 2.11), 1e-5 is tight
+        tensors_close(rank0, adapter_tensors(adapted), rel=2e-5 if name == "rosa" else 1e-5)
     if name == "rosa":
         assert all(int(v) == 2 for k, v in rank0.items() if k.endswith("resamples"))
 

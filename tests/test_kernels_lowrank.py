@@ -26,8 +26,8 @@ def test_matmul_split_along_k_matches_float64(accumulate):
     atomic fp32 partials; alpha and the column vector apply to every partial."""
     from rosafx.kernels.matmul import launch_shape
     g = torch.Generator().manual_seed(2)
-    a, b = randn(600, 5, gen=g, grad=False).t(), randn(600, 37, gen=g, grad=False)      # 5 x 600 by 600 x 37
-    assert launch_shape(5, 37, 600)[3] > 1
+    a, b = randn(1200, 5, gen=g, grad=False).t(), randn(1200, 37, gen=g, grad=False)   # 5 x 1200 by 1200 x 37
+    assert launch_shape(5, 37, 1200)[3] > 1
     col = randn(37, gen=g, grad=False)
     c = randn(5, 37, gen=g, grad=False)
     want = (c.double() if accumulate else 0) + 0.5 * (a.double() @ b.double()) * col.double()
