@@ -7,6 +7,8 @@ be cheaper. Variants (``--variants``, comma-separated):
     floor              frozen base, input gradients only
     lora, peft-lora    LoRA rank 8, alpha 16 on the 36 encoder linears (331,776 trainable)
     lora-fused         lora + passes/fuse_siblings.py (q,k,v share one x·Aᵀ)
+    lora-unmerged      lora with the op's merged-weight route switched off during its steps
+                       (forward and dx as x·Wᵀ + s·h·Bᵀ, dy·W + g·A): the A/B for that route
     rosa-robust        RoSA rank 4 + density 1.5625 % (331,776 trainable: LoRA r8's count),
                        random masks of the exact budget (timing does not depend on where)
     rosa-robust-1pct   RoSA rank 8 + density 1 % (437,928 trainable)
@@ -71,6 +73,23 @@ def rosafx_variant(rules, fuse=False, masks=False):
     return build
 
 
+def unmerged(build):
+    """``build``'s step with rosafx/ops/lowrank.py's merged-weight route switched off while it
+    runs (the op reads ``_merge_pays`` at call time, so other variants are unaffected)."""
+    def wrapped(base, ids, compile_):
+        from rosafx.ops import lowrank
+        step, count = build(base, ids, compile_)
+
+        def step_unmerged():
+            original, lowrank._merge_pays = lowrank._merge_pays, lambda *args: False
+            try:
+                step()
+            finally:
+                lowrank._merge_pays = original
+        return step_unmerged, count
+    return wrapped
+
+
 def random_masks(adapted) -> None:
     from rosafx.methods.rosa_robust import RosaRobustAdapter, mask_from_statistic
     from rosafx.adapted_graph import adapters_of
@@ -109,6 +128,7 @@ VARIANTS = {
     "floor": floor_variant,
     "lora": rosafx_variant({ENCODER_LINEARS: LORA}),
     "lora-fused": rosafx_variant({ENCODER_LINEARS: LORA}, fuse=True),
+    "lora-unmerged": unmerged(rosafx_variant({ENCODER_LINEARS: LORA})),
     "peft-lora": peft_variant("lora"),
     "rosa-robust": rosafx_variant({ENCODER_LINEARS: {"method": "rosa-robust", "rank": 4, "alpha": 8,
                                                      "density": 0.015625}}, masks=True),
