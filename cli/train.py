@@ -65,6 +65,8 @@ def train(
                                                    help="Recompute each layer's activations in the backward "
                                                         "(less memory, more time; a --config file may name "
                                                         "the mode: full, attention)")] = None,
+    device: Annotated[Optional[str], Opt(help="auto | cpu | cuda | cuda:N (default auto: a GPU when there "
+                                              "is one, its adapter ops on the Triton kernels)")] = None,
     config: Annotated[Optional[Path], Opt(help="YAML or JSON file with these options (flags override it)")] = None,
     resume: Annotated[bool, Opt("--resume", help="Continue RUN from its last checkpoint")] = False,
     overwrite: Annotated[bool, Opt("--overwrite", help="Replace an earlier run in RUN")] = False,
@@ -78,14 +80,16 @@ def train(
     if resume:
         record = read_run(out)
         asked = recipe.resolve({**record["config"], **{k: v for k, v in flags.items() if v is not None}})
-        given = [k for k, v in flags.items() if v is not None and asked[k] != record["config"].get(k)]
+        given = [k for k, v in flags.items() if v is not None and asked[k] != record["config"].get(k)
+                 and k not in recipe.RESUMABLE_WITH_OTHER]
         if given:
             raise RosafxError(f"{out} was started with other options ({given}); --resume continues it as it "
                               "was. Drop those flags, or start a new run.")
-        settings = record["config"]
+        settings = {**record["config"], **{k: flags[k] for k in recipe.RESUMABLE_WITH_OTHER if flags.get(k)}}
         check_same_world(record, here)
     else:
         settings = recipe.resolve(flags, config)
+    device = recipe.training_device(settings.get("device", "auto"), here)    # checked before RUN is touched
     inputs = [p for p in (settings["model"], settings["data"], settings["eval"]) if p]
     with distributed.main_first():  # rank 0 checks and creates RUN and the token cache; the others then read them
         run_dir = check_run_dir(out, inputs, resume=resume, overwrite=overwrite) if here.is_main else out.resolve()
@@ -106,7 +110,7 @@ def train(
         eval_batches = (recipe.batches_of(eval_examples, tokenizer, settings, cache, train=False)
                         if eval_examples and here.is_main else None)
     inputs = recipe.example_inputs(tokenizer, settings, pairs=train_examples.pairs is not None)
-    adapted = recipe.build_adapted(settings, spec, label_names, inputs)
+    adapted = recipe.on_device(recipe.build_adapted(settings, spec, label_names, inputs), device)
     if not resume and here.is_main:
         write_run(run_dir, {"config": settings, "label_names": label_names, "task": settings["task"],
                             "pairs": train_examples.pairs is not None, "distributed": batch_record(settings, here)})

@@ -63,6 +63,14 @@ def lower(adapted: fx.GraphModule, backend: str = "auto") -> fx.GraphModule:
     return _lower(adapted, backend=backend)
 
 
+def to_device(adapted: fx.GraphModule, device) -> fx.GraphModule:
+    """Move a captured graph, its weights and adapters to ``device`` (the device the capture
+    baked into the graph is rewritten too). In place; build optimizers afterwards."""
+    from rosafx.passes.to_device import to_device as _to_device
+    _require_adapted(adapted, "to_device", whole_graph=True)
+    return _to_device(adapted, device)
+
+
 def fuse_siblings(adapted: fx.GraphModule) -> fx.GraphModule:
     """Adapter sites that read the same input (q, k, v; gate, up) share their down-projection:
     one matmul over the stacked A's, forward and backward. In place (optimizers keep their

@@ -22,8 +22,10 @@ DEFAULTS = {
     "max_length": 128, "epochs": None, "max_steps": None, "batch_size": 32, "grad_accum": 1, "lr": 5e-4,
     "warmup_ratio": 0.0, "schedule": "linear", "weight_decay": 0.0, "eval_every": None, "save_every": None,
     "seed": 0, "precision": "fp32", "best_metric": None, "calibration_batches": 8, "compile": False,
-    "grad_checkpoint": False,
+    "grad_checkpoint": False, "device": "auto",
 }
+# Keys a resumed run may change: where it runs, not what it computes.
+RESUMABLE_WITH_OTHER = ("device",)
 SOURCE_JSON, ADAPTER_JSON = "source.json", "rosafx.json"
 
 
@@ -63,6 +65,36 @@ def resolve(flags: dict, config_file=None) -> dict:
     if config["model"] is None or config["data"] is None:
         raise RosafxError("rosafx train needs MODEL and --data (on the command line or in --config).")
     return config
+
+
+def training_device(name, here) -> torch.device:
+    """``auto`` (a GPU when there is one), ``cpu``, ``cuda`` or ``cuda:N``. Under torchrun the
+    process group decides: nccl ranks train on their own GPU, gloo ranks on the CPU."""
+    if not isinstance(name, str) or not (name in ("auto", "cpu", "cuda") or name.startswith("cuda:")):
+        raise RosafxError(f"--device must be auto, cpu, cuda or cuda:N, not {name!r}.")
+    if here.size > 1:
+        return here.device
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name != "cpu" and not torch.cuda.is_available():
+        raise RosafxError(f"--device {name}: this machine has no CUDA device torch can use "
+                          f"(torch {torch.__version__}); use --device cpu, or install a CUDA build of torch.")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise RosafxError(f"--device {name}: {exc}") from exc
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise RosafxError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s).")
+    return device
+
+
+def on_device(adapted, device: torch.device):
+    """The adapted model moved to ``device`` (built on the CPU, where capture is checked);
+    on a GPU its adapter ops are lowered to the Triton kernels."""
+    if device.type == "cpu":
+        return adapted
+    import rosafx
+    return rosafx.lower(rosafx.to_device(adapted, device), backend="auto")
 
 
 @dataclasses.dataclass

@@ -74,7 +74,16 @@ def test_train_export_evaluate_classification(encoder_dir, tmp_path, capsys):
     # an earlier run is kept unless asked; resume with other options is refused; a finished run resumes to nothing
     assert run_cli("train", encoder_dir, "--method", "lora", "--data", data, "-o", run) == 2
     assert run_cli("train", "-o", run, "--resume", "--lr", "0.1") == 2
-    assert run_cli("train", "-o", run, "--resume") == 0
+    assert run_cli("train", "-o", run, "--resume", "--device", "cpu") == 0     # where it runs may change
+
+
+@pytest.mark.parametrize("device, says", [("cuda", "no CUDA device"), ("tpu", "must be auto, cpu, cuda")])
+def test_a_device_that_cannot_be_used_is_refused_before_run_is_written(encoder_dir, tmp_path, capsys, monkeypatch,
+                                                                        device, says):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    data, run = GLUE / "MRPC" / "train.tsv", tmp_path / "run"
+    assert run_cli("train", encoder_dir, "--method", "lora", "--data", data, "--device", device, "-o", run) == 2
+    assert says in capsys.readouterr().err and not run.exists()
 
 
 def test_regression_and_config_file(encoder_dir, tmp_path, capsys):
