@@ -70,7 +70,8 @@ def lowrank_backward(dy: Tensor, needs: tuple[bool, ...], x: Tensor, weight: Ten
     return dx, dW, db, dA, dB, None, dx_a
 
 
-lowrank_linear_triton = LOWRANK_LINEAR.implement("triton", lowrank_forward, lowrank_backward)
+lowrank_linear_triton = LOWRANK_LINEAR.implement("triton", lowrank_forward, lowrank_backward,
+                                                       opaque_backward=True)
 
 
 def lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor,

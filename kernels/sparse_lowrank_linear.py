@@ -168,7 +168,7 @@ def sparse_lowrank_backward(dy, needs, x, weight, bias, A, B, scale, crow, col, 
 
 
 sparse_lowrank_linear_triton = SPARSE_LOWRANK_LINEAR.implement("triton", sparse_lowrank_forward,
-                                                               sparse_lowrank_backward)
+                                                               sparse_lowrank_backward, opaque_backward=True)
 
 
 def sparse_lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, scale: float,

@@ -92,7 +92,7 @@ def vera_backward(dy, needs, x, weight, bias, A_shared, B_shared, d, b, x_a=None
     return dx, dW, dbias, dA, dB, dd, db, dx_a
 
 
-vera_linear_triton = VERA_LINEAR.implement("triton", vera_forward, vera_backward)
+vera_linear_triton = VERA_LINEAR.implement("triton", vera_forward, vera_backward, opaque_backward=True)
 
 
 def vera_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, d: Tensor,

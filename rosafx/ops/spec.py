@@ -28,6 +28,12 @@ arguments, and the backward is called as ``backward(dy, needs, *args, saved=extr
 Whenever no extras reach the backward (under torch.compile or export the forward runs on
 fake tensors; grad mode off), it is called without ``saved``, exactly as an implementation
 without the opt-in, so it must also work from the arguments alone.
+
+``implement(..., opaque_backward=True)`` (the Triton implementations): a backward that
+launches kernels cannot be traced on fake tensors, so the spec also registers
+``rosafx::<name>_<backend>_backward`` (dy, needs, *args) -> the gradients asked for, an op
+torch.compile keeps whole; the wiring calls it only while compiling (eager calls the
+function directly: one dispatch less per step).
 """
 from __future__ import annotations
 
@@ -102,7 +108,7 @@ class OpSpec:
         return self.name if backend == REFERENCE else f"{self.name}_{backend}"
 
     def implement(self, backend: str, forward: Callable, backward: Callable, *,
-                  forward_saving: Optional[Callable] = None):
+                  forward_saving: Optional[Callable] = None, opaque_backward: bool = False):
         """Register ``forward`` / ``backward`` as this op's ``backend`` implementation; returns
         the op overload (``torch.ops.rosafx.<name>[_backend].default``). ``forward_saving``:
         the opt-in of the module docstring."""
@@ -120,7 +126,8 @@ class OpSpec:
             kernel.__name__, kernel.__doc__ = forward.__name__, forward.__doc__
         op = torch.library.custom_op(f"rosafx::{name}", kernel, mutates_args=(), schema=self.schema)
         op.register_fake(self.fake)
-        op.register_autograd(self._backward(backward), setup_context=self._setup)
+        traced = self._opaque_backward(name, backward) if opaque_backward else None
+        op.register_autograd(self._backward(backward, traced), setup_context=self._setup)
         self.ops[backend] = getattr(torch.ops.rosafx, name).default
         return self.ops[backend]
 
@@ -141,7 +148,34 @@ class OpSpec:
         ctx.n_extras = None if extras is None else len(extras)
         ctx.save_for_backward(*tensors, *(extras or ()))
 
-    def _backward(self, backward: Callable) -> Callable:
+    def _opaque_backward(self, name: str, backward: Callable) -> Callable:
+        """``rosafx::<name>_backward(dy, needs, *args) -> Tensor[]``: the gradients of the tensor
+        arguments that ``needs`` asks for, in order (zeros where the implementation has none)."""
+        arguments = self.schema[self.schema.index("(") + 1: self.schema.rindex(") ->")]
+
+        def asked(needs, args):
+            return [i for i, (need, value) in enumerate(zip(needs, args)) if need and isinstance(value, Tensor)]
+
+        def run(dy, needs, *args):
+            grads = backward(dy, tuple(needs), *args)
+            return [grads[i] if grads[i] is not None else torch.zeros_like(args[i]) for i in asked(needs, args)]
+
+        def fake(dy, needs, *args):
+            return [torch.empty_like(args[i]) for i in asked(needs, args)]
+
+        op = torch.library.custom_op(f"rosafx::{name}_backward", run, mutates_args=(),
+                                     schema=f"(Tensor dy, bool[] needs, {arguments}) -> Tensor[]")
+        op.register_fake(fake)
+        backward_op = getattr(torch.ops.rosafx, f"{name}_backward").default
+
+        def traced(dy, needs, *args):
+            grads = [None] * len(args)
+            for i, grad in zip(asked(needs, args), backward_op(dy, list(needs), *args)):
+                grads[i] = grad
+            return grads
+        return traced
+
+    def _backward(self, backward: Callable, traced: Optional[Callable] = None) -> Callable:
         n_args = self.n_args
 
         def wired(ctx, dy):
@@ -149,7 +183,9 @@ class OpSpec:
             args = [entry[1] if isinstance(entry, tuple) else
                     list(saved[entry]) if isinstance(entry, slice) else saved[entry] for entry in ctx.layout]
             needs = (tuple(ctx.needs_input_grad) + (False,) * n_args)[:n_args]
-            if ctx.n_extras is None:
+            if traced is not None and torch.compiler.is_compiling():
+                grads = tuple(traced(dy, needs, *args))
+            elif ctx.n_extras is None:
                 grads = tuple(backward(dy, needs, *args))
             else:
                 grads = tuple(backward(dy, needs, *args, saved=tuple(saved[len(saved) - ctx.n_extras:])))
