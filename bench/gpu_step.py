@@ -14,6 +14,7 @@ memory is torch.cuda.max_memory_allocated over the variant's own steps, minus wh
 variant holds before it runs (the shared base weights).
 
     python bench/gpu_step.py [--layers 22] [--batch 4] [--seq 1024] [--repeats 5] [--steps 3] [--json OUT]
+                             [--profile] [--compile reduce-overhead]
 
 Without a CUDA device it says so and exits 0.
 """
@@ -48,6 +49,13 @@ def next_token_loss(logits, ids):
     return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
 
 
+COMPILE = {"mode": None}     # --compile MODE: every variant's forward through torch.compile(mode=MODE)
+
+
+def compiled(module):
+    return torch.compile(module, mode=COMPILE["mode"]) if COMPILE["mode"] else module
+
+
 def adapter_step(model, ids, call):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -71,23 +79,26 @@ def rosafx_variant(backend):
             _captured.append(rosafx.transform(base, {f"re:.*\\.({'|'.join(LORA_TARGETS)})$": rule},
                                               example_inputs=(ids,)))
         adapted = rosafx.lower(copy.deepcopy(_captured[0]), backend=backend)
-        return adapter_step(adapted, ids, lambda: adapted(ids).logits)
+        forward = compiled(adapted)
+        return adapter_step(adapted, ids, lambda: forward(ids).logits)
     return build
 
 
 def peft_variant(base, ids, rank):
     from peft import LoraConfig, get_peft_model
     model = get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS))
-    return adapter_step(model, ids, lambda: model(input_ids=ids).logits)
+    forward = compiled(model)
+    return adapter_step(model, ids, lambda: forward(input_ids=ids).logits)
 
 
 def floor_variant(base, ids, rank):
     model = base.train()
     embeddings = model.get_input_embeddings()
+    forward = compiled(model)
 
     def step():
         x = embeddings(ids).detach().requires_grad_()
-        next_token_loss(model(inputs_embeds=x).logits, ids).backward()
+        next_token_loss(forward(inputs_embeds=x).logits, ids).backward()
     return step, 0
 
 
@@ -105,6 +116,24 @@ def time_steps(step, steps: int) -> float:
     return start.elapsed_time(end) / 1000 / steps
 
 
+def profile(name, step) -> dict:
+    """One step under torch.profiler: wall time, the sum of GPU kernel time, and launches. A
+    wall time well above the kernels' sum means the GPU waits on the CPU (launch overhead)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        wall = time_steps(step, 1)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu_s = sum(e.device_time for e in kernels) / 1e6
+    by_name = {}
+    for e in kernels:
+        by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time / 1e3
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:6]
+    print(f"  profile {name}: wall {wall * 1e3:.1f} ms, GPU kernels {gpu_s * 1e3:.1f} ms, {len(kernels)} launches")
+    for kernel, ms in top:
+        print(f"      {ms:8.2f} ms  {kernel[:90]}")
+    return {"wall_ms": wall * 1e3, "gpu_kernel_ms": gpu_s * 1e3, "launches": len(kernels), "top": top}
+
+
 def quartiles(values):
     q = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
     return q[0], statistics.median(values), q[2]
@@ -120,11 +149,16 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--json")
+    parser.add_argument("--compile", metavar="MODE", help="torch.compile every variant's forward with this mode "
+                        "(e.g. reduce-overhead: CUDA graphs hide the launch overhead); the first step's compile "
+                        "time is reported as setup")
+    parser.add_argument("--profile", action="store_true", help="GPU kernel time vs wall time of one step per variant")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench/gpu_step.py: no CUDA device here; nothing measured.")
         return 0
     names = args.variants.split(",")
+    COMPILE["mode"] = args.compile
     base = llama(args.layers)
     base.requires_grad_(False)
     ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), device="cuda",
@@ -166,6 +200,8 @@ def main() -> int:
         results["variants"][name] = {"step_s": mid, "p25": lo, "p75": hi, "tokens_per_s": tokens / mid,
                                      "x_floor": ratio, "peak_gib": peaks[name], "trainable": trainables[name],
                                      "setup_s": setup_s[name], "samples": samples[name]}
+    if args.profile:
+        results["profile"] = {name: profile(name, steps[name]) for name in names}
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2)
