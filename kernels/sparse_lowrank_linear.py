@@ -13,6 +13,14 @@ anything of size out x in:
 - ``_sddmm_kernel``: dvalues[j] = Σ_n dy[n, row[j]]·x[n, col[j]], one program per block
   of nonzeros: the gradient of S sampled at its mask.
 Rank 0 (A, B empty) is pure sparse adaptation.
+
+On a GPU those two kernels lose to dense math: at 1 % density on 4096 x 4096 the op took
+44.5 ms against 0.34 ms for one cuBLAS bf16 product of the same size (docs/kernels.md). So
+on CUDA, above ``DENSE_ABOVE_DENSITY``, S is scattered into a transient dense out x in
+matrix in the activations' dtype (kept apart from W, so updates below W's rounding step
+still count) and the three S products are cuBLAS calls: y += x·Sᵀ, dx += dy·S, and
+dvalues = (dyᵀ·x) read at the mask. The CSR kernels stay for the CPU (interpreter) and for
+sparser masks. The dense route's speed has not been measured yet.
 """
 from __future__ import annotations
 
@@ -114,6 +122,21 @@ def sddmm(dy: Tensor, x: Tensor, entry_rows: Tensor, col: Tensor, dtype: torch.d
     return dvalues
 
 
+# above this fraction of nonzeros a CUDA run takes the dense route (module docstring)
+DENSE_ABOVE_DENSITY = 1e-3
+
+
+def dense_route(x: Tensor, values: Tensor, weight: Tensor) -> bool:
+    return x.is_cuda and values.numel() > DENSE_ABOVE_DENSITY * weight.numel()
+
+
+def dense_of(crow: Tensor, col: Tensor, values: Tensor, shape, dtype: torch.dtype) -> Tensor:
+    """S as a dense out x in tensor of ``dtype`` (a transient)."""
+    dense = torch.zeros(shape, dtype=dtype, device=values.device)
+    dense.view(-1)[csr_row_of_each_entry(crow) * shape[1] + col] = values.to(dtype)
+    return dense
+
+
 def csr_row_of_each_entry(crow: Tensor) -> Tensor:
     return torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device), crow.diff())
 
@@ -146,7 +169,10 @@ def sparse_lowrank_forward(x, weight, bias, A, B, scale, crow, col, values, x_a=
     if A.shape[0] > 0:
         h = matmul(rows(x if x_a is None else x_a), A.t(), out_dtype=A.dtype)
         matmul(h, B.t(), alpha=scale, out=y2, accumulate=True)
-    csr_add_rows(y2, rows(x), crow, col, values)                     # y += x·Sᵀ
+    if dense_route(x, values, weight):
+        y2.addmm_(rows(x), dense_of(crow, col, values, weight.shape, y.dtype).t())     # y += x·Sᵀ, cuBLAS
+    else:
+        csr_add_rows(y2, rows(x), crow, col, values)                 # y += x·Sᵀ
     return y
 
 
@@ -158,12 +184,21 @@ def sparse_lowrank_backward(dy, needs, x, weight, bias, A, B, scale, crow, col, 
     dy2, x2 = rows(dy).contiguous(), rows(x)
     dx, dW, db, dA, dB, _, dx_a = lowrank_backward(dy, (need_x, need_w, need_b, need_a, need_bmat, False, need_xa),
                                                    x, weight, bias, A, B, scale, x_a)
+    dense = dense_route(x, values, weight)
     if need_x and values.numel() > 0:
         dx2 = rows(dx).contiguous()
-        t_crow, t_col, t_values = csr_transposed(crow, col, values, weight.shape[1])
-        csr_add_rows(dx2, dy2, t_crow, t_col, t_values)              # dx += dy·S
+        if dense:
+            dx2.addmm_(dy2, dense_of(crow, col, values, weight.shape, dx2.dtype))        # dx += dy·S, cuBLAS
+        else:
+            t_crow, t_col, t_values = csr_transposed(crow, col, values, weight.shape[1])
+            csr_add_rows(dx2, dy2, t_crow, t_col, t_values)          # dx += dy·S
         dx = dx2.reshape(x.shape)
-    dvalues = sddmm(dy2, x2, csr_row_of_each_entry(crow), col, values.dtype) if need_values else None
+    dvalues = None
+    if need_values and dense:                                        # (dyᵀ·x) at the mask, one cuBLAS product
+        dvalues = (dy2.t() @ x2.to(dy2.dtype)).view(-1)[csr_row_of_each_entry(crow) * weight.shape[1] + col]
+        dvalues = dvalues.to(values.dtype)
+    elif need_values:
+        dvalues = sddmm(dy2, x2, csr_row_of_each_entry(crow), col, values.dtype)
     return dx, dW, db, dA, dB, None, None, None, dvalues, dx_a
 
 

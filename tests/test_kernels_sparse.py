@@ -68,6 +68,29 @@ def test_sparse_registered_twin_gives_every_gradient_with_separate_input():
         assert rel_err(got, want) < 1e-4, name
 
 
+def test_dense_route_gives_the_csr_kernels_results(monkeypatch):
+    """The GPU's dense route (S scattered into a transient, cuBLAS products) forced on here,
+    against float64: forward and every gradient, an empty sparse row included."""
+    import importlib
+    sparse_kernels = importlib.import_module("rosafx.kernels.sparse_lowrank_linear")   # the module, not the function
+    monkeypatch.setattr(sparse_kernels, "dense_route", lambda x, values, weight: True)
+    g = torch.Generator().manual_seed(3)
+    crow, col, values = random_csr(N_OUT, N_IN, 0.2, g)
+    x, W, b = randn(3, 5, N_IN, gen=g), randn(N_OUT, N_IN, gen=g), randn(N_OUT, gen=g)
+    A, B = randn(RANK, N_IN, gen=g), randn(N_OUT, RANK, gen=g)
+    values = values.requires_grad_()
+    inputs = [x, W, b, A, B, values]
+    y = sparse_lowrank_linear(x, W, b, A, B, 0.7, crow, col, values)
+    dy = torch.randn(y.shape, generator=g).to(DEVICE)
+    grads = torch.autograd.grad(y, [x, A, B, values], dy)
+    x64, W64, b64, A64, B64, v64 = [t.detach().double().requires_grad_() for t in inputs]
+    y64 = sparse_reference(x64, W64, b64, A64, B64, 0.7, dense_of(crow, col, v64, (N_OUT, N_IN)))
+    grads64 = torch.autograd.grad(y64, [x64, A64, B64, v64], dy.double())
+    assert rel_err(y, y64) < 1e-4
+    for name, got, want in zip(("dx", "dA", "dB", "dvalues"), grads, grads64):
+        assert rel_err(got, want) < 1e-4, name
+
+
 def test_sparse_rejects_csr_of_wrong_height():
     g = torch.Generator().manual_seed(0)
     crow, col, values = random_csr(N_OUT - 1, N_IN, 0.1, g)
