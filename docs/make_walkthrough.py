@@ -32,7 +32,7 @@ api / cli   rosafx.transform (the pipeline), partial (graph-break fallback), ser
             peft_experts, api, fit, lifecycle, checkpoint, distributed, hf_trainer, runs, ... , rosafx.cli.*
    ^
 passes      rosafx.passes: dropout, insert (+ insert_experts), fuse_siblings, lower, resample, merge,
-            decompose, export (+ onnx_latency)
+            decompose, export (+ onnx_latency), to_device, checkpoint_layers, layer_modules
    ^
 core        capture, sites (the site-form table), rules (the one matcher), plan, adapted_graph (the
             schema), adapter_tensors, calibration, ranks, layers, methods/*, ops/*, kernels/*, data/*, errors, ...
@@ -154,6 +154,8 @@ def main() -> None:
               "\n### Passes that change tensors, not the graph's shape\n"
               "* `lower` (`passes/lower.py`) swaps each adapter node's target between the torch op and its "
               "Triton twin; arguments and marks stay.\n"
+              "* `to_device` (`passes/to_device.py`) rewrites the devices torch.export baked into the graph "
+              "and moves weights, adapters and tensor constants.\n"
               "* `calibrate` (`rosafx/calibration.py`, core) runs lora-ga's and rosa-robust's data-dependent "
               "preparation; a site that gets a new frozen weight reads `rosafx_adapters.<site>.base_weight` "
               "from then on (`adapted_graph.set_base_weight`).\n"
