@@ -12,6 +12,8 @@ be cheaper. Variants (``--variants``, comma-separated):
     rosa-robust        RoSA rank 4 + density 1.5625 % (331,776 trainable: LoRA r8's count),
                        random masks of the exact budget (timing does not depend on where)
     rosa-robust-1pct   RoSA rank 8 + density 1 % (437,928 trainable)
+    rosa-robust-unblocked  rosa-robust with the values' SDDMM over all N rows at once (the A/B
+                       for ops/sparse.py's row blocks)
     vera, peft-vera    VeRA rank 256 on query, key, value, attention.output.dense
     vera-fused         vera + fuse_siblings (q,k,v share x·A_slᵀ)
 
@@ -43,6 +45,7 @@ from common import ENCODER_LINEARS, load_encoder, trainable
 VERA_SITES = r"encoder\.layer\.\d+\.attention\..*(query|key|value|dense)"
 LORA = {"method": "lora", "rank": 8, "alpha": 16}
 VERA = {"method": "vera", "rank": 256, "d_initial": 0.1}
+ROSA_R4 = {"method": "rosa-robust", "rank": 4, "alpha": 8, "density": 0.015625}
 
 
 def load_base():
@@ -73,20 +76,23 @@ def rosafx_variant(rules, fuse=False, masks=False):
     return build
 
 
-def unmerged(build):
-    """``build``'s step with rosafx/ops/lowrank.py's merged-weight route switched off while it
-    runs (the op reads ``_merge_pays`` at call time, so other variants are unaffected)."""
+def patched(build, module: str, attribute: str, value):
+    """``build``'s step with ``module.attribute`` replaced by ``value`` while the step runs
+    (the ops read these at call time, so other variants are unaffected): an A/B of one
+    code path in the same run."""
     def wrapped(base, ids, compile_):
-        from rosafx.ops import lowrank
+        import importlib
+        target = importlib.import_module(module)
         step, count = build(base, ids, compile_)
 
-        def step_unmerged():
-            original, lowrank._merge_pays = lowrank._merge_pays, lambda *args: False
+        def step_patched():
+            original = getattr(target, attribute)
+            setattr(target, attribute, value)
             try:
                 step()
             finally:
-                lowrank._merge_pays = original
-        return step_unmerged, count
+                setattr(target, attribute, original)
+        return step_patched, count
     return wrapped
 
 
@@ -128,12 +134,14 @@ VARIANTS = {
     "floor": floor_variant,
     "lora": rosafx_variant({ENCODER_LINEARS: LORA}),
     "lora-fused": rosafx_variant({ENCODER_LINEARS: LORA}, fuse=True),
-    "lora-unmerged": unmerged(rosafx_variant({ENCODER_LINEARS: LORA})),
+    "lora-unmerged": patched(rosafx_variant({ENCODER_LINEARS: LORA}), "rosafx.ops.lowrank", "_merge_pays",
+                             lambda *args: False),
     "peft-lora": peft_variant("lora"),
-    "rosa-robust": rosafx_variant({ENCODER_LINEARS: {"method": "rosa-robust", "rank": 4, "alpha": 8,
-                                                     "density": 0.015625}}, masks=True),
+    "rosa-robust": rosafx_variant({ENCODER_LINEARS: ROSA_R4}, masks=True),
     "rosa-robust-1pct": rosafx_variant({ENCODER_LINEARS: {"method": "rosa-robust", "rank": 8, "alpha": 16,
                                                           "density": 0.01}}, masks=True),
+    "rosa-robust-unblocked": patched(rosafx_variant({ENCODER_LINEARS: ROSA_R4}, masks=True),
+                                     "rosafx.ops.sparse", "_rows_per_block", lambda *args: 1 << 62),
     "vera": rosafx_variant({VERA_SITES: VERA}),
     "vera-fused": rosafx_variant({VERA_SITES: VERA}, fuse=True),
     "peft-vera": peft_variant("vera"),

@@ -116,3 +116,24 @@ def test_bfloat16_weight_matches_float64():
     want_dv = x64.sum(0)[col]  # d(Σ y)/dS[r, c] = Σ_n x[n, c]
     assert torch.allclose(dvalues.double(), want_dv, rtol=1e-2, atol=1e-2)
     assert not torch.equal(want, without_s)
+
+
+def test_values_gradient_over_several_row_blocks():
+    """dvalues = (dyᵀ·x)[M] summed block by block over N (rows not a multiple of the block,
+    an empty mask row) equals float64 autograd through a dense S."""
+    from rosafx.ops.sparse import _rows_per_block
+    g = torch.Generator().manual_seed(5)
+    out_f, in_f, n = 600, 520, 600
+    assert n > 2 * _rows_per_block(out_f, in_f) and n % _rows_per_block(out_f, in_f)
+    crow, col, rows = make_mask(out_f, in_f, 400, g)
+    x = torch.randn(n, in_f, generator=g)
+    W = torch.randn(out_f, in_f, generator=g)
+    values = torch.randn(col.numel(), generator=g, requires_grad=True)
+    A, B = torch.zeros(0, in_f), torch.zeros(out_f, 0)
+    y = op(x, W, None, A, B, 1.0, crow, col, values, None)
+    dy = torch.randn(y.shape, generator=g)
+    (dvalues,) = torch.autograd.grad(y, [values], dy)
+    v64 = values.detach().double().requires_grad_()
+    y64 = _dense_reference(W.double(), None, crow, col, rows, v64, x.double(), A.double(), B.double(), 1.0)
+    (want,) = torch.autograd.grad(y64, [v64], dy.double())
+    assert torch.allclose(dvalues.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())

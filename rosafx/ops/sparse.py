@@ -101,16 +101,33 @@ def forward(x, weight, bias, A, B, scale, crow, col, values, x_a=None) -> Tensor
     return y
 
 
+def _rows_per_block(out_features: int, in_features: int) -> int:
+    """Rows of dy and x per SDDMM block: the power of two in [128, 1024] at or below 2 MB of
+    fp32 for both blocks together (512 rows at 384 x 384 and 256 at 384 x 1536 timed best
+    on the 2-core machine, whose L2 is 1 MB per core)."""
+    rows_ = (1 << 21) // (4 * (out_features + in_features))
+    return 1 << max(7, min(10, rows_.bit_length() - 1))
+
+
 @torch.library.custom_op("rosafx::sampled_dyT_x", mutates_args=())
 def sampled_dyT_x(dy2: Tensor, x2: Tensor, crow: Tensor, col: Tensor) -> Tensor:
     """(dyᵀ·x)[M] as an SDDMM, in dy's dtype. The CPU kernel takes dot products along N
     between a row of its first operand and a column of its second, so both are passed
-    N-contiguous (dyᵀ and xᵀ copied once each); x in its natural row-major layout made it
-    several times slower. An op of its own: a CSR tensor cannot be built while
+    N-contiguous (dyᵀ and xᵀ copied); x in its natural row-major layout made it several
+    times slower. The N rows go in blocks (``_rows_per_block``) whose partial sums are
+    added: transposing and reading a block that stays in cache beat one pass over all N
+    rows (384 x 384 site, N = 2048, 1.5625 %: 3.7 → 2.1 ms; 1536-wide sites 8.1-8.7 → 6.7
+    ms; scratch timing, 1 thread). An op of its own: a CSR tensor cannot be built while
     torch.compile traces the backward."""
     mask = csr(crow, col, dy2.new_zeros(col.numel()), (dy2.shape[1], x2.shape[1]))
-    x_by_column = x2.to(dy2.dtype).t().contiguous().t()
-    return torch.sparse.sampled_addmm(mask, dy2.t().contiguous(), x_by_column, beta=0.0).values()
+    block = _rows_per_block(dy2.shape[1], x2.shape[1])
+    total = None
+    for start in range(0, dy2.shape[0], block):
+        dy_block, x_block = dy2[start:start + block], x2[start:start + block].to(dy2.dtype)
+        part = torch.sparse.sampled_addmm(mask, dy_block.t().contiguous(), x_block.t().contiguous().t(),
+                                          beta=0.0).values()
+        total = part if total is None else total.add_(part)
+    return total if total is not None else dy2.new_zeros(col.numel())
 
 
 @sampled_dyT_x.register_fake
