@@ -11,7 +11,8 @@ two N-row products x·A_slᵀ and (·)·B_slᵀ cost about 2/3 of the base matmu
 site's update is a weight, ΔW = diag(b)·B_sl·diag(d)·A_sl (out·r·in flops, independent of
 N), so the forward and dx read a transient W + ΔW instead: one dense matmul each, as in
 the frozen model. Only d's and b's gradients need N-row work, both from one out x r matrix
-Mᵀ = dyᵀ·x_a·A_slᵀ, formed the cheaper way round (see ``_dyT_h``).
+Mᵀ = dyᵀ·x_a·A_slᵀ, formed the cheaper way round (see ``_dyT_h``). The backward reuses
+the forward's W + ΔW (``forward_saving``) when it is no larger than x.
 
 ``rosafx::vera_linear_given_h`` is the same op with h = x_a·A_slᵀ given (no gradient flows
 into h: y does not depend on it); sibling fusion (passes/fuse_siblings.py) computes h once
@@ -100,9 +101,8 @@ def forward(x, weight, bias, A_shared, B_shared, d, b, x_a=None) -> Tensor:
 
 def forward_saving(x, weight, bias, A_shared, B_shared, d, b, x_a=None) -> tuple[Tensor, tuple]:
     """forward, and the transient weight for the backward (spec.py's opt-in) when it is no
-    larger than x, which the op saves anyway: then keeping it costs at most x's memory again,
-    and saves the backward an out·r·in product (as many flops as 2/3 of an N = 384-row
-    matmul at rank 256 on 384 x 384)."""
+    larger than x, which the op saves anyway: keeping it costs at most x's memory again and
+    spares the backward an out·r·in product (37.7 M multiply-adds at 384 x 384, rank 256)."""
     y, transient = _transient_and_output(x, weight, bias, A_shared, B_shared, d, b, x_a)
     return y, ((transient,) if transient.numel() <= x.numel() else ())
 
