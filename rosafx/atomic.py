@@ -164,17 +164,34 @@ def atomic_directory(directory):
         for item in tmp.iterdir():
             make_public(item)
         _fsync_tree(tmp)
-        if directory.exists() or directory.is_symlink():
-            if not _exchange(tmp, directory):
-                parked = directory.with_name(f".{directory.name}.{OLD_TAG}-{os.getpid()}")
-                os.replace(directory, parked)
-                os.replace(tmp, directory)
-                remove_path(parked)
-        else:
-            os.replace(tmp, directory)
+        _install(tmp, directory)
     finally:
         if tmp.exists() or tmp.is_symlink():
             remove_path(tmp)  # the failed new output, or the old one after the exchange
+
+
+def _install(tmp: Path, directory: Path, attempts: int = 5) -> None:
+    """Put ``tmp`` in ``directory``'s place. Another writer may create or replace
+    ``directory`` between looking and renaming (a rename onto a non-empty directory then
+    fails with ENOTEMPTY): look again and take the other path; the last writer wins."""
+    for attempt in range(attempts):
+        try:
+            if directory.exists() or directory.is_symlink():
+                if _exchange(tmp, directory):
+                    return
+                parked = directory.with_name(f".{directory.name}.{OLD_TAG}-{os.getpid()}")
+                os.replace(directory, parked)
+                try:
+                    os.replace(tmp, directory)
+                finally:
+                    remove_path(parked)
+            else:
+                os.replace(tmp, directory)
+            return
+        except OSError as exc:
+            raced = exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT)
+            if not raced or attempt == attempts - 1:
+                raise
 
 
 def temp_file_beside(path) -> Path:

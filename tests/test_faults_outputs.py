@@ -297,3 +297,26 @@ def test_kill_during_adapt_and_export(fault_models, tmp_path, capsys):
     assert cli(capsys, "adapt", fault_models["pt2"], *ADAPT, "-o", out).code == 0      # the next run cleans up
     temp_file_beside(previous).unlink()  # ... goes when the next export to model.onnx starts (it begins so)
     assert leftovers(tmp_path) == [] and leftovers(onnx_dir) == [] and previous.read_bytes() == b"previous export"
+
+
+def test_a_directory_another_writer_creates_while_we_rename_is_replaced(tmp_path, monkeypatch):
+    """The race behind a once-flaky concurrent-writers row: ``directory`` did not exist when
+    looked at, another writer created it before our rename (ENOTEMPTY). Look again, swap."""
+    from rosafx.atomic import atomic_directory
+    target = tmp_path / "adapter"
+    real_exists, looked = Path.exists, []
+
+    def exists_misses_the_other_writer_once(self):
+        if self == target and not looked:
+            looked.append(self)
+            return False
+        return real_exists(self)
+
+    with atomic_directory(target) as tmp:
+        (tmp / "rosafx.json").write_text("ours")
+        target.mkdir()
+        (target / "rosafx.json").write_text("theirs")
+        monkeypatch.setattr(Path, "exists", exists_misses_the_other_writer_once)
+    monkeypatch.undo()
+    assert (target / "rosafx.json").read_text() == "ours" and looked
+    assert leftovers(tmp_path) == []
