@@ -97,6 +97,40 @@ def test_backward_reuses_the_forwards_transient_weight(separate_input, rows, mon
     assert spec._HANDOFF.output is None
 
 
+@pytest.mark.parametrize("separate_input", [False, True])
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16], ids=["large-layer", "bf16-base"])
+def test_low_rank_route_matches_float64_and_builds_no_weight(separate_input, base_dtype, monkeypatch):
+    """A layer large against the rank (out·in > r·(in + out)), or a bf16 base with fp32 d
+    and b: no W + ΔW is built; the base product keeps its dtype; gradients equal float64."""
+    import rosafx.ops.vera as V
+    built = []
+    for name in ("_effective_weight", "delta_weight"):
+        original = getattr(V, name)
+        monkeypatch.setattr(V, name, lambda *a, _f=original, _n=name: built.append(_n) or _f(*a))
+    g = torch.Generator().manual_seed(5)
+    out_f, in_f, r = (9, 11, 2) if base_dtype == torch.float32 else (5, 7, 3)   # the bf16 shape is dense-sized
+    tensors = [torch.randn(3, 4, in_f, generator=g), torch.randn(out_f, in_f, generator=g),
+               torch.randn(out_f, generator=g), torch.randn(r, in_f + 3, generator=g),
+               torch.randn(out_f + 2, r, generator=g), torch.randn(r, generator=g), torch.randn(out_f, generator=g)]
+    if separate_input:
+        tensors.append(torch.randn(3, 4, in_f, generator=g))
+    half = {0, 1, 2, 7}                       # x, W, bias, x_a in the base dtype; the rest fp32
+    grads = [True, False, False, False, False, True, True, True]
+    ours = [(t.to(base_dtype) if i in half else t).requires_grad_(grads[i]) for i, t in enumerate(tensors)]
+    ref = [t.detach().double().requires_grad_(grads[i]) for i, t in enumerate(ours)]
+    y = torch.ops.rosafx.vera_linear.default(*ours)
+    assert y.dtype == base_dtype
+    dy = torch.randn(y.shape, generator=g).to(base_dtype)
+    y.backward(dy)
+    y64 = vera_reference(*ref)
+    y64.backward(dy.double())
+    tol = 1e-5 if base_dtype == torch.float32 else 2e-2
+    assert built == [] and rel_err(y.double(), y64.detach()) < tol
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        if grads[i]:
+            assert rel_err(a.grad.double(), b.grad) < tol, i
+
+
 def test_delta_weight_is_diag_b_B_diag_d_A_and_pair_is_stored_once():
     model, _ = tiny_bert()
     adapted = rosafx.transform(model, RULES["bert"])

@@ -14,6 +14,13 @@ the frozen model. Only d's and b's gradients need N-row work, both from one out 
 Mᵀ = dyᵀ·x_a·A_slᵀ, formed the cheaper way round (see ``_dyT_h``). The backward reuses
 the forward's W + ΔW (``forward_saving``) when it is no larger than x.
 
+The transient is the wrong tool in two cases, which take the low-rank route instead (the
+base product as in the frozen model, then y += b ⊙ ((d ⊙ (x_a·A_slᵀ))·B_slᵀ) in d's dtype;
+``_low_rank_pays``): a layer large against the rank (out·in > r·(in + out): at 4096 x 4096,
+rank 256, the transient is 8x the flops), and a half-precision base with fp32 vectors,
+where W + ΔW in fp32 would move the base product itself off bf16 (on an H100 this op took
+11.9 ms that way against 2.0 ms for the Triton one).
+
 ``rosafx::vera_linear_given_h`` is the same op with h = x_a·A_slᵀ given (no gradient flows
 into h: y does not depend on it); sibling fusion (passes/fuse_siblings.py) computes h once
 for sites that read the same input with the same A slice.
@@ -77,9 +84,27 @@ def _effective_weight(weight: Tensor, A: Tensor, B: Tensor, d: Tensor, b: Tensor
     return merged.addmm_(B.to(d.dtype) * b[:, None], A.to(d.dtype) * d[:, None])
 
 
-def _transient_and_output(x, weight, bias, A_shared, B_shared, d, b, x_a) -> tuple[Tensor, Tensor]:
-    """(y, the transient weight the backward reads again: W + ΔW, or ΔW when x_a is given)."""
+def _low_rank_pays(x: Tensor, weight: Tensor, A: Tensor, d: Tensor) -> bool:
+    """Whether to skip the transient (module docstring): x and W share a dtype (the base
+    product runs as in the frozen model) and either d's dtype differs or the layer is large
+    against the rank."""
+    out_f, in_f = weight.shape
+    return x.dtype == weight.dtype and (d.dtype != x.dtype or out_f * in_f > A.shape[0] * (in_f + out_f))
+
+
+def _transient_and_output(x, weight, bias, A_shared, B_shared, d, b, x_a) -> tuple[Tensor, Optional[Tensor]]:
+    """(y, the transient weight the backward reads again: W + ΔW, or ΔW when x_a is given;
+    None on the low-rank route)."""
     A, B = _slices(weight, A_shared, B_shared)
+    if _low_rank_pays(x, weight, A, d):
+        y = F.linear(x, weight, bias)
+        h = rows(x if x_a is None else x_a).to(d.dtype) @ A.to(d.dtype).t()
+        update = (h * d) @ (B.to(d.dtype) * b[:, None]).t()                 # N x out, d's dtype
+        y2 = rows(y)
+        if y.dtype == d.dtype and y.is_contiguous():
+            y2.add_(update)
+            return y, None
+        return (y2 + update.to(y.dtype)).reshape(y.shape), None
     if x_a is None:
         merged = _effective_weight(weight, A, B, d, b)
         if weight.dtype == d.dtype and x.dtype == d.dtype:
@@ -104,7 +129,7 @@ def forward_saving(x, weight, bias, A_shared, B_shared, d, b, x_a=None) -> tuple
     larger than x, which the op saves anyway: keeping it costs at most x's memory again and
     spares the backward an out·r·in product (37.7 M multiply-adds at 384 x 384, rank 256)."""
     y, transient = _transient_and_output(x, weight, bias, A_shared, B_shared, d, b, x_a)
-    return y, ((transient,) if transient.numel() <= x.numel() else ())
+    return y, ((transient,) if transient is not None and transient.numel() <= x.numel() else ())
 
 
 def _dyT_h(dy2: Tensor, adapter_in: Tensor, A: Tensor, h: Optional[Tensor]) -> Tensor:
@@ -121,21 +146,32 @@ def _dyT_h(dy2: Tensor, adapter_in: Tensor, A: Tensor, h: Optional[Tensor]) -> T
 
 def backward(dy, needs, x, weight, bias, A_shared, B_shared, d, b, x_a=None, h=None, saved=None):
     """The spec's gradients (``vera_linear.doc``) in torch; W + ΔW is dense and transient
-    (``saved`` by the forward, or built again), Mᵀ formed the cheaper way round."""
+    (``saved`` by the forward, or built again) except on the low-rank route, where dx and
+    dx_a go through ((dy ⊙ b)·B_sl ⊙ d)·A_sl; Mᵀ formed the cheaper way round."""
     transient = saved[0] if saved else None
     A, B = _slices(weight, A_shared, B_shared)
+    low_rank = _low_rank_pays(x, weight, A, d)
     A, B = A.to(d.dtype), B.to(d.dtype)
     dy2 = rows(dy)
     dyd = dy2.to(d.dtype)
     dx = dW = dbias = dd = db = dx_a = None
-    if needs[0]:
+    if low_rank and (needs[0] or needs[7]):
+        to_adapter_in = (((dyd * b) @ B) * d) @ A              # ∂L/∂x_a = ((dy ⊙ b)·B_sl ⊙ d)·A_sl
+        if needs[0]:
+            dx = dy2 @ weight.to(dy2.dtype)
+            if x_a is None:
+                dx = dx + to_adapter_in.to(dx.dtype)
+            dx = dx.reshape(x.shape)
+        if needs[7] and x_a is not None:
+            dx_a = to_adapter_in.to(x_a.dtype).reshape(x_a.shape)
+    elif needs[0]:
         if x_a is None:
             merged = transient if transient is not None else _effective_weight(weight, A, B, d, b)
             dx = (dyd @ merged).to(x.dtype)
         else:
             dx = dy2 @ weight.to(dy2.dtype)
         dx = dx.reshape(x.shape)
-    if needs[7] and x_a is not None:
+    if needs[7] and x_a is not None and not low_rank:
         delta = transient if transient is not None else delta_weight(A, B, d, b)
         dx_a = (dyd @ delta).to(x_a.dtype).reshape(x_a.shape)
     if needs[1]:
