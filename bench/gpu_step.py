@@ -23,13 +23,15 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from common import write_json
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -203,8 +205,7 @@ def main() -> int:
     if args.profile:
         results["profile"] = {name: profile(name, steps[name]) for name in names}
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=2)
+        write_json(Path(args.json), results)
     return 0
 
 

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import statistics
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from common import write_json
 
 # dense bf16 tensor-core TFLOP/s and HBM GB/s (vendor datasheets, SXM parts)
 PEAKS = {"H100": (989.0, 3350.0), "H200": (989.0, 4800.0), "A100": (312.0, 2039.0)}
@@ -234,8 +236,7 @@ def main():
         results["profile"] = {label: profile(label, fwd_bwd(fn, [x, A, B], dy)) for label, fn in
                               lowrank_variants(x, W, A, B, scale).items() if label != "unfused torch ops"}
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=2)
+        write_json(Path(args.json), results)
     return 0
 
 

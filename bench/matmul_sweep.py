@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
+from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 from triton.testing import do_bench
 
+from common import write_json
 from rosafx.kernels.matmul import _matmul_kernel, launch_shape
 
 
@@ -119,8 +120,7 @@ def main() -> int:
                                     "heuristic": [list(heuristic), timings[heuristic]],
                                     "best": [[list(c), t] for c, t in ranked[:8]]}
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(report, handle, indent=2)
+        write_json(Path(args.json), report)
     return 0
 
 
