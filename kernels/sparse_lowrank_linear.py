@@ -130,10 +130,15 @@ def dense_route(x: Tensor, values: Tensor, weight: Tensor) -> bool:
     return x.is_cuda and values.numel() > DENSE_ABOVE_DENSITY * weight.numel()
 
 
-def dense_of(crow: Tensor, col: Tensor, values: Tensor, shape, dtype: torch.dtype) -> Tensor:
-    """S as a dense out x in tensor of ``dtype`` (a transient)."""
+def flat_index(crow: Tensor, col: Tensor, n_cols: int) -> Tensor:
+    """Each stored entry's position in the flattened dense rows x n_cols matrix."""
+    return csr_row_of_each_entry(crow) * n_cols + col
+
+
+def dense_of(index: Tensor, values: Tensor, shape, dtype: torch.dtype) -> Tensor:
+    """S as a dense out x in tensor of ``dtype`` (a transient); ``index`` from ``flat_index``."""
     dense = torch.zeros(shape, dtype=dtype, device=values.device)
-    dense.view(-1)[csr_row_of_each_entry(crow) * shape[1] + col] = values.to(dtype)
+    dense.view(-1)[index] = values.to(dtype)
     return dense
 
 
@@ -170,7 +175,8 @@ def sparse_lowrank_forward(x, weight, bias, A, B, scale, crow, col, values, x_a=
         h = matmul(rows(x if x_a is None else x_a), A.t(), out_dtype=A.dtype)
         matmul(h, B.t(), alpha=scale, out=y2, accumulate=True)
     if dense_route(x, values, weight):
-        y2.addmm_(rows(x), dense_of(crow, col, values, weight.shape, y.dtype).t())     # y += x·Sᵀ, cuBLAS
+        S = dense_of(flat_index(crow, col, weight.shape[1]), values, weight.shape, y.dtype)
+        y2.addmm_(rows(x), S.t())                                    # y += x·Sᵀ, cuBLAS
     else:
         csr_add_rows(y2, rows(x), crow, col, values)                 # y += x·Sᵀ
     return y
@@ -184,19 +190,18 @@ def sparse_lowrank_backward(dy, needs, x, weight, bias, A, B, scale, crow, col, 
     dy2, x2 = rows(dy).contiguous(), rows(x)
     dx, dW, db, dA, dB, _, dx_a = lowrank_backward(dy, (need_x, need_w, need_b, need_a, need_bmat, False, need_xa),
                                                    x, weight, bias, A, B, scale, x_a)
-    dense = dense_route(x, values, weight)
+    index = flat_index(crow, col, weight.shape[1]) if dense_route(x, values, weight) else None
     if need_x and values.numel() > 0:
         dx2 = rows(dx).contiguous()
-        if dense:
-            dx2.addmm_(dy2, dense_of(crow, col, values, weight.shape, dx2.dtype))        # dx += dy·S, cuBLAS
+        if index is not None:
+            dx2.addmm_(dy2, dense_of(index, values, weight.shape, dx2.dtype))       # dx += dy·S, cuBLAS
         else:
             t_crow, t_col, t_values = csr_transposed(crow, col, values, weight.shape[1])
             csr_add_rows(dx2, dy2, t_crow, t_col, t_values)          # dx += dy·S
         dx = dx2.reshape(x.shape)
     dvalues = None
-    if need_values and dense:                                        # (dyᵀ·x) at the mask, one cuBLAS product
-        dvalues = (dy2.t() @ x2.to(dy2.dtype)).view(-1)[csr_row_of_each_entry(crow) * weight.shape[1] + col]
-        dvalues = dvalues.to(values.dtype)
+    if need_values and index is not None:                            # (dyᵀ·x) at the mask, one cuBLAS product
+        dvalues = (dy2.t() @ x2.to(dy2.dtype)).view(-1)[index].to(values.dtype)
     elif need_values:
         dvalues = sddmm(dy2, x2, csr_row_of_each_entry(crow), col, values.dtype)
     return dx, dW, db, dA, dB, None, None, None, dvalues, dx_a

@@ -17,8 +17,8 @@ import copy
 import torch
 from torch import fx, nn
 
-from rosafx.adapted_graph import (ADAPTERS, META, adapter_nodes, adapters_of, call_args, is_adapter_node, site_of,
-                                  site_weight, stored_in_out, weight_name)
+from rosafx.adapted_graph import (ADAPTERS, META, adapter_nodes, adapters_of, call_args, fetch_attr, is_adapter_node,
+                                  site_of, site_weight, stored_in_out, weight_name)
 from rosafx.errors import RosafxError
 from rosafx.sites import FORM_BY_NAME, WEIGHT_VIEWS
 
@@ -34,11 +34,6 @@ def merged_weight(weight: torch.Tensor, delta: torch.Tensor, path: str) -> torch
         raise RosafxError(f"Merging site '{path}' gives non-finite weights; the adapter has diverged "
                           "(check the learning rate) or the base weight overflows its dtype.")
     return total.to(weight.dtype)
-
-
-def _fetch(gm: nn.Module, target: str):
-    owner, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, name)
 
 
 def merge_adapters(adapted: fx.GraphModule, *, original_weights: bool = False) -> fx.GraphModule:
@@ -59,7 +54,7 @@ def merge_adapters(adapted: fx.GraphModule, *, original_weights: bool = False) -
         name = original + ("_merged" if original in read_elsewhere else "")
         if name not in merged:
             if original_weights:
-                merged[name] = _fetch(adapted, original)  # already in the stored layout
+                merged[name] = fetch_attr(adapted, original)  # already in the stored layout
             else:
                 leaf, reads_t = site_weight(adapted, path)
                 weight = leaf.t() if reads_t else leaf                         # out x in
@@ -78,7 +73,7 @@ def merge_adapters(adapted: fx.GraphModule, *, original_weights: bool = False) -
     root = {}
     for node in graph.nodes:
         if node.op in ("get_attr", "call_module") and node.target not in root:
-            root[node.target] = merged[node.target] if node.target in merged else _fetch(adapted, node.target)
+            root[node.target] = merged[node.target] if node.target in merged else fetch_attr(adapted, node.target)
     root = {k: (nn.Parameter(v, requires_grad=False) if isinstance(v, torch.Tensor) and k in merged else v)
             for k, v in root.items()}
     result = fx.GraphModule(root, graph, class_name="RosafxMergedModule")
@@ -94,7 +89,7 @@ def _merge_experts(adapted, graph: fx.Graph, node: fx.Node, adapters, merged: di
     """W_eff = W + stack(ΔW_e) (passes/insert_experts.py) -> one plain parameter."""
     info = node.meta[EXPERTS]
     name = info["weight_name"] + ("_merged" if info["weight_name"] in read_elsewhere else "")
-    original = _fetch(adapted, info["weight_name"])
+    original = fetch_attr(adapted, info["weight_name"])
     if original_weights:
         merged[name] = original
     else:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from rosafx.adapted_graph import attr_owner
+
 
 def _moved(value, old: torch.device, new: torch.device):
     if isinstance(value, torch.device):
@@ -28,11 +30,6 @@ def _moved(value, old: torch.device, new: torch.device):
     if isinstance(value, dict):
         return {k: _moved(v, old, new) for k, v in value.items()}
     return value
-
-
-def _owner_and_name(gm: fx.GraphModule, target: str):
-    owner_path, _, name = target.rpartition(".")
-    return (gm.get_submodule(owner_path) if owner_path else gm), name
 
 
 def to_device(gm: fx.GraphModule, device: torch.device | str) -> fx.GraphModule:
@@ -46,7 +43,7 @@ def to_device(gm: fx.GraphModule, device: torch.device | str) -> fx.GraphModule:
     for node in gm.graph.nodes:
         if node.op != "get_attr":
             continue
-        owner, name = _owner_and_name(gm, node.target)
+        owner, name = attr_owner(gm, node.target)
         value = getattr(owner, name, None)
         if isinstance(value, torch.Tensor) and name not in owner._parameters and name not in owner._buffers:
             setattr(owner, name, value.to(new))

@@ -121,9 +121,15 @@ def call_args(node: fx.Node) -> tuple[Any, Any, Any]:
     return arg_at(node, ADAPTER_CALL.x), arg_at(node, ADAPTER_CALL.weight), arg_at(node, ADAPTER_CALL.bias)
 
 
-def _fetch(gm: nn.Module, target: str):
+def attr_owner(gm: nn.Module, target: str) -> tuple[nn.Module, str]:
+    """(the module holding a get_attr ``target``, the attribute's own name)."""
     owner, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, name)
+    return (gm.get_submodule(owner) if owner else gm), name
+
+
+def fetch_attr(gm: nn.Module, target: str):
+    """What a get_attr node with ``target`` reads (parameter, buffer or plain tensor constant)."""
+    return getattr(*attr_owner(gm, target))
 
 
 def site_weight(gm: fx.GraphModule, path: str) -> tuple[torch.Tensor, bool]:
@@ -131,7 +137,7 @@ def site_weight(gm: fx.GraphModule, path: str) -> tuple[torch.Tensor, bool]:
     (read through a transpose); the site's base_weight once a method replaced W."""
     node = next(n for n in adapter_nodes(gm) if site_of(n) == path)
     source, flipped = weight_source(call_args(node)[1])
-    return _fetch(gm, source.target), flipped
+    return fetch_attr(gm, source.target), flipped
 
 
 def set_base_weight(gm: fx.GraphModule, path: str, weight: torch.Tensor) -> None:

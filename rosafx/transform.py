@@ -10,7 +10,6 @@ plan's sites, ``full`` modules made trainable, the adapted graph's record writte
 """
 from __future__ import annotations
 
-import functools
 import warnings
 from typing import Any
 
@@ -20,7 +19,7 @@ from torch import fx, nn
 from rosafx.passes.dropout import dropout_follows_mode
 from rosafx.passes.insert import insert_planned
 
-from .adapted_graph import META, SHARED, adapters_of, fingerprint, make_record
+from .adapted_graph import META, SHARED, adapters_of, fetch_attr, fingerprint, make_record
 from .capture import capture
 from .errors import RosafxError
 from .partial import apply_to_parts, capture_parts
@@ -89,7 +88,7 @@ def _follow_site_devices(gm: fx.GraphModule, sites: list) -> None:
     adapters = adapters_of(gm)
     devices = set()
     for site in sites:
-        device = functools.reduce(getattr, site.weight_name.split("."), gm).device
+        device = fetch_attr(gm, site.weight_name).device
         devices.add(device)
         if site.path in adapters:
             adapters[site.path].to(device)
