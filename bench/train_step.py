@@ -9,6 +9,8 @@ be cheaper. Variants (``--variants``, comma-separated):
     lora-fused         lora + passes/fuse_siblings.py (q,k,v share one x·Aᵀ)
     lora-unmerged      lora with the op's merged-weight route switched off during its steps
                        (forward and dx as x·Wᵀ + s·h·Bᵀ, dy·W + g·A): the A/B for that route
+    lora-rebuilt       lora with the backward building W + s·B·A again instead of taking the
+                       forward's (the A/B for ops/lowrank.py's forward_saving)
     rosa-robust        RoSA rank 4 + density 1.5625 % (331,776 trainable: LoRA r8's count),
                        random masks of the exact budget (timing does not depend on where)
     rosa-robust-1pct   RoSA rank 8 + density 1 % (437,928 trainable)
@@ -136,6 +138,8 @@ VARIANTS = {
     "lora-fused": rosafx_variant({ENCODER_LINEARS: LORA}, fuse=True),
     "lora-unmerged": patched(rosafx_variant({ENCODER_LINEARS: LORA}), "rosafx.ops.lowrank", "_merge_pays",
                              lambda *args: False),
+    "lora-rebuilt": patched(rosafx_variant({ENCODER_LINEARS: LORA}), "rosafx.ops.lowrank", "_keeps_merged",
+                            lambda *args: False),
     "peft-lora": peft_variant("lora"),
     "rosa-robust": rosafx_variant({ENCODER_LINEARS: ROSA_R4}, masks=True),
     "rosa-robust-1pct": rosafx_variant({ENCODER_LINEARS: {"method": "rosa-robust", "rank": 8, "alpha": 16,

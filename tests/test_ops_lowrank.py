@@ -40,22 +40,30 @@ def test_forward_and_gradients_match_float64(with_bias, separate_input):
         assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-3 * want.abs().max().item())
 
 
-@pytest.mark.parametrize("n_rows", [15, 64], ids=["update-added", "merged-weight"])
-def test_both_routes_match_float64(n_rows):
+@pytest.mark.parametrize("n_rows, builds", [(15, 0), (20, 2), (64, 1)],
+                         ids=["update-added", "merged-rebuilt", "merged-saved"])
+def test_both_routes_match_float64(n_rows, builds, monkeypatch):
     """Forward and dx through W + scale·B·A (enough rows for the merge to pay) and through
-    y += scale·h·Bᵀ (too few rows) both equal float64 autograd."""
-    from rosafx.ops.lowrank import _merge_pays
+    y += scale·h·Bᵀ (too few rows) both equal float64 autograd. The merged weight is built
+    once and saved for the backward when it is no larger than x, else built again there."""
+    import rosafx.ops.lowrank as L
+    from rosafx.ops import spec
+    built = []
+    original = L._merged_weight
+    monkeypatch.setattr(L, "_merged_weight", lambda *a: built.append(1) or original(*a))
     g = torch.Generator().manual_seed(3)
     x = torch.randn(n_rows, 37, generator=g, requires_grad=True)
     W = torch.randn(29, 37, generator=g, requires_grad=True)
     b = torch.randn(29, generator=g, requires_grad=True)
     A = torch.randn(4, 37, generator=g, requires_grad=True)
     B = torch.randn(29, 4, generator=g, requires_grad=True)
-    assert _merge_pays(x, W, A, B, None) == (n_rows == 64)
+    assert L._merge_pays(x, W, A, B, None) == (n_rows >= 20)
     inputs = [x, W, b, A, B]
     y = op(x, W, b, A, B, 0.3, None)
+    assert spec._HANDOFF.output is None
     dy = torch.randn(y.shape, generator=g)
     grads = torch.autograd.grad(y, inputs, dy)
+    assert len(built) == builds
     d64 = [t.detach().double().requires_grad_() for t in inputs]
     y64 = reference(*d64, 0.3)
     grads64 = torch.autograd.grad(y64, d64, dy.double())

@@ -137,3 +137,31 @@ def test_values_gradient_over_several_row_blocks():
     y64 = _dense_reference(W.double(), None, crow, col, rows, v64, x.double(), A.double(), B.double(), 1.0)
     (want,) = torch.autograd.grad(y64, [v64], dy.double())
     assert torch.allclose(dvalues.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("n_rows, builds", [(12, 2), (40, 1)], ids=["rebuilt", "saved"])
+def test_backward_reuses_the_forwards_dense_weight(n_rows, builds, monkeypatch):
+    """spec.py's forward_saving opt-in: the transient W + S + scale·B·A goes to the backward
+    when it is no larger than x, else the backward builds it again; float64 gradients either way."""
+    import rosafx.ops.sparse as S_
+    built = []
+    original = S_._dense_weight
+    monkeypatch.setattr(S_, "_dense_weight", lambda *a: built.append(1) or original(*a))
+    g = torch.Generator().manual_seed(5)
+    out_f, in_f = 29, 37
+    crow, col, rows = make_mask(out_f, in_f, 50, g)
+    x = torch.randn(n_rows, in_f, generator=g, requires_grad=True)
+    W, b = torch.randn(out_f, in_f, generator=g), torch.randn(out_f, generator=g)
+    A = torch.randn(3, in_f, generator=g, requires_grad=True)
+    B = torch.randn(out_f, 3, generator=g, requires_grad=True)
+    values = torch.randn(col.numel(), generator=g, requires_grad=True)
+    y = op(x, W, b, A, B, 0.7, crow, col, values, None)
+    dy = torch.randn(y.shape, generator=g)
+    inputs = [x, A, B, values]
+    grads = torch.autograd.grad(y, inputs, dy)
+    assert len(built) == builds
+    d = [t.detach().double().requires_grad_() for t in inputs]
+    S = torch.zeros(out_f, in_f, dtype=torch.float64).index_put((rows, col), d[3])
+    y64 = F.linear(d[0], W.double() + S, b.double()) + 0.7 * (d[0] @ d[1].t()) @ d[2].t()
+    for got, want in zip(grads, torch.autograd.grad(y64, d, dy.double())):
+        assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5 * max(1.0, want.abs().max().item()))

@@ -6,13 +6,13 @@ values); only ``values`` trains. Rank 0 (A, B empty) is pure sparse adaptation.
 How it runs on CPU, and why: a sparse-dense product costs far more per flop than a dense
 one (it gathers), and at 1 % density S·xᵀ and dy·S each took about as long as the dense
 x·Wᵀ on 2 cores. So the forward and dx read a transient dense W + S (one out x in copy of
-W plus an index_add of the values, freed at once; built again in the backward rather than
-saved; scale·B·A is added into it too when the adapter reads x, so the low-rank term needs
+W plus an index_add of the values; saved for the backward when it is no larger than x, which
+the op saves anyway, else built again there; scale·B·A is added into it too when the adapter reads x, so the low-rank term needs
 no N-row product in the forward and dx), which costs one weight copy instead of two sparse
 products per step and needs no transposed copy of S at all. The only sparse kernel left is
 the values' gradient, an SDDMM sampled at the mask (``torch.sparse.sampled_addmm``,
-vectorised along the N rows), fed with both operands N-contiguous. Nothing of size out x in is kept between steps, and
-no N x out / N x in buffer is zero-filled.
+vectorised along the N rows), fed with both operands N-contiguous. Nothing of size out x in
+is kept between steps, and no N x out / N x in buffer is zero-filled.
 """
 from __future__ import annotations
 
@@ -81,8 +81,10 @@ def _dense_weight(weight, A, B, scale, crow, col, values, fold: bool) -> Tensor:
     return merged.addmm_(B, A, alpha=scale) if fold else merged
 
 
-def forward(x, weight, bias, A, B, scale, crow, col, values, x_a=None) -> Tensor:
+def _output_and_transient(x, weight, bias, A, B, scale, crow, col, values, x_a) -> tuple[Tensor, Optional[Tensor]]:
+    """y, and the transient W + S (+ scale·B·A) it was computed with (None for an empty mask)."""
     folded = _folds_low_rank(A, B, values, x_a)
+    merged = None
     if values.numel():
         merged = _dense_weight(weight, A, B, scale, crow, col, values, folded)
         if weight.dtype != values.dtype:
@@ -98,7 +100,18 @@ def forward(x, weight, bias, A, B, scale, crow, col, values, x_a=None) -> Tensor
             y2.addmm_(h, B.t(), alpha=scale)                                     # in place: no N x out temporary
         else:
             y = (y2 + (scale * (h @ B.t())).to(y.dtype)).reshape(y.shape)
-    return y
+    return y, merged
+
+
+def forward(x, weight, bias, A, B, scale, crow, col, values, x_a=None) -> Tensor:
+    return _output_and_transient(x, weight, bias, A, B, scale, crow, col, values, x_a)[0]
+
+
+def forward_saving(x, weight, bias, A, B, scale, crow, col, values, x_a=None) -> tuple[Tensor, tuple]:
+    """forward, and the transient dense weight for the backward (spec.py's opt-in) when it is
+    no larger than x: at most x's memory again, one weight copy and index_add less per step."""
+    y, merged = _output_and_transient(x, weight, bias, A, B, scale, crow, col, values, x_a)
+    return y, ((merged,) if merged is not None and merged.numel() <= x.numel() else ())
 
 
 def _rows_per_block(out_features: int, in_features: int) -> int:
@@ -135,9 +148,9 @@ def _(dy2, x2, crow, col):
     return dy2.new_empty(col.shape)
 
 
-def backward(dy, needs, x, weight, bias, A, B, scale, crow, col, values, x_a=None):
+def backward(dy, needs, x, weight, bias, A, B, scale, crow, col, values, x_a=None, saved=None):
     """The spec's gradients (``sparse_lowrank_linear.doc``) in torch; W + S is dense and
-    transient, dvalues an SDDMM."""
+    transient (``saved`` by the forward, or built again), dvalues an SDDMM."""
     dy2, x2 = rows(dy), rows(x)
     low_rank = A.shape[0] > 0
     adapter_in = rows(x if x_a is None else x_a).to(A.dtype)
@@ -149,7 +162,7 @@ def backward(dy, needs, x, weight, bias, A, B, scale, crow, col, values, x_a=Non
     dx = dW = db = dA = dB = dvalues = dx_a = None
     if needs[0]:
         if values.numel():
-            merged = _dense_weight(weight, A, B, scale, crow, col, values, folded)
+            merged = saved[0] if saved else _dense_weight(weight, A, B, scale, crow, col, values, folded)
             dx = dy2.to(merged.dtype) @ merged
         else:
             dx = dy2 @ weight.to(dy2.dtype)
@@ -174,4 +187,4 @@ def backward(dy, needs, x, weight, bias, A, B, scale, crow, col, values, x_a=Non
     return dx, dW, db, dA, dB, None, None, None, dvalues, dx_a
 
 
-sparse_lowrank_linear.implement("torch", forward, backward)
+sparse_lowrank_linear.implement("torch", forward, backward, forward_saving=forward_saving)
