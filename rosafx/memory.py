@@ -8,7 +8,9 @@ cache lives inside its own dispatch mode).
 ``live_activation_bytes``: every storage an operator creates during the forward is
 recorded (a dispatch mode, weak references); those still alive once the forward returned
 and garbage was collected are what the forward holds for the backward, however it holds
-them (autograd, checkpoint inputs, a selective-checkpoint cache).
+them (autograd, checkpoint inputs, a selective-checkpoint cache). A custom op's kernel runs
+below the dispatch mode, so what it creates and saves (the merged weight of
+rosafx/ops/lowrank.py) is recorded through the saved-tensor hooks as well.
 
 Both count each distinct storage once at its full size and leave out the model's
 parameters and buffers (held anyway).
@@ -71,7 +73,14 @@ def live_activation_bytes(forward: Callable[[], torch.Tensor], model: nn.Module 
                         created[key] = (StorageWeakRef(storage), storage.nbytes())
             return out
 
-    with Record():
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        key = _storage_key(tensor)
+        if key not in held and key not in created and tensor.device.type != "meta":
+            storage = tensor.untyped_storage()
+            created[key] = (StorageWeakRef(storage), storage.nbytes())
+        return tensor
+
+    with Record(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         result = forward()
     gc.collect()
     return sum(size for ref, size in created.values() if not ref.expired()), result
