@@ -85,7 +85,7 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Ten
 def _keeps_merged(merged: Tensor, x: Tensor) -> bool:
     """Whether the forward's merged weight goes to the backward: when it is no larger than x,
     which the op saves anyway (at most x's memory again), sparing the backward a weight copy
-    and an out·in·r product per site (about 7 ms of a 1.25 s MiniLM step on one core)."""
+    and an out·in·r product per site (about 1 % of a MiniLM step: docs/performance.md)."""
     return merged.numel() <= x.numel()
 
 

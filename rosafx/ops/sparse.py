@@ -6,9 +6,9 @@ values); only ``values`` trains. Rank 0 (A, B empty) is pure sparse adaptation.
 How it runs on CPU, and why: a sparse-dense product costs far more per flop than a dense
 one (it gathers), and at 1 % density S·xᵀ and dy·S each took about as long as the dense
 x·Wᵀ on 2 cores. So the forward and dx read a transient dense W + S (one out x in copy of
-W plus an index_add of the values; saved for the backward when it is no larger than x, which
-the op saves anyway, else built again there; scale·B·A is added into it too when the adapter reads x, so the low-rank term needs
-no N-row product in the forward and dx), which costs one weight copy instead of two sparse
+W plus an index_add of the values; saved for the backward when it is no larger than x,
+which the op saves anyway, else built again there; scale·B·A is added into it too when the
+adapter reads x, so the low-rank term needs no N-row product in the forward and dx), which costs one weight copy instead of two sparse
 products per step and needs no transposed copy of S at all. The only sparse kernel left is
 the values' gradient, an SDDMM sampled at the mask (``torch.sparse.sampled_addmm``,
 vectorised along the N rows), fed with both operands N-contiguous. Nothing of size out x in
