@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .spec import op_spec, rows
+from .spec import kept_for_backward, op_spec, rows
 
 
 @op_spec
@@ -82,19 +82,14 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Ten
     return y
 
 
-def _keeps_merged(merged: Tensor, x: Tensor) -> bool:
-    """Whether the forward's merged weight goes to the backward: when it is no larger than x,
-    which the op saves anyway (at most x's memory again), sparing the backward a weight copy
-    and an out·in·r product per site (about 1 % of a MiniLM step: docs/performance.md)."""
-    return merged.numel() <= x.numel()
-
-
 def forward_saving(x, weight, bias, A, B, scale, x_a=None) -> tuple[Tensor, tuple]:
-    """forward, and the merged weight for the backward (spec.py's opt-in) when it is kept."""
+    """forward, and the merged weight for the backward (spec.py's opt-in, ``kept_for_backward``):
+    one weight copy and out·in·r product less per site and step (about 1 % of a MiniLM step,
+    docs/performance.md)."""
     if not _merge_pays(x, weight, A, B, x_a):
         return forward(x, weight, bias, A, B, scale, x_a), ()
     merged = _merged_weight(weight, A, B, scale)
-    return F.linear(x, merged, bias), ((merged,) if _keeps_merged(merged, x) else ())
+    return F.linear(x, merged, bias), kept_for_backward(merged, x)
 
 
 def backward(dy, needs, x, weight, bias, A, B, scale, x_a=None, saved=None):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .spec import op_spec, rows
+from .spec import kept_for_backward, op_spec, rows
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
@@ -111,7 +111,7 @@ def forward_saving(x, weight, bias, A, B, scale, crow, col, values, x_a=None) ->
     """forward, and the transient dense weight for the backward (spec.py's opt-in) when it is
     no larger than x: at most x's memory again, one weight copy and index_add less per step."""
     y, merged = _output_and_transient(x, weight, bias, A, B, scale, crow, col, values, x_a)
-    return y, ((merged,) if merged is not None and merged.numel() <= x.numel() else ())
+    return y, kept_for_backward(merged, x)
 
 
 def _rows_per_block(out_features: int, in_features: int) -> int:

@@ -24,7 +24,8 @@ Opt-in, for an implementation whose forward builds something its backward needs 
 transient merged weight): ``implement(..., forward_saving=f)`` with ``f(*args) -> (y, extras)``
 (a tuple of tensors). When a gradient will follow (grad mode on and some tensor argument
 requires grad), the op runs ``f`` instead of ``forward``, the extras are saved beside the
-arguments, and the backward is called as ``backward(dy, needs, *args, saved=extras)``.
+arguments, and the backward is called as ``backward(dy, needs, *args, saved=extras)``
+(``kept_for_backward`` is the rule the torch ops use: a weight no larger than x).
 Whenever no extras reach the backward (under torch.compile or export the forward runs on
 fake tensors; grad mode off), it is called without ``saved``, exactly as an implementation
 without the opt-in, so it must also work from the arguments alone.
@@ -52,6 +53,13 @@ SPECS: dict[str, "OpSpec"] = {}  # op name -> spec
 def rows(t: Tensor) -> Tensor:
     """Every leading dim flattened: (…, features) -> (N, features)."""
     return t.reshape(-1, t.shape[-1])
+
+
+def kept_for_backward(transient: Optional[Tensor], x: Tensor) -> tuple:
+    """The extras a ``forward_saving`` hands on: its transient weight when it is no larger
+    than x, which the op saves anyway (keeping it costs at most x's memory again), else
+    nothing (the backward builds it again)."""
+    return (transient,) if transient is not None and transient.numel() <= x.numel() else ()
 
 
 def linear_output_like(x: Tensor, weight: Tensor, *rest) -> Tensor:
