@@ -6,6 +6,9 @@ PY     := $(VENV)/bin/python
 # GPU users: make test TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
+# Python must not put this folder on sys.path: our top-level kernels/ would shadow the `kernels`
+# package transformers imports (it installs as rosafx.kernels; PYTHONSAFEPATH needs Python 3.11).
+RUN    := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONSAFEPATH=1 $(PY)
 
 .PHONY: demo test bench venv clean
 
@@ -19,10 +22,10 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m rosafx.demo
+	$(RUN) -m rosafx.recipes.demo
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -n 2 -q tests
+	$(RUN) -m pytest -n 2 -q tests
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/train_step.py

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import rosafx  # noqa: E402
-from rosafx.adapted_graph import adapters_of  # noqa: E402
+from rosafx.graph.adapted_graph import adapters_of  # noqa: E402
 
 from arch_zoo import ARCHS  # noqa: E402
 from models import main_output  # noqa: E402
@@ -121,9 +121,9 @@ def _graph_parts(adapted) -> str:
 
 
 def _generate_check(model, merged, inputs) -> dict:
-    """Greedy continuation: the merged graph (no cache, rosafx.generation.greedy) against
+    """Greedy continuation: the merged graph (no cache, rosafx.recipes.generation.greedy) against
     the user's model carrying the merged weights, generating with its KV cache on."""
-    from rosafx.generation import greedy, into_model
+    from rosafx.recipes.generation import greedy, into_model
     ids = inputs["input_ids"]
     with_cache = into_model(model, merged)
     want = with_cache.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,

@@ -1,10 +1,10 @@
 """What the bench scripts share: the embedded model, SST-2 examples and batches (read by
-rosafx.data, the training data readers), the rule for every encoder linear, training runs
+rosafx.recipes.data, the training data readers), the rule for every encoder linear, training runs
 through ``rosafx.fit``, accuracy, loss plots and JSON records.
 
 Data: ``--data`` names a GLUE-layout TSV; the default is the 4,000-row SST-2 sample shipped
-in rosafx/data/samples (GLUE's train.tsv gives the full set). Validation is a held-apart
-fraction of that file (``rosafx.data.examples.held_apart``), never GLUE's dev set.
+in rosafx/recipes/data/samples (GLUE's train.tsv gives the full set). Validation is a held-apart
+fraction of that file (``rosafx.recipes.data.examples.held_apart``), never GLUE's dev set.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 import rosafx
-from rosafx.data import SAMPLES, Batches, TaskMetrics, encode, examples_from, loss_for, model_inputs, read_table
-from rosafx.data.examples import held_apart
+from rosafx.recipes.data import SAMPLES, Batches, TaskMetrics, encode, examples_from, loss_for, model_inputs, read_table
+from rosafx.recipes.data.examples import held_apart
 
 # every linear of the 6 encoder layers (query, key, value, attention.output.dense,
 # intermediate.dense, output.dense: 36 sites), with or without a "bert." prefix

@@ -22,8 +22,8 @@ import torch
 
 import rosafx
 from common import SST2_SAMPLE, load_classifier
-from rosafx.data import Batches, encode, examples_from, loss_for, model_inputs, read_table
-from rosafx.optim import Optimization, adamw, lr_factor
+from rosafx.recipes.data import Batches, encode, examples_from, loss_for, model_inputs, read_table
+from rosafx.training.optim import Optimization, adamw, lr_factor
 
 ATTENTION_LINEARS = ("query", "key", "value", "attention.output.dense")  # as make demo
 

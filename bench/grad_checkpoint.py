@@ -9,7 +9,7 @@ mean square of the last hidden state; AdamW. One training step = forward, backwa
 optimizer step.
 
 * activation memory: bytes of the distinct storages one forward keeps for its backward,
-  parameters left out, two ways (rosafx/memory.py): saved-tensor hooks (the layer inputs
+  parameters left out, two ways (rosafx/training/memory.py): saved-tensor hooks (the layer inputs
   checkpointing keeps are counted; what selective checkpointing keeps is not seen) and
   live storages created by the forward's operators (sees everything); deterministic;
 * peak RSS: cross-check, in a fresh child process per mode: the growth of the process's
@@ -39,8 +39,8 @@ import torch
 
 import rosafx
 from common import ENCODER_LINEARS, load_encoder
-from rosafx.grad_checkpoint import GradCheckpointed
-from rosafx.memory import live_activation_bytes, saved_activation_bytes
+from rosafx.training.activation_checkpointing import GradCheckpointed
+from rosafx.training.memory import live_activation_bytes, saved_activation_bytes
 
 LORA = {"method": "lora", "rank": 8, "alpha": 16}
 MODES = ("plain", "full", "attention")

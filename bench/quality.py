@@ -205,7 +205,7 @@ def built_trainable_params(task: str, variant: str) -> int:
     same recipe steps as cli/train.py (no training)."""
     import torch
 
-    from rosafx import recipe
+    from rosafx.recipes import recipe
     torch.set_num_threads(1)
     settings = recipe.resolve({"model": model_dir(), "data": str(split_dir(task) / "train.tsv"),
                                "max_length": TASKS[task]["max_length"],
@@ -257,9 +257,9 @@ def peft_train(argv: list[str]) -> None:
     import peft
     import torch
 
-    from rosafx import recipe
-    from rosafx.fit import fit
-    from rosafx.loading import identify
+    from rosafx.recipes import recipe
+    from rosafx.training.fit import fit
+    from rosafx.recipes.loading import identify
 
     parser = argparse.ArgumentParser()
     parser.add_argument("variant")
@@ -285,7 +285,7 @@ def peft_train(argv: list[str]) -> None:
     train_batches = recipe.batches_of(train_examples, tokenizer, settings, run_dir / "cache", train=True)
     eval_batches = recipe.batches_of(eval_examples, tokenizer, settings, run_dir / "cache", train=False)
     torch.manual_seed(settings["seed"])  # as recipe.build_adapted: the same fresh head
-    from rosafx.heads import open_task_model
+    from rosafx.recipes.heads import open_task_model
     module, _ = open_task_model(settings["model"], settings["task"], labels)
     if args.variant == "peft-lora":
         config = peft.LoraConfig(r=RANK, lora_alpha=16, lora_dropout=0.0, target_modules=ENCODER_LINEARS,

@@ -29,7 +29,7 @@ from torch import nn
 
 import rosafx
 from common import ENCODER_LINEARS, load_encoder, sst2_split
-from rosafx.adapted_graph import adapters_of
+from rosafx.graph.adapted_graph import adapters_of
 
 LOW_RANK = ("lora_A", "lora_B")
 

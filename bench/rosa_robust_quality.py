@@ -15,7 +15,7 @@ them is discarded), restart from the pretrained weights (same head init) with th
 train ``--steps`` steps. LoRA trains ``--steps`` steps. All training runs through
 ``rosafx.fit`` at a constant LR; same batches in the same order for all; AdamW; the sparse
 values get ``--sparse-lr`` (the paper uses a lower LR for S than for A, B), everything else
-``--lr``. Data: --data (default: the SST-2 sample in rosafx/data/samples).
+``--lr``. Data: --data (default: the SST-2 sample in rosafx/recipes/data/samples).
 
 Step time: after the runs, one training step per variant on the same fixed batch, the
 variants interleaved repeat after repeat, medians compared (the machine is shared).

@@ -4,7 +4,7 @@ rank 8 on every encoder linear (+ the fresh classifier head trained in full), Ad
 same learning rate and the same batches for both, trained by ``rosafx.fit``; ROSA resamples
 every --resample-every steps (its ``resample_every`` option: fit runs the resample, which
 also resets the factors' AdamW state). Validation: a held-apart fifth of --data (default: the
-SST-2 sample in rosafx/data/samples; GLUE's dev set is not used).
+SST-2 sample in rosafx/recipes/data/samples; GLUE's dev set is not used).
 
     python bench/rosa_vs_lora.py [--data path/to/SST-2/train.tsv] [--steps 150]
 """

@@ -100,7 +100,7 @@ def patched(build, module: str, attribute: str, value):
 
 def random_masks(adapted) -> None:
     from rosafx.methods.rosa_robust import RosaRobustAdapter, mask_from_statistic
-    from rosafx.adapted_graph import adapters_of
+    from rosafx.graph.adapted_graph import adapters_of
     g = torch.Generator().manual_seed(0)
     for adapter in adapters_of(adapted).values():
         if isinstance(adapter, RosaRobustAdapter):

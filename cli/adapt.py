@@ -11,13 +11,13 @@ from typing import Annotated
 import typer
 
 import rosafx
-from rosafx.atomic import atomic_directory
-from rosafx.loading import identify, open_model
-from rosafx.outputs import check_output
-from rosafx.serialize import write_adapter
+from rosafx.io.atomic import atomic_directory
+from rosafx.recipes.loading import identify, open_model
+from rosafx.io.outputs import check_output
+from rosafx.pipeline.serialize import write_adapter
 
-from .inspect import print_sites
-from .options import (AlphaOpt, MethodOpt, ModelArg, OptionOpt, OverwriteOpt, RankOpt, RulesOpt, TargetOpt,
+from rosafx.cli.inspect import print_sites
+from rosafx.cli.options import (AlphaOpt, MethodOpt, ModelArg, OptionOpt, OverwriteOpt, RankOpt, RulesOpt, TargetOpt,
                       TrustOpt, build_rules)
 
 EXAMPLES = """

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from rosafx.evaluation import evaluate_path
+from rosafx.recipes.evaluation import evaluate_path
 
 
 def evaluate(target: Annotated[Path, typer.Argument(help="A RUN from `rosafx train`, or OUT/model.onnx from "

@@ -7,12 +7,12 @@ from typing import Annotated
 import typer
 
 import rosafx
-from rosafx.loading import open_model, read_source
-from rosafx.outputs import check_output
-from rosafx.run_model import export_run
-from rosafx.runs import is_run
+from rosafx.recipes.loading import open_model, read_source
+from rosafx.io.outputs import check_output
+from rosafx.recipes.run_model import export_run
+from rosafx.training.runs import is_run
 
-from .options import TrustOpt
+from rosafx.cli.options import TrustOpt
 
 
 def export(adapted: Annotated[Path, typer.Argument(help="Adapter directory written by `rosafx adapt`, or a RUN "

@@ -8,13 +8,13 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from rosafx.adapted_graph import adapters_of, plan_of
-from rosafx.loading import identify, open_model
-from rosafx.plan import Plan
-from rosafx.sites import Captured
-from rosafx.transform import apply, capture_sites
+from rosafx.graph.adapted_graph import adapters_of, plan_of
+from rosafx.recipes.loading import identify, open_model
+from rosafx.graph.plan import Plan
+from rosafx.graph.sites import Captured
+from rosafx.pipeline.transform import apply, capture_sites
 
-from .options import AlphaOpt, MethodOpt, ModelArg, OptionOpt, RankOpt, RulesOpt, TargetOpt, TrustOpt, build_rules
+from rosafx.cli.options import AlphaOpt, MethodOpt, ModelArg, OptionOpt, RankOpt, RulesOpt, TargetOpt, TrustOpt, build_rules
 
 
 def _console() -> Console:

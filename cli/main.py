@@ -13,13 +13,13 @@ except ImportError:  # pragma: no cover - older typer uses click itself
 
 from rosafx.errors import RosafxError
 
-from .adapt import EXAMPLES as ADAPT_EXAMPLES, adapt
-from .errors import debug_enabled, fail
-from .evaluate import evaluate
-from .export import export
-from .inspect import inspect
-from .methods import methods
-from .train import EXAMPLES as TRAIN_EXAMPLES, train
+from rosafx.cli.adapt import EXAMPLES as ADAPT_EXAMPLES, adapt
+from rosafx.cli.errors import debug_enabled, fail
+from rosafx.cli.evaluate import evaluate
+from rosafx.cli.export import export
+from rosafx.cli.inspect import inspect
+from rosafx.cli.methods import methods
+from rosafx.cli.train import EXAMPLES as TRAIN_EXAMPLES, train
 
 app = typer.Typer(name="rosafx", help="Insert adapters into PyTorch models by graph rewriting; merge; export ONNX.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)

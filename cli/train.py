@@ -13,11 +13,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from rosafx import distributed, recipe
+from rosafx.training import distributed
+from rosafx.recipes import recipe
 from rosafx.errors import RosafxError
-from rosafx.runs import check_run_dir, read_run, start_run_dir, write_run
+from rosafx.training.runs import check_run_dir, read_run, start_run_dir, write_run
 
-from .options import AlphaOpt, MethodOpt, OptionOpt, RankOpt, RulesOpt, TargetOpt
+from rosafx.cli.options import AlphaOpt, MethodOpt, OptionOpt, RankOpt, RulesOpt, TargetOpt
 
 EXAMPLES = """
 Examples:

@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 import rosafx
-from rosafx.adapted_graph import adapter_nodes, record
-from rosafx.capture import capture
+from rosafx.graph.adapted_graph import adapter_nodes, record
+from rosafx.graph.capture import capture
 from rosafx.passes.fuse_siblings import fuse_siblings
-from rosafx.plan import Plan
-from rosafx.transform import apply, capture_sites
+from rosafx.graph.plan import Plan
+from rosafx.pipeline.transform import apply, capture_sites
 
 OUT = Path(__file__).with_name("architecture.md")
 RULES = {"query": {"method": "lora", "rank": 2, "alpha": 4}, "key": {"method": "lora", "rank": 2, "alpha": 4}}
@@ -27,34 +27,60 @@ RULES = {"query": {"method": "lora", "rank": 2, "alpha": 4}, "key": {"method": "
 LAYERS = """\
 ## Layers
 
+The folders are the layers. Top-level `passes/`, `kernels/` and `cli/` install as
+`rosafx.passes`, `rosafx.kernels` and `rosafx.cli`; everything else lives under `rosafx/`.
+From the checkout, run Python with `PYTHONSAFEPATH=1` (the Makefile does): with the checkout on
+`sys.path`, `kernels/` would shadow the `kernels` package that transformers imports.
+
 ```
-api / cli   rosafx.transform (the pipeline), partial (graph-break fallback), serialize, peft_format,
-            peft_experts, api, fit, lifecycle, checkpoint, distributed, hf_trainer, runs, ... , rosafx.cli.*
+cli         cli/: one file per command (adapt, train, evaluate, export, inspect, methods), thin
    ^
-passes      rosafx.passes: dropout, insert (+ insert_experts), fuse_siblings, lower, resample, merge,
+recipes     rosafx/recipes/: task models from a model directory + data (heads, data/, recipe,
+            rule_flags, loading, evaluation, run_model, generation), the demo
+   ^
+face        rosafx/__init__.py: what `import rosafx` gives
+   ^
+training    rosafx/training/: fit, optim, lifecycle, checkpoint, runs (RUN directories),
+            activation_checkpointing, distributed, fsdp, hf_trainer, memory, resample_every
+   ^
+api         rosafx/api.py: transform, merge, export_onnx, save, load, calibrate, lower, ...
+   ^
+pipeline    rosafx/pipeline/: transform (rules -> adapted graph), partial (captured in parts),
+            serialize (rosafx adapter files), peft_format + peft_experts (HF PEFT files)
+   ^
+passes      passes/: dropout, insert (+ insert_experts), fuse_siblings, lower, resample, merge,
             decompose, export (+ onnx_latency), to_device, checkpoint_layers, layer_modules
    ^
-core        capture, sites (the site-form table), rules (the one matcher), plan, adapted_graph (the
-            schema), adapter_tensors, calibration, ranks, layers, methods/*, ops/*, kernels/*, data/*, errors, ...
+core        rosafx/graph/: capture, sites (the site-form table), rules (the one matcher), safe_regex,
+            plan, adapted_graph (the schema), adapter_tensors, layers
+            rosafx/methods/: the registry, one file per method, calibration, collectives
+            rosafx/ops/ (torch.library ops, one spec each), kernels/ (Triton)
+   ^
+foundation  rosafx/errors.py, rosafx/io/: reading (JSON, safetensors), pt2 (a .pt2 without pickle),
+            atomic (temporary name + rename), outputs (what a command may overwrite)
 ```
+
+Where a new thing goes: a pass in `passes/`, a method in `rosafx/methods/` (+ its op in
+`rosafx/ops/`, its Triton kernel in `kernels/`), a file format in `rosafx/pipeline/`, a command
+in `cli/` over a recipe in `rosafx/recipes/`.
 
 A module imports only its own layer or the ones below, and the import graph has no cycle;
 `tests/test_layering.py` reads every import of the installed package (function-level ones
 included) and fails otherwise. Methods sit in the core: their life cycles call
-`rosafx.calibration` (core) and their own math (rosa's `resample_adapters`), never a pass.
+`rosafx.methods.calibration` (core) and their own math (rosa's `resample_adapters`), never a pass.
 
 ## Who owns what
 
-* **The site-form table** (`rosafx/sites.py`): every way a graph applies a weight as a linear
+* **The site-form table** (`rosafx/graph/sites.py`): every way a graph applies a weight as a linear
   map (`linear`, `addmm`, `matmul`, `mm`, `bmm`, `einsum`, MoE expert weights), with the argument
   positions of x, W and bias, whether W is read in x out, the views W may pass through
   (`WEIGHT_VIEWS`), and how to write a call again (`rebuild`). `ADAPTER_CALL` says how every
   adapter op is called: `op(x, W, bias, ...)`, W read out x in. No pass branches on an op name.
-* **The rules and the plan** (`rosafx/rules.py`, `rosafx/plan.py`): a rule key has one kind
+* **The rules and the plan** (`rosafx/graph/rules.py`, `rosafx/graph/plan.py`): a rule key has one kind
   (type < regex < suffix < exact path); one matcher (`best_match`) serves sites, `full`
   modules, and HF PEFT's `target_modules` and patterns. `Plan.from_rules` turns rules into
   site -> method config plus `full` modules; `to_dict` / `from_dict` store and restore it.
-* **The adapted graph** (`rosafx/adapted_graph.py`): where adapters live, how a node names its
+* **The adapted graph** (`rosafx/graph/adapted_graph.py`): where adapters live, how a node names its
   site, the site's weight, reading and replacing it, the fingerprint. Each fact is kept once
   (below).
 
@@ -66,9 +92,9 @@ load      = capture -> sites -> Plan.from_dict(saved)   -> apply -> install tens
 load_peft = capture -> sites -> plan from the PEFT config -> apply -> install tensors
 ```
 
-`rosafx.transform.capture_sites` is the first two steps (a model that does not export whole is
-captured in parts, `rosafx/partial.py`, and the same plan applies to the parts);
-`rosafx.transform.apply` inserts the plan's adapters, makes `full` modules trainable and writes
+`rosafx.pipeline.transform.capture_sites` is the first two steps (a model that does not export whole is
+captured in parts, `rosafx/pipeline/partial.py`, and the same plan applies to the parts);
+`rosafx.pipeline.transform.apply` inserts the plan's adapters, makes `full` modules trainable and writes
 the graph's record. `rosafx inspect MODEL --method ...` captures once and prints the plan.
 """
 
@@ -105,24 +131,24 @@ def main() -> None:
     raw, _, _ = capture(model, example)
     captured = capture_sites(model, example)
     parts += ["\n## The walkthrough\n\nThe model is `out(Dropout(relu(query(x) + key(x))))`, all `Linear(8, ·)`.\n",
-              "\n### 1. capture (`rosafx/capture.py`)\n"
+              "\n### 1. capture (`rosafx/graph/capture.py`)\n"
               "`torch.export(strict=False)` with dynamic batch and sequence, re-wrapped as a plain "
               "`fx.GraphModule`, parameters re-bound so the user's model is never touched.\n", code(raw),
               "\n### 2. dropout (`passes/dropout.py`)\nExport bakes the train/eval mode into "
               "`aten.dropout(x, p, False)`; the pass turns it into an `nn.Dropout` call that follows "
               "`train()`/`eval()`.\n", code(captured.module)]
-    parts += ["\n### 3. sites (`rosafx/sites.py`)\n", "| path | form | out x in | module type |\n|---|---|---|---|\n"]
+    parts += ["\n### 3. sites (`rosafx/graph/sites.py`)\n", "| path | form | out x in | module type |\n|---|---|---|---|\n"]
     parts += [f"| `{s.path}` | {s.form} | {s.out_features} x {s.in_features} | {s.module_type.split('.')[-1]} |\n"
               for s in captured.sites]
     plan = Plan.from_rules(RULES, captured.sites, captured.modules)
-    parts += ["\n### 4. plan (`rosafx/plan.py`)\n", f"Rules `{json.dumps(RULES)}` give the plan (`Plan.to_dict()`):\n",
+    parts += ["\n### 4. plan (`rosafx/graph/plan.py`)\n", f"Rules `{json.dumps(RULES)}` give the plan (`Plan.to_dict()`):\n",
               block(json.dumps(plan.to_dict(), indent=2), "json")]
     adapted = apply(captured, plan)
     node = adapter_nodes(adapted)[0]
     info = record(adapted)
     shown = {"plan": "Plan(...)  (the adapters' own config objects)", "sites": info["sites"],
              "example_inputs": "(args, kwargs)", "fingerprint": info["fingerprint"][:16] + "..."}
-    parts += ["\n### 5. insert (`passes/insert.py`, through `rosafx.transform.apply`)\n"
+    parts += ["\n### 5. insert (`passes/insert.py`, through `rosafx.pipeline.transform.apply`)\n"
               "Each call of a planned site becomes one call of a registered op (`torch.library`), which "
               "stays a single node under `torch.export` and has a Triton twin for `lower`. Its arguments "
               "follow `ADAPTER_CALL`: x, W (out x in), bias, then the adapter's tensors.\n", code(adapted),
@@ -136,7 +162,7 @@ def main() -> None:
         rosafx.save(adapted, Path(tmp) / "adapter")
         saved = json.loads((Path(tmp) / "adapter" / "rosafx.json").read_text())
     saved["fingerprint"] = saved["fingerprint"][:16] + "..."
-    parts += ["\n### 6. save and load (`rosafx/serialize.py`)\n`rosafx.json` holds the plan, each site's "
+    parts += ["\n### 6. save and load (`rosafx/pipeline/serialize.py`)\n`rosafx.json` holds the plan, each site's "
               "weight and the fingerprint; `adapter.safetensors` the adapter tensors. `load` rebuilds the "
               "plan with `Plan.from_dict` and applies it to one fresh capture.\n", block(json.dumps(saved, indent=2),
                                                                                          "json")]
@@ -156,7 +182,7 @@ def main() -> None:
               "Triton twin; arguments and marks stay.\n"
               "* `to_device` (`passes/to_device.py`) rewrites the devices torch.export baked into the graph "
               "and moves weights, adapters and tensor constants.\n"
-              "* `calibrate` (`rosafx/calibration.py`, core) runs lora-ga's and rosa-robust's data-dependent "
+              "* `calibrate` (`rosafx/methods/calibration.py`, core) runs lora-ga's and rosa-robust's data-dependent "
               "preparation; a site that gets a new frozen weight reads `rosafx_adapters.<site>.base_weight` "
               "from then on (`adapted_graph.set_base_weight`).\n"
               "* `resample` (`passes/resample.py`) refactorises rosa's adapters in place.\n"]

@@ -9,9 +9,9 @@ TRITON_INTERPRET=1 before importing this package.
 import importlib
 import pkgutil
 
-from .lowrank_linear import lowrank_linear
-from .sparse_lowrank_linear import sparse_lowrank_linear
-from .vera_linear import vera_linear
+from rosafx.kernels.lowrank_linear import lowrank_linear
+from rosafx.kernels.sparse_lowrank_linear import sparse_lowrank_linear
+from rosafx.kernels.vera_linear import vera_linear
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")

@@ -18,7 +18,7 @@ from torch import Tensor
 from rosafx.ops.lowrank import lowrank_linear as LOWRANK_LINEAR
 from rosafx.ops.spec import rows
 
-from .matmul import matmul
+from rosafx.kernels.matmul import matmul
 
 
 def _check(x: Tensor, weight: Tensor, A: Tensor, B: Tensor, x_a: Optional[Tensor]) -> None:

@@ -35,8 +35,8 @@ from torch import Tensor
 from rosafx.ops.sparse import sparse_lowrank_linear as SPARSE_LOWRANK_LINEAR
 from rosafx.ops.spec import rows
 
-from .lowrank_linear import lowrank_backward
-from .matmul import matmul
+from rosafx.kernels.lowrank_linear import lowrank_backward
+from rosafx.kernels.matmul import matmul
 
 
 @triton.jit

@@ -20,7 +20,7 @@ from torch import Tensor
 from rosafx.ops.spec import rows
 from rosafx.ops.vera import vera_linear as VERA_LINEAR
 
-from .matmul import matmul
+from rosafx.kernels.matmul import matmul
 
 
 def site_slices(weight: Tensor, A_shared: Tensor, B_shared: Tensor, d: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:

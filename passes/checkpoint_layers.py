@@ -1,7 +1,7 @@
 """Checkpoint layers: a training view of an adapted graph that recomputes each layer's
 activations in the backward instead of keeping them.
 
-Each contiguous run of a layer's nodes (``rosafx/layers.py``) is cut out into its own
+Each contiguous run of a layer's nodes (``rosafx/graph/layers.py``) is cut out into its own
 small graph, called through ``torch.utils.checkpoint`` (non-reentrant): the forward keeps
 only the layer's inputs, the backward reruns the layer to rebuild what it needs. The CPU
 and CUDA RNG states are restored for the rerun, so dropout draws the same mask twice.
@@ -11,7 +11,7 @@ tensor of its own: its submodules are the adapted model's own (the same objects)
 every parameter is read in the outer graph (``get_attr`` nodes, hoisted to the top) and
 passed to the layers, so a Parameter that a life cycle replaces on an adapter module is
 seen at the next call. A change of the adapted graph itself (``recompile``) needs a new
-view: ``rosafx/grad_checkpoint.py`` keeps it current.
+view: ``rosafx/training/activation_checkpointing.py`` keeps it current.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from torch import fx, nn
 from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
 from rosafx.errors import RosafxError
-from rosafx.layers import LayerRun, layer_runs
+from rosafx.graph.layers import LayerRun, layer_runs
 
 PREFIX = "rosafx_checkpoint_"
 

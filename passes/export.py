@@ -17,14 +17,14 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from rosafx.adapted_graph import is_adapted, record
-from rosafx.atomic import temp_file_beside
-from rosafx.capture import dynamic_shapes_for, normalize_example_inputs
+from rosafx.graph.adapted_graph import is_adapted, record
+from rosafx.io.atomic import temp_file_beside
+from rosafx.graph.capture import dynamic_shapes_for, normalize_example_inputs
 from rosafx.errors import RosafxError
 
-from .decompose import decompose_for_onnx
-from .merge import merge_adapters
-from .onnx_latency import LatencyComparison, compare_latency, op_histogram, time_one_session
+from rosafx.passes.decompose import decompose_for_onnx
+from rosafx.passes.merge import merge_adapters
+from rosafx.passes.onnx_latency import LatencyComparison, compare_latency, op_histogram, time_one_session
 
 MATMUL_OPS = ("MatMul", "Gemm")
 # the exporter logs a warning per missing torchvision op on every export; they are noise here

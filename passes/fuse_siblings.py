@@ -21,7 +21,7 @@ only their d and b gradients read::
     vera_linear  = rosafx.vera_linear_given_h.default(x, q_w, q_b, vera_A, vera_B, q_d, q_b, None, vera_project)
 
 Only the nodes change: every Parameter stays where it was (the A's stay separate), each
-site keeps its node with ``(x, weight, bias, …)`` first and its site mark (rosafx/adapted_graph.py),
+site keeps its node with ``(x, weight, bias, …)`` first and its site mark (rosafx/graph/adapted_graph.py),
 so merge, calibrate, save (rosafx and PEFT formats) and ``lower`` work on a fused graph
 (``lower`` leaves the fused ops on torch). Sites with their own dropout input are not
 fused (each has its own mask). The module is changed in place and returned, so an
@@ -35,7 +35,7 @@ import operator
 import torch
 from torch import fx
 
-from rosafx.adapted_graph import adapter_nodes, adapters_of, call_args, site_of
+from rosafx.graph.adapted_graph import adapter_nodes, adapters_of, call_args, site_of
 from rosafx.ops import siblings as _siblings_ops  # noqa: F401  (registers the fused ops)
 
 rosafx_ops = torch.ops.rosafx

@@ -10,23 +10,23 @@ After (lora)::
     lora_B = self.rosafx_adapters.encoder__layer__0__attention__self__query.lora_B
     lowrank_linear = rosafx.lowrank_linear.default(x, query_weight, query_bias, lora_A, lora_B, 2.0, None)
 
-Argument positions and the stored layout come from the site-form table (rosafx/sites.py):
+Argument positions and the stored layout come from the site-form table (rosafx/graph/sites.py):
 the original call's x and bias are read where its form says, and W is handed to the
 adapter op as ``ADAPTER_CALL`` reads it (out x in: a W stored in x out, Conv1D's
 ``addmm(b, x, W)`` or ``x @ W``, goes through ``aten.t``; views between W and the call,
 Falcon's ``numpy_T``, are dropped). The node is marked with its site path and form
-(rosafx/adapted_graph.py), so that merge can write the original call again.
+(rosafx/graph/adapted_graph.py), so that merge can write the original call again.
 """
 from __future__ import annotations
 
 from torch import fx
 
-from rosafx.adapted_graph import add_adapter, mark_node
+from rosafx.graph.adapted_graph import add_adapter, mark_node
 from rosafx.methods import get_method
 from rosafx.methods.base import Adapter, GraphEmitter, MethodConfig
-from rosafx.sites import ADAPTER_CALL, Site, arg_at, form_constants, match_site_call, read_as
+from rosafx.graph.sites import ADAPTER_CALL, Site, arg_at, form_constants, match_site_call, read_as
 
-from .insert_experts import check_expert_methods, insert_expert_adapters
+from rosafx.passes.insert_experts import check_expert_methods, insert_expert_adapters
 
 
 def insert_adapters(gm: fx.GraphModule, sites: list[Site], adapters: list[Adapter]) -> fx.GraphModule:

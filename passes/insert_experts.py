@@ -20,11 +20,11 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from rosafx.adapted_graph import add_adapter
+from rosafx.graph.adapted_graph import add_adapter
 from rosafx.errors import RosafxError
 from rosafx.methods import get_method, methods_that
 from rosafx.methods.base import Adapter, GraphEmitter
-from rosafx.sites import Site, read_as
+from rosafx.graph.sites import Site, read_as
 
 aten = torch.ops.aten
 PART, EXPERTS = "rosafx_expert_part", "rosafx_experts"

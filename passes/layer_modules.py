@@ -1,7 +1,7 @@
 """Layer modules: give each layer of an adapted graph back its own module, owning its base
 weights, so per-module tools (FSDP2's ``fully_shard``) have something to hold.
 
-Each contiguous run of a layer's nodes (``rosafx/layers.py``) becomes the graph of a small
+Each contiguous run of a layer's nodes (``rosafx/graph/layers.py``) becomes the graph of a small
 GraphModule installed at the layer's own path (``bert.encoder.layer.3``): the base weights
 under that path are read *inside* it (relative ``get_attr``), so a ``fully_shard`` of that
 module gathers them just before the layer runs and frees them after. Everything else the
@@ -21,7 +21,7 @@ import operator
 from torch import fx, nn
 
 from rosafx.errors import RosafxError
-from rosafx.layers import LayerRun, layer_runs
+from rosafx.graph.layers import LayerRun, layer_runs
 
 
 def layer_modules(gm: fx.GraphModule) -> fx.GraphModule:

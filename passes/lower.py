@@ -19,7 +19,7 @@ import os
 import torch
 from torch import fx
 
-from rosafx.adapted_graph import adapter_nodes, adapters_of, site_of
+from rosafx.graph.adapted_graph import adapter_nodes, adapters_of, site_of
 from rosafx.errors import RosafxError
 from rosafx.ops.spec import implementations
 

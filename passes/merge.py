@@ -17,12 +17,12 @@ import copy
 import torch
 from torch import fx, nn
 
-from rosafx.adapted_graph import (ADAPTERS, META, adapter_nodes, adapters_of, call_args, fetch_attr, is_adapter_node,
+from rosafx.graph.adapted_graph import (ADAPTERS, META, adapter_nodes, adapters_of, call_args, fetch_attr, is_adapter_node,
                                   site_of, site_weight, stored_in_out, weight_name)
 from rosafx.errors import RosafxError
-from rosafx.sites import FORM_BY_NAME, WEIGHT_VIEWS
+from rosafx.graph.sites import FORM_BY_NAME, WEIGHT_VIEWS
 
-from .insert_experts import EXPERTS, PART, expert_nodes
+from rosafx.passes.insert_experts import EXPERTS, PART, expert_nodes
 
 aten = torch.ops.aten
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from rosafx.adapted_graph import adapters_of
+from rosafx.graph.adapted_graph import adapters_of
 from rosafx.errors import RosafxError
 from rosafx.methods.rosa import RosaAdapter, resample_adapters
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from rosafx.adapted_graph import attr_owner
+from rosafx.graph.adapted_graph import attr_owner
 
 
 def _moved(value, old: torch.device, new: torch.device):

@@ -5,11 +5,11 @@
     plain = rosafx.merge(adapted)
     rosafx.export_onnx(adapted, "model.onnx")
 """
-from . import ops  # noqa: F401  (registers the rosafx:: ops)
-from .api import (calibrate, export_onnx, fuse_siblings, load, lower, merge, methods, resample, save, to_device,
+from rosafx import ops  # noqa: F401  (registers the rosafx:: ops)
+from rosafx.api import (calibrate, export_onnx, fuse_siblings, load, lower, merge, methods, resample, save, to_device,
                   transform)
-from .errors import RosafxError
-from .fit import evaluate, fit
+from rosafx.errors import RosafxError
+from rosafx.training.fit import evaluate, fit
 
 __all__ = ["transform", "merge", "export_onnx", "save", "load", "methods", "calibrate", "lower",
            "resample", "fuse_siblings", "to_device", "fit", "evaluate", "RosafxError"]

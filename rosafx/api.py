@@ -3,17 +3,17 @@ from __future__ import annotations
 
 from torch import fx, nn
 
-from .adapted_graph import is_adapted
-from .errors import RosafxError
-from .methods import FULL, REGISTRY
-from .transform import transform
+from rosafx.graph.adapted_graph import is_adapted
+from rosafx.errors import RosafxError
+from rosafx.methods import FULL, REGISTRY
+from rosafx.pipeline.transform import transform
 
 
 def merge(adapted: fx.GraphModule) -> fx.GraphModule:
     """A plain graph: every adapter folded into its weight (fp32 accumulation, finite check)."""
     from rosafx.passes.merge import merge_adapters
 
-    from .partial import is_partial, merge_partly
+    from rosafx.pipeline.partial import is_partial, merge_partly
     _require_adapted(adapted, "merge")
     return merge_partly(adapted) if is_partial(adapted) else merge_adapters(adapted)
 
@@ -28,7 +28,7 @@ def export_onnx(model: nn.Module, path, *, example_inputs=None, merge: bool = Tr
     against torch, and return an ``ExportReport`` (max error, latency against the base)."""
     from rosafx.passes.export import export_onnx as _export
 
-    from .partial import is_partial
+    from rosafx.pipeline.partial import is_partial
     if is_partial(model):
         raise RosafxError("This model was captured in parts (the whole model does not export: "
                           f"{model.python.get('', '')}); ONNX needs one graph. Merge it and export the parts, "
@@ -38,20 +38,20 @@ def export_onnx(model: nn.Module, path, *, example_inputs=None, merge: bool = Tr
 
 def save(adapted: fx.GraphModule, directory, *, format: str = "rosafx") -> None:
     """Write the adapter (safetensors + JSON). ``format="peft"`` writes an HF PEFT directory."""
-    from .serialize import save as _save
+    from rosafx.pipeline.serialize import save as _save
     _require_adapted(adapted, "save")
     _save(adapted, directory, format=format)
 
 
 def load(model: nn.Module, directory, *, example_inputs=None) -> fx.GraphModule:
     """Rebuild the adapted model from ``model`` and a saved adapter directory (rosafx or HF PEFT)."""
-    from .serialize import load as _load
+    from rosafx.pipeline.serialize import load as _load
     return _load(model, directory, example_inputs=example_inputs)
 
 
 def calibrate(adapted: fx.GraphModule, batches, loss_fn, **options) -> fx.GraphModule:
     """Run the data-dependent preparation of every site that needs it (lora-ga, rosa-robust masks)."""
-    from .calibration import calibrate as _calibrate
+    from rosafx.methods.calibration import calibrate as _calibrate
     _require_adapted(adapted, "calibrate", whole_graph=True)
     return _calibrate(adapted, batches, loss_fn, **options)
 
@@ -88,7 +88,7 @@ def resample(adapted: fx.GraphModule, optimizer=None) -> fx.GraphModule:
 
 
 def _require_adapted(model, action: str, whole_graph: bool = False) -> None:
-    from .partial import is_partial
+    from rosafx.pipeline.partial import is_partial
     if is_partial(model) and whole_graph:
         raise RosafxError(f"rosafx.{action} works on a whole-model graph; this model was captured in parts.")
     if not (isinstance(model, (fx.GraphModule,)) or is_partial(model)) or not is_adapted(model):

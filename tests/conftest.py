@@ -8,6 +8,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("PYTHONSAFEPATH", "1")  # subprocesses started in the checkout: kernels/ must not shadow HF's `kernels`
 
 
 # ---------------------------------------------------------------- fault-matrix fixtures (tests/test_faults*.py)

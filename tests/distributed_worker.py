@@ -1,5 +1,5 @@
 """Run by tests/test_distributed.py under torchrun (2 CPU processes, gloo): trains the tiny
-classifier of tests/test_fit.py with rosafx.distributed.fit_distributed and writes each
+classifier of tests/test_fit.py with rosafx.training.distributed.fit_distributed and writes each
 rank's adapter to OUT/<method>-rank<R>.safetensors."""
 import contextlib
 import sys
@@ -11,9 +11,9 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).parent))
 from test_fit import adapt, loss_fn, make_batches  # noqa: E402
 
-from rosafx.distributed import fit_distributed, init_from_torchrun  # noqa: E402
+from rosafx.training.distributed import fit_distributed, init_from_torchrun  # noqa: E402
 from rosafx.methods.lora_ga import LoraGaAdapter  # noqa: E402
-from rosafx.serialize import adapter_tensors  # noqa: E402
+from rosafx.pipeline.serialize import adapter_tensors  # noqa: E402
 
 CASES = {"lora": {"method": "lora", "rank": 4},
          "rosa": {"method": "rosa", "rank": 4, "resample_every": 2},

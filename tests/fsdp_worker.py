@@ -1,5 +1,5 @@
 """Run by tests/test_fsdp.py under torchrun (2 CPU processes, gloo): trains the tiny
-classifier of tests/test_fit.py with every layer fully_shard-ed (rosafx.fsdp) on this
+classifier of tests/test_fit.py with every layer fully_shard-ed (rosafx.training.fsdp) on this
 rank's rows of each global batch, and writes the rank's adapter and what it holds of a
 layer weight to OUT/rank<R>.safetensors."""
 import sys
@@ -12,9 +12,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from distributed_worker import BATCHES, ROWS, STEPS, sgd  # noqa: E402
 from test_fit import adapt, loss_fn, make_batches  # noqa: E402
 
-from rosafx.distributed import SHARD_WEIGHT, init_from_torchrun, shard_batch  # noqa: E402
-from rosafx.fsdp import average_replicated_gradients, shard_layers  # noqa: E402
-from rosafx.serialize import adapter_tensors  # noqa: E402
+from rosafx.training.distributed import SHARD_WEIGHT, init_from_torchrun, shard_batch  # noqa: E402
+from rosafx.training.fsdp import average_replicated_gradients, shard_layers  # noqa: E402
+from rosafx.pipeline.serialize import adapter_tensors  # noqa: E402
 
 CONFIG = {"method": "lora", "rank": 4}
 LAYER_WEIGHT = "bert.encoder.layer.0.intermediate.dense.weight"

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 import rosafx
-from rosafx.adapted_graph import adapters_of
+from rosafx.graph.adapted_graph import adapters_of
 
 from models import main_output, other_inputs
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import rosafx
-from rosafx.generation import greedy, into_model
-from rosafx.adapted_graph import adapters_of
+from rosafx.recipes.generation import greedy, into_model
+from rosafx.graph.adapted_graph import adapters_of
 
 from arch_zoo import ARCHS
 from models import main_output

@@ -5,7 +5,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 import rosafx
 from rosafx.errors import RosafxError
-from rosafx.adapted_graph import adapter_nodes, adapters_of
+from rosafx.graph.adapted_graph import adapter_nodes, adapters_of
 
 from invariants import perturb, rel_err
 from models import VOCAB, functional_linear, main_output, tiny_bert, tiny_gpt2

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rosafx.data import Batches, encode, examples_from, read_table, scores
-from rosafx.data.metrics import f1_binary, matthews, pearson, spearman
+from rosafx.recipes.data import Batches, encode, examples_from, read_table, scores
+from rosafx.recipes.data.metrics import f1_binary, matthews, pearson, spearman
 from rosafx.errors import RosafxError
 
 GLUE = Path(__file__).parent / "data" / "glue"

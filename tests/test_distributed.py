@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 import rosafx
-from rosafx.distributed import shard_batch, SHARD_WEIGHT
-from rosafx.serialize import adapter_tensors
+from rosafx.training.distributed import shard_batch, SHARD_WEIGHT
+from rosafx.pipeline.serialize import adapter_tensors
 
 from distributed_worker import BATCHES, CASES, ROWS, STEPS, lora_ga_mean_gradients, sgd
 from test_fit import adapt, loss_fn, make_batches, tensors_close
@@ -75,7 +75,7 @@ def test_shards_cover_the_batch_with_weights_that_restore_the_mean():
 def test_a_training_forward_outside_the_adapted_model_is_refused():
     """Such a forward (through a compiled or other wrapper) would skip DDP's gradient
     averaging and let the ranks drift apart silently."""
-    from rosafx.distributed import DistributedLoss
+    from rosafx.training.distributed import DistributedLoss
     from rosafx.errors import RosafxError
     adapted = adapt(CASES["lora"])
     wrapper = torch.nn.Sequential(adapted).train()

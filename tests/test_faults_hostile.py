@@ -11,7 +11,7 @@ import torch
 import hostile
 from faults_common import assert_user_error, cli, copy_tree, snapshot
 from rosafx.errors import RosafxError
-from rosafx.pt2 import load_pt2
+from rosafx.io.pt2 import load_pt2
 
 
 def _sym_expression(marker):

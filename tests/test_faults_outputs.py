@@ -12,7 +12,7 @@ import pytest
 
 import rosafx
 from faults_common import assert_user_error, cli, copy_tree, leftovers, snapshot
-from rosafx.atomic import OLD_TAG, atomic_directory, clean_leftovers, recover, temp_file_beside
+from rosafx.io.atomic import OLD_TAG, atomic_directory, clean_leftovers, recover, temp_file_beside
 from rosafx.errors import RosafxError
 
 ADAPT = ("--method", "lora", "--target", "proj", "--rank", "2")
@@ -144,10 +144,10 @@ def test_recover_puts_the_parked_directory_back(tmp_path):
 # ---------------------------------------------------------------- kill -9 at several moments (subprocesses)
 ATOMIC_KILLER = r"""
 import os, signal, sys, types
-package = types.ModuleType("rosafx_light")      # rosafx/atomic.py alone: no torch import, fast
+package = types.ModuleType("rosafx_light")      # rosafx/io/atomic.py (+ errors.py) alone: no torch import, fast
 package.__path__ = [sys.argv[1]]
 sys.modules["rosafx_light"] = package
-import rosafx_light.atomic as atomic
+import rosafx_light.io.atomic as atomic
 
 moment, out = sys.argv[2], sys.argv[3]
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
@@ -232,7 +232,7 @@ import sys, types
 package = types.ModuleType("rosafx_light")
 package.__path__ = [sys.argv[1]]
 sys.modules["rosafx_light"] = package
-import rosafx_light.atomic as atomic
+import rosafx_light.io.atomic as atomic
 out, tag = sys.argv[2], sys.argv[3]
 for i in range(40):
     if out.endswith(".onnx"):
@@ -264,7 +264,7 @@ def test_concurrent_writers_leave_one_whole_version(target, tmp_path):
 def test_kill_while_pruning_a_checkpoint_leaves_it_whole_or_gone(tmp_path):
     """Old training checkpoints are deleted with one rename first: a kill mid-delete leaves a
     hidden leftover (cleaned later), never a half checkpoint under its own name."""
-    from rosafx.atomic import clean_leftovers_in
+    from rosafx.io.atomic import clean_leftovers_in
     old = tmp_path / "step-00000010"
     old.mkdir()
     (old / "state.pt").write_text("x")
@@ -302,7 +302,7 @@ def test_kill_during_adapt_and_export(fault_models, tmp_path, capsys):
 def test_a_directory_another_writer_creates_while_we_rename_is_replaced(tmp_path, monkeypatch):
     """The race behind a once-flaky concurrent-writers row: ``directory`` did not exist when
     looked at, another writer created it before our rename (ENOTEMPTY). Look again, swap."""
-    from rosafx.atomic import atomic_directory
+    from rosafx.io.atomic import atomic_directory
     target = tmp_path / "adapter"
     real_exists, looked = Path.exists, []
 

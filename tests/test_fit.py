@@ -14,8 +14,8 @@ from rosafx.errors import RosafxError
 from rosafx.methods import REGISTRY
 from rosafx.methods.base import Lifecycle, Method
 from rosafx.methods.lora import LoraAdapter, LoraConfig
-from rosafx.adapted_graph import adapters_of
-from rosafx.serialize import adapter_tensors
+from rosafx.graph.adapted_graph import adapters_of
+from rosafx.pipeline.serialize import adapter_tensors
 
 VOCAB = 97
 

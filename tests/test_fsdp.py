@@ -1,4 +1,4 @@
-"""FSDP2 prototype (rosafx/fsdp.py, passes/layer_modules.py): 2 CPU processes on gloo, every
+"""FSDP2 prototype (rosafx/training/fsdp.py, passes/layer_modules.py): 2 CPU processes on gloo, every
 layer fully_shard-ed, adapters replicated, train the same adapters as one plain process with
 the same global batch; each rank holds half of a layer's weight; the layer-structured graph
 computes what the flat one does, with the same parameter names."""
@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import rosafx
 from rosafx.passes.layer_modules import layer_modules
-from rosafx.serialize import adapter_tensors
+from rosafx.pipeline.serialize import adapter_tensors
 
 from distributed_worker import BATCHES, ROWS, STEPS, sgd
 from fsdp_worker import CONFIG, LAYER_WEIGHT

@@ -9,7 +9,7 @@ from torch import nn
 
 import rosafx
 from rosafx.passes.fuse_siblings import FUSED, fuse_siblings, sibling_groups
-from rosafx.adapted_graph import adapters_of
+from rosafx.graph.adapted_graph import adapters_of
 
 from invariants import perturb, rel_err, run
 from models import main_output, tiny_llama

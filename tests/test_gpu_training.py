@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import rosafx
-from rosafx.adapted_graph import adapter_nodes
+from rosafx.graph.adapted_graph import adapter_nodes
 
 from kernel_checks import needs_cuda
 from models import main_output

@@ -1,5 +1,5 @@
-"""Per-layer activation checkpointing (rosafx/layers.py, passes/checkpoint_layers.py,
-rosafx/grad_checkpoint.py): layers found from torch.export's module records; gradients
+"""Per-layer activation checkpointing (rosafx/graph/layers.py, passes/checkpoint_layers.py,
+rosafx/training/activation_checkpointing.py): layers found from torch.export's module records; gradients
 equal to the plain graph's (float64, dropout on); fewer bytes saved for backward; life
 cycles and the adapted model's names untouched; `rosafx train --grad-checkpoint`."""
 from __future__ import annotations
@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 
 import rosafx
-from rosafx.adapted_graph import adapters_of
+from rosafx.graph.adapted_graph import adapters_of
 from rosafx.errors import RosafxError
-from rosafx.grad_checkpoint import GradCheckpointed
-from rosafx.memory import live_activation_bytes, saved_activation_bytes
-from rosafx.serialize import adapter_tensors
+from rosafx.training.activation_checkpointing import GradCheckpointed
+from rosafx.training.memory import live_activation_bytes, saved_activation_bytes
+from rosafx.pipeline.serialize import adapter_tensors
 
 VOCAB = 97
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rosafx.hf_trainer import RosafxCallback
-from rosafx.adapted_graph import adapters_of
-from rosafx.serialize import adapter_tensors
+from rosafx.training.hf_trainer import RosafxCallback
+from rosafx.graph.adapted_graph import adapters_of
+from rosafx.pipeline.serialize import adapter_tensors
 from test_fit import VOCAB, adapt, loss_fn, tensors_close
 
 CASES = {"lora": {"method": "lora", "rank": 4},

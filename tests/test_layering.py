@@ -1,10 +1,16 @@
 """The installed package's import graph: no cycles, and nothing imports a layer above its own.
 
-    core   (capture, sites, rules, plan, adapted graph, methods, ops, kernels, data, ...)
-      ^
-    passes (rosafx.passes.*)
-      ^
-    api and cli (everything else: transform, serialize, fit, rosafx.cli.*, ...)
+The folders are the layers, bottom to top:
+
+    foundation  rosafx.errors, rosafx.io (reading inputs, atomic writes, what may be overwritten)
+    core        rosafx.graph, rosafx.methods, rosafx.ops, rosafx.kernels
+    passes      rosafx.passes (GraphModule -> GraphModule)
+    pipeline    rosafx.pipeline (transform, capture in parts, adapter files: rosafx and HF PEFT)
+    api         rosafx.api
+    training    rosafx.training (fit, life cycles, checkpoints, RUN directories, distributed)
+    face        rosafx (the package's __init__: what ``import rosafx`` gives)
+    recipes     rosafx.recipes (task models, data, evaluation, the demo)
+    cli         rosafx.cli, rosafx.__main__
 
 Imports are read with ``ast`` from the installed files, at any depth (an import inside a
 function is an edge like any other), so a lazy import cannot hide a cycle.
@@ -15,19 +21,29 @@ from pathlib import Path
 
 import pytest
 
-PACKAGES = ["rosafx", "rosafx.methods", "rosafx.ops", "rosafx.passes", "rosafx.kernels", "rosafx.cli", "rosafx.data"]
-CORE = ("rosafx.errors", "rosafx.safe_regex", "rosafx.atomic", "rosafx.files", "rosafx.outputs", "rosafx.capture",
-        "rosafx.sites", "rosafx.rules", "rosafx.plan", "rosafx.adapted_graph", "rosafx.adapter_tensors",
-        "rosafx.calibration", "rosafx.ranks", "rosafx.layers", "rosafx.methods", "rosafx.ops", "rosafx.kernels",
-        "rosafx.data")
-PASSES = ("rosafx.passes",)
-LAYER_NAMES = ("core", "passes", "api/cli")
+PACKAGES = ["rosafx", "rosafx.io", "rosafx.graph", "rosafx.methods", "rosafx.ops", "rosafx.kernels", "rosafx.passes",
+            "rosafx.pipeline", "rosafx.training", "rosafx.recipes", "rosafx.recipes.data", "rosafx.cli"]
+LAYERS = (
+    ("foundation", ("rosafx.errors", "rosafx.io")),
+    ("core", ("rosafx.graph", "rosafx.methods", "rosafx.ops", "rosafx.kernels")),
+    ("passes", ("rosafx.passes",)),
+    ("pipeline", ("rosafx.pipeline",)),
+    ("api", ("rosafx.api",)),
+    ("training", ("rosafx.training",)),
+    ("face", ()),                                   # the package itself: rosafx/__init__.py
+    ("recipes", ("rosafx.recipes",)),
+    ("cli", ("rosafx.cli", "rosafx.__main__")),
+)
+LAYER_NAMES = tuple(name for name, _ in LAYERS)
 
 
 def layer(module: str) -> int:
-    def under(prefixes):
-        return any(module == p or module.startswith(p + ".") for p in prefixes)
-    return 0 if under(CORE) else 1 if under(PASSES) else 2
+    if module == "rosafx":
+        return LAYER_NAMES.index("face")
+    for rank, (_, prefixes) in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return rank
+    raise AssertionError(f"{module} is in no layer: put it in a layer's folder and name the folder in LAYERS")
 
 
 def package_modules() -> dict[str, Path]:
@@ -101,12 +117,17 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_graph_sees_the_mapped_folders_and_lazy_imports(graph):
     assert {"rosafx.passes.merge", "rosafx.cli.main", "rosafx.kernels", "rosafx.methods.rosa"} <= set(graph)
-    assert "rosafx.passes.merge" in graph["rosafx.partial"]           # a top-level import
-    assert "rosafx.serialize" in graph["rosafx.api"]                  # an import inside a function
+    assert "rosafx.passes.merge" in graph["rosafx.pipeline.partial"]           # a top-level import
+    assert "rosafx.pipeline.serialize" in graph["rosafx.api"]                  # an import inside a function
 
 
 def test_no_import_cycles(graph):
     assert cycles(graph) == []
+
+
+def test_every_module_is_in_a_layer(graph):
+    for module in graph:
+        layer(module)
 
 
 def test_nothing_imports_a_layer_above_its_own(graph):
@@ -116,6 +137,7 @@ def test_nothing_imports_a_layer_above_its_own(graph):
 
 
 def test_a_cycle_and_an_upward_import_are_found():
-    fake = {"rosafx.sites": {"rosafx.passes.merge"}, "rosafx.passes.merge": {"rosafx.sites"}}
-    assert cycles(fake) == [["rosafx.passes.merge", "rosafx.sites"]]
-    assert layer("rosafx.passes.merge") > layer("rosafx.sites")
+    fake = {"rosafx.graph.sites": {"rosafx.passes.merge"}, "rosafx.passes.merge": {"rosafx.graph.sites"}}
+    assert cycles(fake) == [["rosafx.graph.sites", "rosafx.passes.merge"]]
+    assert layer("rosafx.passes.merge") > layer("rosafx.graph.sites")
+    assert layer("rosafx.cli.train") > layer("rosafx.recipes.recipe") > layer("rosafx") > layer("rosafx.training.fit")

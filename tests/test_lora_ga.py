@@ -9,7 +9,7 @@ import torch
 import rosafx
 from rosafx.errors import RosafxError
 from rosafx.methods.lora_ga import gradient_init
-from rosafx.adapted_graph import adapters_of
+from rosafx.graph.adapted_graph import adapters_of
 
 from invariants import ALL, Case, perturb, rel_err, run, run_check
 from models import ZOO, main_output, other_inputs, tiny_bert

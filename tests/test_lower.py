@@ -6,7 +6,7 @@ import torch
 
 import rosafx
 from rosafx.errors import RosafxError
-from rosafx.adapted_graph import adapter_nodes, adapters_of
+from rosafx.graph.adapted_graph import adapter_nodes, adapters_of
 
 from invariants import perturb
 from kernel_checks import DEVICE

@@ -4,7 +4,7 @@ import torch
 
 import rosafx
 from rosafx.errors import RosafxError
-from rosafx.adapted_graph import adapters_of
+from rosafx.graph.adapted_graph import adapters_of
 
 from invariants import perturb
 from models import VOCAB, called_twice, tiny_bert, tiny_gpt2

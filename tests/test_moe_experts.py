@@ -9,10 +9,10 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import rosafx
-from rosafx.capture import capture
+from rosafx.graph.capture import capture
 from rosafx.errors import RosafxError
-from rosafx.adapted_graph import adapters_of
-from rosafx.sites import find_sites
+from rosafx.graph.adapted_graph import adapters_of
+from rosafx.graph.sites import find_sites
 
 from models import VOCAB
 

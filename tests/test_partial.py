@@ -11,8 +11,8 @@ from peft import PeftModel
 
 import rosafx
 from rosafx.errors import RosafxError
-from rosafx.partial import PartlyCaptured
-from rosafx.adapted_graph import adapters_of
+from rosafx.pipeline.partial import PartlyCaptured
+from rosafx.graph.adapted_graph import adapters_of
 
 from arch_zoo import ARCHS
 

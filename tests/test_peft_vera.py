@@ -9,7 +9,7 @@ from peft import PeftModel, VeraConfig, get_peft_model
 
 import rosafx
 from rosafx.errors import RosafxError
-from rosafx.adapted_graph import adapters_of
+from rosafx.graph.adapted_graph import adapters_of
 
 from invariants import perturb, rel_err
 from models import VOCAB, main_output, tiny_bert, tiny_gpt2, tiny_llama

@@ -6,11 +6,11 @@ from torch import nn
 
 import rosafx
 import importlib
-from rosafx.adapted_graph import adapters_of, plan_of
+from rosafx.graph.adapted_graph import adapters_of, plan_of
 from rosafx.errors import RosafxError
-from rosafx.plan import Plan
-from rosafx.rules import Key, Kind, parse_key, resolve
-from rosafx.sites import Site
+from rosafx.graph.plan import Plan
+from rosafx.graph.rules import Key, Kind, parse_key, resolve
+from rosafx.graph.sites import Site
 
 LORA = {"method": "lora", "rank": 2, "alpha": 4}
 
@@ -86,7 +86,7 @@ def test_load_and_load_peft_capture_once(tmp_path, monkeypatch):
     rosafx.save(adapted, tmp_path / "rosafx")
     rosafx.save(adapted, tmp_path / "peft", format="peft")
     calls = []
-    transform_module = importlib.import_module("rosafx.transform")  # rosafx.transform is also the function
+    transform_module = importlib.import_module("rosafx.pipeline.transform")  # rosafx.transform is also the function
     real = transform_module.capture
     monkeypatch.setattr(transform_module, "capture", lambda *a, **k: calls.append(1) or real(*a, **k))
     x = torch.randn(3, 6)

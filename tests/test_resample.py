@@ -1,15 +1,15 @@
-"""passes/resample.py and rosafx/training.py: fold B·A into the frozen weight, factorise again
+"""passes/resample.py and rosafx/training/resample_every.py: fold B·A into the frozen weight, factorise again
 with a fresh block, reset the factors' optimizer state. References: a float64 SVD of the
 folded weight, the model's output before the resample."""
 import pytest
 import torch
 from invariants import perturb, rel_err, run
 from models import functional_linear, tiny_bert
-from rosafx.adapted_graph import adapters_of
+from rosafx.graph.adapted_graph import adapters_of
 
 import rosafx
 from rosafx.errors import RosafxError
-from rosafx.training import ResampleEvery
+from rosafx.training.resample_every import ResampleEvery
 
 ROSA = {"method": "rosa", "rank": 3, "seed": 0}
 

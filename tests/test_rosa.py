@@ -5,7 +5,7 @@ import pytest
 import torch
 from invariants import ALL, Case, perturb, run, run_check
 from models import ZOO, functional_linear, tiny_bert
-from rosafx.adapted_graph import adapters_of
+from rosafx.graph.adapted_graph import adapters_of
 
 import rosafx
 from rosafx.errors import RosafxError

@@ -8,7 +8,7 @@ import torch
 import rosafx
 from rosafx.errors import RosafxError
 from rosafx.methods.rosa_robust import apply_masks, masks_of
-from rosafx.adapted_graph import adapters_of
+from rosafx.graph.adapted_graph import adapters_of
 
 from invariants import ALL, Case, perturb, rel_err, run, run_check
 from models import ZOO, called_twice, functional_linear, main_output, tiny_bert

@@ -7,7 +7,7 @@ import pytest
 import torch
 from invariants import Case, rel_err, run, run_check
 from models import ZOO, functional_linear, main_output
-from rosafx.adapted_graph import adapters_of
+from rosafx.graph.adapted_graph import adapters_of
 
 import rosafx
 from rosafx.errors import RosafxError

@@ -5,8 +5,8 @@ from torch import nn
 
 import rosafx
 from rosafx.errors import RosafxError
-from rosafx.rules import resolve
-from rosafx.sites import Site
+from rosafx.graph.rules import resolve
+from rosafx.graph.sites import Site
 
 from models import tiny_bert
 

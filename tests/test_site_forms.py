@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 import rosafx
-from rosafx.capture import capture
-from rosafx.adapted_graph import adapters_of
-from rosafx.sites import find_sites
+from rosafx.graph.capture import capture
+from rosafx.graph.adapted_graph import adapters_of
+from rosafx.graph.sites import find_sites
 
 from models import VOCAB, main_output
 

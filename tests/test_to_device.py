@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import rosafx
-from rosafx.adapted_graph import adapters_of
+from rosafx.graph.adapted_graph import adapters_of
 
 from invariants import perturb
 from kernel_checks import needs_cuda

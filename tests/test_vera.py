@@ -4,7 +4,7 @@ import torch
 
 import rosafx
 from rosafx.errors import RosafxError
-from rosafx.adapted_graph import adapters_of
+from rosafx.graph.adapted_graph import adapters_of
 
 from invariants import ALL, Case, perturb, rel_err, run, run_check
 from models import ZOO, tiny_bert

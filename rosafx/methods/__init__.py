@@ -1,13 +1,13 @@
 """The method registry: one line per method. ``full`` is handled by the transform itself."""
 from __future__ import annotations
 
-from ..errors import RosafxError
-from .base import Adapter, Method, MethodConfig
-from .lora import Lora
-from .lora_ga import LoraGa
-from .rosa import Rosa
-from .rosa_robust import RosaRobust
-from .vera import Vera
+from rosafx.errors import RosafxError
+from rosafx.methods.base import Adapter, Method, MethodConfig
+from rosafx.methods.lora import Lora
+from rosafx.methods.lora_ga import LoraGa
+from rosafx.methods.rosa import Rosa
+from rosafx.methods.rosa_robust import RosaRobust
+from rosafx.methods.vera import Vera
 
 REGISTRY: dict[str, Method] = {m.id: m for m in (
     Lora(),

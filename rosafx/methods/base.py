@@ -34,8 +34,8 @@ from typing import Any, Callable, ClassVar, Iterable
 import torch
 from torch import Tensor, fx, nn
 
-from ..errors import RosafxError
-from ..sites import Site
+from rosafx.errors import RosafxError
+from rosafx.graph.sites import Site
 
 
 @dataclasses.dataclass
@@ -137,7 +137,7 @@ class Adapter(nn.Module):
     def check_ready(self, action: str) -> None:
         """Raise a RosafxError if the adapter cannot yet be trained or merged."""
 
-    # calibration (data-dependent preparation; see rosafx/calibration.py)
+    # calibration (data-dependent preparation; see rosafx/methods/calibration.py)
     def wants_gradient(self) -> bool:
         return False
 
@@ -150,7 +150,7 @@ class Adapter(nn.Module):
         """Finish; may return a new frozen base weight (out x in) for the site."""
         return None
 
-    # persistence (see rosafx/serialize.py)
+    # persistence (see rosafx/pipeline/serialize.py)
     save_base_weight: ClassVar[bool] = False  # True when base_weight cannot be rebuilt from the base model
 
     def adapter_state(self) -> dict[str, Tensor]:
@@ -214,7 +214,7 @@ def calibrate_pending(adapters: list[Adapter], ctx: TrainingContext) -> bool:
     """Calibrate those of ``adapters`` that still want a gradient; True if any did."""
     pending = [a for a in adapters if a.wants_gradient()]
     if pending:
-        from rosafx.calibration import calibrate
+        from rosafx.methods.calibration import calibrate
         calibrate(ctx.model, ctx.calibration_batches(), ctx.loss_fn, only=pending)
     return bool(pending)
 
@@ -237,7 +237,7 @@ class Method:
     Config: type[MethodConfig] = MethodConfig
     Adapter: type[Adapter] = Adapter
     adapts_expert_weights: bool = False   # MoE expert slices: ΔW from its own tensors (``emit_delta``)
-    adapts_partly_captured: bool = False  # rosafx/partial.py: no state across sites, no graph-wide pass
+    adapts_partly_captured: bool = False  # rosafx/pipeline/partial.py: no state across sites, no graph-wide pass
 
     def build(self, gm: fx.GraphModule, pairs: list[tuple[Site, MethodConfig]]) -> list[Adapter]:
         return [self.Adapter(site, config) for site, config in pairs]

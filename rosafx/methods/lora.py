@@ -11,9 +11,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..errors import RosafxError
-from ..ops import lowrank
-from .base import Adapter, GraphEmitter, Method, MethodConfig, kaiming_uniform_
+from rosafx.errors import RosafxError
+from rosafx.ops import lowrank
+from rosafx.methods.base import Adapter, GraphEmitter, Method, MethodConfig, kaiming_uniform_
 
 
 @dataclasses.dataclass

@@ -25,9 +25,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..errors import RosafxError
-from .base import CalibrateFirst, Method
-from .lora import LoraConfig, LowRankAdapter
+from rosafx.errors import RosafxError
+from rosafx.methods.base import CalibrateFirst, Method
+from rosafx.methods.lora import LoraConfig, LowRankAdapter
 
 CONVENTIONS = ("paper", "peft")
 

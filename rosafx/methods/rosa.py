@@ -22,10 +22,10 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from ..errors import RosafxError
-from ..ranks import broadcast_adapters
-from .base import Lifecycle, Method, MethodConfig, TrainingContext
-from .lora import LowRankAdapter
+from rosafx.errors import RosafxError
+from rosafx.methods.collectives import broadcast_adapters
+from rosafx.methods.base import Lifecycle, Method, MethodConfig, TrainingContext
+from rosafx.methods.lora import LowRankAdapter
 
 SELECTIONS = ("random", "top", "bottom")
 

@@ -36,10 +36,10 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..errors import RosafxError
-from .base import (Adapter, GraphEmitter, Lifecycle, Method, MethodConfig, TrainingContext, calibrate_pending,
+from rosafx.errors import RosafxError
+from rosafx.methods.base import (Adapter, GraphEmitter, Lifecycle, Method, MethodConfig, TrainingContext, calibrate_pending,
                    kaiming_uniform_)
-from .lora_ga import gradient_init
+from rosafx.methods.lora_ga import gradient_init
 
 STATISTICS = ("mean_squared", "mean")
 LOWRANK_INITS = ("lora", "lora-ga")
@@ -236,14 +236,14 @@ class RosaRobust(Method):
 
 def masks_of(adapted) -> dict[str, tuple[Tensor, Tensor]]:
     """Each rosa-robust site's mask (crow_indices, col_indices), for the restart flow."""
-    from rosafx.adapted_graph import adapters_of
+    from rosafx.graph.adapted_graph import adapters_of
     return {a.site_path: (a.crow_indices.clone(), a.col_indices.clone())
             for a in adapters_of(adapted).values() if isinstance(a, RosaRobustAdapter)}
 
 
 def apply_masks(adapted, masks: dict[str, tuple[Tensor, Tensor]]) -> None:
     """Install saved masks on a fresh adapted model (values 0): restart from pretrained weights."""
-    from rosafx.adapted_graph import adapters_of
+    from rosafx.graph.adapted_graph import adapters_of
     by_path = {a.site_path: a for a in adapters_of(adapted).values() if isinstance(a, RosaRobustAdapter)}
     missing = sorted(set(masks) - set(by_path))
     if missing:

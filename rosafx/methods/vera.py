@@ -18,10 +18,10 @@ import math
 import torch
 from torch import Tensor, fx, nn
 
-from ..adapted_graph import SHARED
-from ..errors import RosafxError
-from ..ops import vera as vera_op
-from .base import Adapter, GraphEmitter, Method, MethodConfig
+from rosafx.graph.adapted_graph import SHARED
+from rosafx.errors import RosafxError
+from rosafx.ops import vera as vera_op
+from rosafx.methods.base import Adapter, GraphEmitter, Method, MethodConfig
 
 
 @dataclasses.dataclass

@@ -6,7 +6,7 @@ implementation (the reference, any device) plugs in beside it, and ``rosafx.kern
 in Triton ones that ``rosafx.lower`` may swap in. An op used by one method only may be
 declared in that method's file instead (docs/adding_a_method.md).
 """
-from . import lowrank  # noqa: F401  (registers rosafx::lowrank_linear)
-from . import sparse  # noqa: F401  (registers rosafx::sparse_lowrank_linear)
-from . import vera  # noqa: F401  (registers rosafx::vera_linear, vera_linear_given_h)
-from . import siblings  # noqa: F401  (registers the sibling-fusion ops)
+from rosafx.ops import lowrank  # noqa: F401  (registers rosafx::lowrank_linear)
+from rosafx.ops import sparse  # noqa: F401  (registers rosafx::sparse_lowrank_linear)
+from rosafx.ops import vera  # noqa: F401  (registers rosafx::vera_linear, vera_linear_given_h)
+from rosafx.ops import siblings  # noqa: F401  (registers the sibling-fusion ops)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .spec import op_spec, rows
+from rosafx.ops.spec import op_spec, rows
 
 
 def _stacked_outputs_like(x, As):

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .spec import kept_for_backward, op_spec, rows
+from rosafx.ops.spec import kept_for_backward, op_spec, rows
 
 
 @op_spec

@@ -1,0 +1,118 @@
+"""``rosafx.transform``: the pipeline, top to bottom.
+
+    transform = capture -> sites -> plan (from rules) -> apply
+    load      = capture -> sites -> plan (from the saved record) -> apply -> install tensors
+
+``capture_sites`` is the first two steps (one capture; a model that does not export as a
+whole is captured in parts, rosafx/pipeline/partial.py), ``apply`` the last: adapters inserted on the
+plan's sites, ``full`` modules made trainable, the adapted graph's record written
+(rosafx/graph/adapted_graph.py).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from rosafx.passes.dropout import dropout_follows_mode
+from rosafx.passes.insert import insert_planned
+
+from rosafx.graph.adapted_graph import META, SHARED, adapters_of, fetch_attr, fingerprint, make_record
+from rosafx.graph.capture import capture
+from rosafx.errors import RosafxError
+from rosafx.pipeline.partial import apply_to_parts, capture_parts
+from rosafx.graph.plan import Plan
+from rosafx.graph.sites import Captured, find_sites, module_types
+
+
+def capture_sites(model: nn.Module, example_inputs: Any = None) -> Captured:
+    """capture -> dropout follows train()/eval() -> sites. A model that torch.export cannot
+    trace as a whole is captured in parts (``rosafx.pipeline.partial``)."""
+    try:
+        gm, args, kwargs = capture(model, example_inputs)
+    except RosafxError as exc:
+        if exc.__cause__ is None or not isinstance(model, nn.Module):
+            raise  # bad inputs, not a model that does not trace
+        return capture_parts(model, example_inputs, reason=str(exc).splitlines()[0])
+    gm = dropout_follows_mode(gm)                       # aten.dropout -> nn.Dropout (honours train())
+    return Captured(gm, find_sites(gm), module_types(gm), (args, kwargs))
+
+
+def transform(model: nn.Module, rules: dict, *, example_inputs: Any = None) -> fx.GraphModule:
+    """Capture ``model`` as an FX graph and insert adapters on the sites that ``rules`` select.
+
+    ``rules`` maps a key to a config (``{"method": "lora", "rank": 8, "alpha": 16}``, a method
+    config object, ``{"method": "full"}`` to train a whole module as is, or ``None`` to
+    exclude). Keys, weakest to strongest; the strongest match wins, and among keys of one
+    kind the first listed wins (rosafx/graph/rules.py):
+
+      1. a module class (``nn.Linear``) or ``"type:Conv1D"``;
+      2. a regular expression that fully matches the path (``"re:..."``, or any text with
+         a regex character such as ``*`` or ``(``);
+      3. a dot-suffix of the path (plain text: ``"query"``; the whole path outranks a part);
+      4. an exact path (``"path:encoder.layer.0.attention.self.query"``).
+
+    The user's model is never changed. The result is called like the model and only
+    adapter (and ``full``) parameters require grad. A model that torch.export cannot trace
+    as a whole is captured in parts (``rosafx.pipeline.partial``), with a warning.
+    """
+    captured = capture_sites(model, example_inputs)
+    plan = Plan.from_rules(rules, captured.sites, captured.modules)
+    return apply(captured, plan)
+
+
+def apply(captured: Captured, plan: Plan) -> nn.Module:
+    """Insert the plan's adapters into the captured graph (or parts) and record the plan."""
+    if captured.partial_reason is not None:
+        adapted = apply_to_parts(captured, plan)
+        warnings.warn(f"rosafx: {captured.partial_reason} -- captured the submodules that export instead "
+                      "(see docs/architectures.md; `rosafx inspect` lists the parts).", stacklevel=3)
+        return adapted
+    gm, sites = captured.module, captured.sites
+    plan.check(sites, captured.modules)
+    gm = insert_planned(gm, sites, plan.sites)                  # sites -> rosafx op nodes
+    _follow_site_devices(gm, [s for s in sites if s.path in plan.sites])
+    _make_trainable(gm, plan.full)                      # full modules: own copy, requires_grad
+    weights = {s.path: (s.weight_name, s.transposed) for s in sites if s.path in plan.sites}
+    gm.meta[META] = make_record(plan, weights, captured.example_inputs,
+                                fingerprint(gm, [w for w, _ in weights.values()]))
+    _install_ready_check(gm)
+    return gm
+
+
+def _follow_site_devices(gm: fx.GraphModule, sites: list) -> None:
+    """Adapters are built on the CPU; a model captured on a GPU trains them where its weights
+    are (dtypes stay: adapter tensors keep their own precision)."""
+    adapters = adapters_of(gm)
+    devices = set()
+    for site in sites:
+        device = fetch_attr(gm, site.weight_name).device
+        devices.add(device)
+        if site.path in adapters:
+            adapters[site.path].to(device)
+    shared = getattr(gm, SHARED, None)
+    if shared is not None and len(devices) == 1:
+        shared.to(devices.pop())
+
+
+def _make_trainable(gm: fx.GraphModule, full_paths: list[str]) -> None:
+    for path in full_paths:
+        module = gm.get_submodule(path)
+        for name, param in list(module.named_parameters()):
+            owner = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
+            owner._parameters[name.rsplit(".", 1)[-1]] = nn.Parameter(param.detach().clone(), requires_grad=True)
+
+
+def _install_ready_check(gm: fx.GraphModule) -> None:
+    """Training a site that still needs data (lora-ga before ``calibrate``) is an error."""
+    if not any(a.needs_calibration for a in adapters_of(gm).values()):
+        return
+
+    def check(module, args, kwargs):
+        if module.training and torch.is_grad_enabled() and not getattr(module, "_rosafx_calibrating", False):
+            for adapter in adapters_of(module).values():
+                adapter.check_ready("train")
+
+    gm.register_forward_pre_hook(check, with_kwargs=True)

@@ -1,0 +1,34 @@
+"""The training loss of each task, as ``loss_fn(model, batch)`` for ``rosafx.fit``, over
+the model's logits (the captured graph is called without labels)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from rosafx.recipes.data.batches import IGNORE, model_inputs
+
+
+def logits_of(model, batch: dict) -> torch.Tensor:
+    out = model(**model_inputs(batch))
+    return out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, (tuple, list)) else out)
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), labels)
+
+
+def regression_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(logits.float().squeeze(-1), labels.float())
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross entropy: position t predicts token t+1; padding is ignored."""
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
+
+
+LOSSES = {"classification": classification_loss, "regression": regression_loss, "causal-lm": causal_lm_loss}
+
+
+def loss_for(task: str):
+    loss = LOSSES[task]
+    return lambda model, batch: loss(logits_of(model, batch), batch["labels"])

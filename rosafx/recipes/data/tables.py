@@ -1,0 +1,132 @@
+"""Read a data file into named columns: TSV (the GLUE layouts as distributed), CSV, JSON
+Lines, plain text. Errors say what was found and what to do."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+from pathlib import Path
+
+from rosafx.errors import RosafxError
+
+TEXT = "text"  # the one column of a plain-text file (one example per non-empty line)
+
+
+@dataclasses.dataclass
+class Layout:
+    """A known layout: the header columns that identify it, and what each column is."""
+    name: str
+    header: frozenset
+    text: str
+    pair: str | None
+    label: str
+    task: str
+
+
+# Most specific first: a header is recognised by the first layout whose columns it holds.
+LAYOUTS = [
+    Layout("MRPC", frozenset({"Quality", "#1 String", "#2 String"}), "#1 String", "#2 String", "Quality",
+           "classification"),
+    Layout("STS-B", frozenset({"sentence1", "sentence2", "score"}), "sentence1", "sentence2", "score", "regression"),
+    Layout("RTE", frozenset({"sentence1", "sentence2", "label"}), "sentence1", "sentence2", "label", "classification"),
+    Layout("SST-2", frozenset({"sentence", "label"}), "sentence", None, "label", "classification"),
+    Layout("text", frozenset({"text", "label"}), "text", None, "label", "classification"),
+]
+# CoLA has no header: source, label, original mark, sentence.
+COLA = Layout("CoLA", frozenset(), "sentence", None, "label", "classification")
+COLA_COLUMNS = ["source", "label", "mark", "sentence"]
+
+
+@dataclasses.dataclass
+class Table:
+    path: Path
+    columns: list[str]
+    rows: list[dict]          # column -> value (str, or any JSON value for JSONL)
+    lines: list[int]          # each row's line number in the file, for error messages
+    layout: Layout | None     # a recognised layout, or None
+
+    def column(self, name: str) -> list:
+        if name not in self.columns:
+            raise RosafxError(f"{self.path}: no column '{name}'. Columns found: {self.columns}.")
+        return [row.get(name) for row in self.rows]
+
+
+def read_table(path) -> Table:
+    path = Path(path)
+    if not path.is_file():
+        raise RosafxError(f"Data file {path} does not exist.")
+    text = _decode(path)
+    if not text.strip():
+        raise RosafxError(f"Data file {path} is empty.")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        return _read_jsonl(path, text)
+    if suffix == ".txt":
+        lines = [(i + 1, line) for i, line in enumerate(text.splitlines()) if line.strip()]
+        return Table(path, [TEXT], [{TEXT: line} for _, line in lines], [i for i, _ in lines], None)
+    if suffix not in (".tsv", ".csv"):
+        raise RosafxError(f"Cannot tell the format of {path}: use .tsv, .csv, .jsonl or .txt.")
+    return _read_delimited(path, text, "\t" if suffix == ".tsv" else ",")
+
+
+def _decode(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")  # a byte-order mark (MRPC has one) is not part of the first column name
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise RosafxError(f"{path} is not UTF-8 text (byte {exc.start}, line {line}): re-save it as UTF-8, "
+                          "e.g. iconv -f latin1 -t utf-8.") from exc
+
+
+def _read_delimited(path: Path, text: str, delimiter: str) -> Table:
+    # GLUE TSVs hold unbalanced quotes in their text: no quoting for TSV
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    records = [(reader_line, row) for reader_line, row in _rows(text, delimiter, quoting) if row]
+    first = records[0][1]
+    layout = next((layout for layout in LAYOUTS if layout.header <= set(first)), None)
+    if layout is None and _looks_like_cola(first):
+        columns, body, layout = COLA_COLUMNS, records, COLA
+    else:
+        columns, body = [c.strip() for c in first], records[1:]
+    if len(set(columns)) != len(columns):
+        raise RosafxError(f"{path}: repeated column names in the header {columns}.")
+    if not body:
+        raise RosafxError(f"{path} has a header {columns} and no rows.")
+    rows, lines = [], []
+    for line, row in body:
+        if len(row) != len(columns):
+            raise RosafxError(f"{path}, line {line}: {len(row)} fields where the header has {len(columns)} "
+                              f"({columns}). Is the delimiter right ({'tab' if delimiter == chr(9) else 'comma'})?")
+        rows.append(dict(zip(columns, row)))
+        lines.append(line)
+    return Table(path, columns, rows, lines, layout)
+
+
+def _rows(text: str, delimiter: str, quoting: int):
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter, quoting=quoting)
+    for row in reader:
+        yield reader.line_num, row
+
+
+def _looks_like_cola(first: list[str]) -> bool:
+    return len(first) == 4 and first[1].strip().lstrip("-").isdigit() and first[2] in ("", "*", "?", "??", "*?")
+
+
+def _read_jsonl(path: Path, text: str) -> Table:
+    rows, lines, columns = [], [], []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise RosafxError(f"{path}, line {number}: not JSON ({exc.msg}). JSON Lines has one object per line.") from exc
+        if not isinstance(row, dict):
+            raise RosafxError(f"{path}, line {number}: a JSON object with named fields is needed, got {type(row).__name__}.")
+        columns += [k for k in row if k not in columns]
+        rows.append(row)
+        lines.append(number)
+    layout = next((layout for layout in LAYOUTS if layout.header <= set(columns)), None)
+    return Table(path, columns, rows, lines, layout)

@@ -1,0 +1,168 @@
+"""From a run's configuration to what ``rosafx.fit`` takes: the model with its task head and
+adapters, the tokenizer, the batches, the loss and the metrics. ``rosafx train``,
+``evaluate`` and ``export`` share it, so a RUN is rebuilt exactly as it was trained."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from rosafx.recipes.data import Batches, TaskMetrics, best_metric_of, encode, examples_from, loss_for, model_inputs, read_table
+from rosafx.recipes.data.examples import Examples
+from rosafx.errors import RosafxError
+from rosafx.recipes.heads import new_head_paths, open_task_model
+from rosafx.recipes.loading import ModelSource, identify, read_source
+from rosafx.recipes.rule_flags import build_rules
+
+# Every key `rosafx train` takes (flags, --config file, run.json), with its default.
+DEFAULTS = {
+    "model": None, "method": None, "target": None, "rank": None, "alpha": None, "option": None, "rules": None,
+    "data": None, "eval": None, "task": None, "text_column": None, "pair_column": None, "label_column": None,
+    "max_length": 128, "epochs": None, "max_steps": None, "batch_size": 32, "grad_accum": 1, "lr": 5e-4,
+    "warmup_ratio": 0.0, "schedule": "linear", "weight_decay": 0.0, "eval_every": None, "save_every": None,
+    "seed": 0, "precision": "fp32", "best_metric": None, "calibration_batches": 8, "compile": False,
+    "grad_checkpoint": False, "device": "auto",
+}
+# Keys a resumed run may change: where it runs, not what it computes.
+RESUMABLE_WITH_OTHER = ("device",)
+SOURCE_JSON, ADAPTER_JSON = "source.json", "rosafx.json"
+
+
+def read_config_file(path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        raw = json.loads(text) if path.suffix == ".json" else _yaml(text)
+    except (OSError, ValueError) as exc:
+        raise RosafxError(f"Cannot read the config file {path}: {exc}.") from exc
+    if not isinstance(raw, dict):
+        raise RosafxError(f"{path} must hold a mapping of option names to values.")
+    raw = {k.replace("-", "_"): v for k, v in raw.items()}
+    unknown = sorted(set(raw) - set(DEFAULTS))
+    if unknown:
+        raise RosafxError(f"{path}: unknown option(s) {unknown}. Known: {sorted(DEFAULTS)}.")
+    return raw
+
+
+def _yaml(text: str):
+    import yaml
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+def resolve(flags: dict, config_file=None) -> dict:
+    """Defaults < the config file < flags given on the command line (not None)."""
+    config = dict(DEFAULTS)
+    if config_file is not None:
+        config.update(read_config_file(config_file))
+    config.update({k: v for k, v in flags.items() if v is not None})
+    for key in ("model", "data", "eval", "rules"):
+        if config[key] is not None:
+            config[key] = str(Path(config[key]).resolve())
+    if config["model"] is None or config["data"] is None:
+        raise RosafxError("rosafx train needs MODEL and --data (on the command line or in --config).")
+    return config
+
+
+def training_device(name, here) -> torch.device:
+    """``auto`` (a GPU when there is one), ``cpu``, ``cuda`` or ``cuda:N``. Under torchrun the
+    process group decides: nccl ranks train on their own GPU, gloo ranks on the CPU."""
+    if not isinstance(name, str) or not (name in ("auto", "cpu", "cuda") or name.startswith("cuda:")):
+        raise RosafxError(f"--device must be auto, cpu, cuda or cuda:N, not {name!r}.")
+    if here.size > 1:
+        return here.device
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name != "cpu" and not torch.cuda.is_available():
+        raise RosafxError(f"--device {name}: this machine has no CUDA device torch can use "
+                          f"(torch {torch.__version__}); use --device cpu, or install a CUDA build of torch.")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise RosafxError(f"--device {name}: {exc}") from exc
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise RosafxError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s).")
+    return device
+
+
+def on_device(adapted, device: torch.device):
+    """The adapted model moved to ``device`` (built on the CPU, where capture is checked);
+    on a GPU its adapter ops are lowered to the Triton kernels."""
+    if device.type == "cpu":
+        return adapted
+    import rosafx
+    return rosafx.lower(rosafx.to_device(adapted, device), backend="auto")
+
+
+@dataclasses.dataclass
+class ModelSpec:
+    """Where the base model comes from, and an adapter to continue from (`rosafx adapt` output)."""
+    source: ModelSource
+    adapter_dir: Path | None
+
+
+def model_spec(model_path) -> ModelSpec:
+    path = Path(model_path)
+    if path.is_dir() and (path / ADAPTER_JSON).exists():
+        if not (path / SOURCE_JSON).exists():
+            raise RosafxError(f"{path} is an adapter directory without {SOURCE_JSON}: pass the base model instead.")
+        return ModelSpec(read_source(path), path)  # validated: source.json is untrusted input
+    return ModelSpec(identify(path), None)
+
+
+def open_tokenizer(source: ModelSource):
+    if source.kind != "hf":
+        raise RosafxError(f"{source.path} is a {source.kind} file: training on text needs a Hugging Face model "
+                          "directory (its tokenizer and config). Export the HF model directory instead.")
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(source.path, local_files_only=True)
+
+
+def read_examples(path, config: dict, label_names: list[str] | None = None) -> Examples:
+    return examples_from(read_table(path), config["task"], text_column=config["text_column"],
+                         pair_column=config["pair_column"], label_column=config["label_column"],
+                         label_names=label_names)
+
+
+def batches_of(examples: Examples, tokenizer, config: dict, cache_dir=None, *, train: bool) -> Batches:
+    encoded = encode(examples, tokenizer, config["max_length"], cache_dir)
+    return Batches(encoded, config["batch_size"], shuffle=train, seed=config["seed"])
+
+
+def example_inputs(tokenizer, config: dict, pairs: bool) -> dict:
+    """Two tiny padded rows with the same input names as the training batches."""
+    sample = Examples(config["task"], ["a b c", "a"], ["d e", "f"] if pairs else None, None, None, {})
+    return model_inputs(Batches(encode(sample, tokenizer, config["max_length"]), 2).batch(torch.arange(2)))
+
+
+def check_head(config: dict, spec: ModelSpec, label_names) -> None:
+    """Refuse a task that does not fit the model's head before anything is written."""
+    from rosafx.recipes.heads import check_task_fits
+    if spec.source.kind != "hf":
+        return
+    _, kind = check_task_fits(spec.source.path, config["task"], label_names)
+    if spec.adapter_dir is not None and kind is None:
+        raise RosafxError(f"{spec.adapter_dir} was adapted on {spec.source.path}, which has no {config['task']} "
+                          "head; adapt the model with its task head, or train from the base model with --method.")
+
+
+def build_adapted(config: dict, spec: ModelSpec, label_names, inputs: dict):
+    """The task model with its adapters: fresh from the rules, or loaded from `rosafx adapt` output."""
+    import rosafx
+    torch.manual_seed(config["seed"])  # a new head and the adapters start the same in every rebuild
+    module, head_is_new = open_task_model(spec.source.path, config["task"], label_names)
+    if spec.adapter_dir is not None:
+        return rosafx.load(module, spec.adapter_dir, example_inputs=inputs)
+    rules = build_rules(config["method"], config["target"], config["rank"], config["alpha"], config["option"],
+                        Path(config["rules"]) if config["rules"] else None)
+    if head_is_new:
+        rules.update({path: {"method": "full"} for path in new_head_paths(module)})
+    return rosafx.transform(module, rules, example_inputs=inputs)
+
+
+def task_loss_and_metrics(task: str):
+    return loss_for(task), TaskMetrics(task)

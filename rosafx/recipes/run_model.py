@@ -1,0 +1,87 @@
+"""A RUN's trained model, rebuilt from its record, and its merged ONNX export.
+
+    OUT/model.onnx         merged, verified with onnxruntime against torch
+    OUT/config.json        the model's HF config with the run's labels (id2label) and task
+    OUT/tokenizer files    the tokenizer the run used
+    OUT/rosafx_export.json what was exported from where (marks OUT as rosafx output)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rosafx.recipes import recipe
+from rosafx.io.atomic import atomic_directory
+from rosafx.errors import RosafxError
+from rosafx.training.runs import ADAPTER, read_run
+
+EXPORT_MARK = "rosafx_export.json"
+# how the run read its data: evaluate reads other files the same way
+READING_KEYS = ("text_column", "pair_column", "label_column", "max_length", "batch_size")
+ONNX_NAME = "model.onnx"
+
+
+def open_run(run_dir):
+    """(adapted model with the trained adapter, tokenizer, run record)."""
+    import rosafx
+    run_dir = Path(run_dir)
+    record = read_run(run_dir)
+    config = record["config"]
+    if not (run_dir / ADAPTER / "rosafx.json").exists():
+        raise RosafxError(f"{run_dir} has no trained adapter yet (the run did not finish): `rosafx train ... "
+                          f"-o {run_dir} --resume` completes it.")
+    spec = recipe.model_spec(config["model"])
+    tokenizer = recipe.open_tokenizer(spec.source)
+    inputs = recipe.example_inputs(tokenizer, config, pairs=record["pairs"])
+    from rosafx.recipes.heads import open_task_model
+    import torch
+    torch.manual_seed(config["seed"])
+    module, _ = open_task_model(spec.source.path, record["task"], record["label_names"])
+    adapted = rosafx.load(module, run_dir / ADAPTER, example_inputs=inputs)
+    return adapted, tokenizer, record
+
+
+def check_output_dir(out: Path, inputs: list[Path]) -> None:
+    out = out.resolve()
+    for item in inputs:
+        item = Path(item).resolve()
+        if out == item or out in item.parents or item in out.parents:
+            raise RosafxError(f"-o {out} overlaps the input {item}: choose an output directory apart from them.")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / EXPORT_MARK).exists())):
+        raise RosafxError(f"-o {out} exists and is not an earlier `rosafx export` of a run; choose a new directory.")
+
+
+def export_run(run_dir, out, *, merge: bool = True):
+    import rosafx
+    run_dir, out = Path(run_dir), Path(out)
+    record = read_run(run_dir)
+    check_output_dir(out, [run_dir, Path(record["config"]["model"])])
+    if not merge:
+        raise RosafxError("A run exports merged only (adapter ops have no ONNX form): use --merge.")
+    adapted, tokenizer, record = open_run(run_dir)
+    with atomic_directory(out) as tmp:
+        report = rosafx.export_onnx(adapted, tmp / ONNX_NAME, merge=True)
+        report.path = str(out / ONNX_NAME)
+        tokenizer.save_pretrained(tmp)
+        hf_config = _hf_config(record)
+        hf_config.rosafx_task = record["task"]
+        hf_config.save_pretrained(tmp)
+        reading = {k: record["config"][k] for k in READING_KEYS}
+        (tmp / EXPORT_MARK).write_text(json.dumps({"run": str(run_dir.resolve()), "task": record["task"],
+                                                   "label_names": record["label_names"], "pairs": record["pairs"],
+                                                   "reading": reading}, indent=2))
+    return report
+
+
+def _hf_config(record: dict):
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(recipe.model_spec(record["config"]["model"]).source.path, local_files_only=True)
+    names = record["label_names"]
+    if record["task"] == "classification":
+        config.num_labels = len(names)
+        config.id2label = {i: n for i, n in enumerate(names)}
+        config.label2id = {n: i for i, n in enumerate(names)}
+        config.problem_type = "single_label_classification"
+    elif record["task"] == "regression":
+        config.num_labels, config.problem_type = 1, "regression"
+    return config
