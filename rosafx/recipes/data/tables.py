@@ -6,11 +6,13 @@ import csv
 import dataclasses
 import io
 import json
+import stat
 from pathlib import Path
 
 from rosafx.errors import RosafxError
 
 TEXT = "text"  # the one column of a plain-text file (one example per non-empty line)
+FIELD_LIMIT = 16 * 2**20  # characters in one TSV/CSV field (csv's default is 128 KiB)
 
 
 @dataclasses.dataclass
@@ -54,8 +56,7 @@ class Table:
 
 def read_table(path) -> Table:
     path = Path(path)
-    if not path.is_file():
-        raise RosafxError(f"Data file {path} does not exist.")
+    _check_regular_file(path)
     text = _decode(path)
     if not text.strip():
         raise RosafxError(f"Data file {path} is empty.")
@@ -68,6 +69,18 @@ def read_table(path) -> Table:
     if suffix not in (".tsv", ".csv"):
         raise RosafxError(f"Cannot tell the format of {path}: use .tsv, .csv, .jsonl or .txt.")
     return _read_delimited(path, text, "\t" if suffix == ".tsv" else ",")
+
+
+def _check_regular_file(path: Path) -> None:
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise RosafxError(f"Data file {path} does not exist.") from None
+    except OSError as exc:
+        raise RosafxError(f"Data file {path} cannot be opened: {exc.strerror}.") from None
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, socket or device)"
+        raise RosafxError(f"Data file {path} is {kind}: give a .tsv, .csv, .jsonl or .txt file.")
 
 
 def _decode(path: Path) -> str:
@@ -83,7 +96,7 @@ def _decode(path: Path) -> str:
 def _read_delimited(path: Path, text: str, delimiter: str) -> Table:
     # GLUE TSVs hold unbalanced quotes in their text: no quoting for TSV
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    records = [(reader_line, row) for reader_line, row in _rows(text, delimiter, quoting) if row]
+    records = [(reader_line, row) for reader_line, row in _rows(path, text, delimiter, quoting) if row]
     first = records[0][1]
     layout = next((layout for layout in LAYOUTS if layout.header <= set(first)), None)
     if layout is None and _looks_like_cola(first):
@@ -104,10 +117,22 @@ def _read_delimited(path: Path, text: str, delimiter: str) -> Table:
     return Table(path, columns, rows, lines, layout)
 
 
-def _rows(text: str, delimiter: str, quoting: int):
+def _rows(path: Path, text: str, delimiter: str, quoting: int) -> list[tuple[int, list[str]]]:
+    """(line number, fields) of each record. csv's own limit of 128 KiB per field is raised
+    to FIELD_LIMIT for the read (a text longer than that is not one example: the tokenizer
+    keeps --max-length tokens of it anyway) and put back after."""
     reader = csv.reader(io.StringIO(text), delimiter=delimiter, quoting=quoting)
-    for row in reader:
-        yield reader.line_num, row
+    before = csv.field_size_limit(FIELD_LIMIT)
+    try:
+        return [(reader.line_num, row) for row in reader]
+    except csv.Error as exc:
+        line = reader.line_num
+        if "field larger than field limit" in str(exc):
+            raise RosafxError(f"{path}, line {line}: a field is longer than {FIELD_LIMIT // 2**20} MiB, the most "
+                              "rosafx reads as one text. Split or shorten it.") from None
+        raise RosafxError(f"{path}, line {line}: not valid {'TSV' if delimiter == chr(9) else 'CSV'} ({exc}).") from None
+    finally:
+        csv.field_size_limit(before)
 
 
 def _looks_like_cola(first: list[str]) -> bool:
