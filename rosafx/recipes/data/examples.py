@@ -3,6 +3,9 @@ the label names (from the training data; evaluation data is mapped with them).""
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import re
 
 from rosafx.errors import RosafxError
 from rosafx.recipes.data.tables import TEXT, Table
@@ -49,35 +52,82 @@ def examples_from(table: Table, task: str | None = None, *, text_column: str | N
     raw = table.column(label_column)
     columns = {"text": text_column, "pair": pair_column, "label": label_column}
     if task == "regression":
-        return Examples(task, texts, pairs, _floats(table, label_column, raw), None, columns)
-    names = label_names if label_names is not None else class_names(raw)
-    index = {name: i for i, name in enumerate(names)}
+        return Examples(task, texts, pairs, _scores(table, label_column, raw), None, columns)
+    keys = [_class_of(table, label_column, line, value) for line, value in zip(table.lines, raw)]
+    if label_names is None:
+        names = class_names(keys)
+        if len(names) < 2:
+            raise RosafxError(f"{table.path}: every row has the label '{names[0]}' in column '{label_column}'; "
+                              "classification needs at least two classes. Check --label-column, or use "
+                              "--task regression for scores.")
+    else:
+        names = list(label_names)
+    index = {_name_key(name): i for i, name in enumerate(names)}
     labels = []
-    for line, value in zip(table.lines, raw):
-        key = _label_key(value)
+    for line, key in zip(table.lines, keys):
         if key not in index:
             where = "the training labels" if label_names is not None else "the labels"
             raise RosafxError(f"{table.path}, line {line}: label '{key}' is not among {where} {names}. "
                               "Evaluation data must use the classes the model was trained on.")
         labels.append(index[key])
-    return Examples(task, texts, pairs, labels, list(names), columns)
+    return Examples(task, texts, pairs, labels, names, columns)
 
 
-def class_names(raw: list) -> list[str]:
-    """Distinct labels, numeric ones in numeric order (so "0", "1" are classes 0, 1)."""
-    keys = sorted({_label_key(v) for v in raw})
+def class_names(keys: list[str]) -> list[str]:
+    """Distinct (normalised) labels, numeric ones in numeric order (so "0", "1" are classes 0, 1)."""
+    keys = sorted(set(keys))
     try:
         return sorted(keys, key=float)
     except ValueError:
         return keys
 
 
+# A number as a data file writes it: "1", "-2", "1.0", ".5", "1e3" (not "1_000", "inf" or "nan", which
+# float() would also take).
+NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+NOT_A_NUMBER = ("nan", "+nan", "-nan")  # how pandas and numpy write a missing value
+
+
 def _label_key(value) -> str:
-    if isinstance(value, bool) or value is None:
+    """The class a label names, so that equal labels are one class: numbers compare as numbers
+    ("1", "1.0", " 1", 1 and 1.0 are class "1"), text is stripped. ValueError for no label:
+    missing, null, empty, NaN, or a JSON list/object."""
+    if value is None:
+        raise ValueError("no label (missing or null)")
+    if isinstance(value, bool):
         return str(value).lower()
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value).strip()
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            raise ValueError("an empty label")
+        if text.lower() in NOT_A_NUMBER:
+            raise ValueError(f"the label {text!r} (not a number: a missing value?)")
+        if not NUMBER.fullmatch(text):
+            return text
+        value = float(text) if any(c in text for c in ".eE") else int(text)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"the label {value} (not a finite number)")
+        return str(int(value)) if value.is_integer() and abs(value) < 2 ** 53 else repr(value)
+    raise ValueError(f"{type(value).__name__} {json.dumps(value)[:40]} where a label is expected")
+
+
+def _name_key(name: str) -> str:
+    """A training run's class name as a key (runs written before labels were normalised may hold "1.0")."""
+    try:
+        return _label_key(name)
+    except ValueError:
+        return name
+
+
+def _class_of(table: Table, column: str, line: int, value) -> str:
+    try:
+        return _label_key(value)
+    except ValueError as exc:
+        raise RosafxError(f"{table.path}, line {line}: {exc} in column '{column}'. Give every row a label, "
+                          "or remove the row.") from None
 
 
 def _strings(table: Table, name: str) -> list[str]:
@@ -88,13 +138,20 @@ def _strings(table: Table, name: str) -> list[str]:
     return values
 
 
-def _floats(table: Table, name: str, raw: list) -> list[float]:
+def _scores(table: Table, name: str, raw: list) -> list[float]:
+    """Regression targets: finite numbers (a number in text, or a JSON number); no bool, NaN or inf."""
     out = []
     for line, value in zip(table.lines, raw):
-        try:
-            out.append(float(value))
-        except (TypeError, ValueError):
-            raise RosafxError(f"{table.path}, line {line}: regression needs a number in '{name}', got {value!r}.") from None
+        number = None
+        if isinstance(value, str) and NUMBER.fullmatch(value.strip()):
+            number = float(value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        if number is None or not math.isfinite(number):
+            what = "no score (missing or null)" if value is None else f"{value!r}"
+            raise RosafxError(f"{table.path}, line {line}: regression needs a number in '{name}', got {what}. "
+                              "Give every row a finite score, or remove the row.")
+        out.append(number)
     return out
 
 
