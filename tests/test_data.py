@@ -110,11 +110,12 @@ def test_tokenise_once_cached_and_batches(tokenizer, tmp_path, monkeypatch):
     encoded = encode(examples, tokenizer, 32, tmp_path)
     reference = tokenizer(examples.texts, examples.pairs, truncation=True, max_length=32)
     for i, ids in enumerate(reference["input_ids"]):
-        assert encoded.input_ids[i, :len(ids)].tolist() == ids and int(encoded.lengths[i]) == len(ids)
-        assert encoded.token_type_ids[i, :len(ids)].tolist() == reference["token_type_ids"][i]
+        assert encoded.tokens(i) == ids and int(encoded.lengths[i]) == len(ids)
+        start = int(encoded.offsets[i])
+        assert encoded.token_type_ids[start:start + len(ids)].tolist() == reference["token_type_ids"][i]
     monkeypatch.setattr(type(tokenizer), "__call__", lambda *a, **k: pytest.fail("tokenised twice"))
     again = encode(examples, tokenizer, 32, tmp_path)
-    assert torch.equal(again.input_ids, encoded.input_ids) and torch.equal(again.labels, encoded.labels)
+    assert torch.equal(again.ids, encoded.ids) and torch.equal(again.labels, encoded.labels)
 
     batches = Batches(encoded, 5, shuffle=True, seed=1)
     seen = []
@@ -148,3 +149,41 @@ def test_metrics_against_sklearn_and_scipy():
     mask = tokens[:, 1:] != -100
     result = scores("causal-lm", [logits], [tokens])
     assert result["perplexity"] == pytest.approx(float(torch.exp(nll[mask].mean())), rel=1e-6)
+
+
+def test_batches_are_the_tokenizers_own_padding(tokenizer):
+    """Each batch equals the tokenizer padding those rows itself (padding="longest"), whichever
+    rows the shuffle put together and however long the longest row of the file is."""
+    examples = examples_from(read_table(GLUE / "MRPC" / "train.tsv"))
+    examples.texts[3] = "word " * 600  # far past max_length: truncated, and it widens only its own batch
+    encoded = encode(examples, tokenizer, 64)
+    batches = Batches(encoded, 3, shuffle=True, seed=7)
+    widths = []
+    for index, batch in zip(batches.order().split(3), batches):
+        rows = index.tolist()
+        want = tokenizer([examples.texts[i] for i in rows], [examples.pairs[i] for i in rows], truncation=True,
+                         max_length=64, padding="longest", return_tensors="pt")
+        for key in ("input_ids", "attention_mask", "token_type_ids"):
+            assert torch.equal(batch[key], want[key]), key
+        assert batch["labels"].tolist() == [examples.labels[i] for i in rows]
+        widths.append(batch["input_ids"].shape[1])
+    assert max(widths) == 64 and min(widths) < 64
+
+
+def test_token_cache_holds_tokens_not_padding(tokenizer, tmp_path):
+    """One 512-token row among short ones: the cache grows with the tokens (4 bytes each, ids
+    and types), not with rows x 512; a damaged cache is tokenised again, not an error."""
+    from rosafx.recipes.data.examples import Examples
+    texts = ["a short row"] * 2000 + ["word " * 1000]
+    examples = Examples("classification", texts, None, [0, 1] * 1000 + [0], ["0", "1"], {})
+    encoded = encode(examples, tokenizer, 512, tmp_path)
+    tokens = sum(len(ids) for ids in tokenizer(texts, truncation=True, max_length=512)["input_ids"])
+    assert len(encoded.ids) == tokens == 2000 * 5 + 512
+    (cache,) = tmp_path.iterdir()
+    payload = tokens * 4 * 2 + (len(texts) + 1) * 8 + len(texts) * 8  # ids + types, offsets, labels
+    assert cache.stat().st_size < payload + 16_384  # torch.save's own framing
+    assert cache.stat().st_size < len(texts) * 512 * 8 / 20  # the padded matrix it used to store
+    cache.write_bytes(b"damaged")
+    again = encode(examples, tokenizer, 512, tmp_path)
+    assert torch.equal(again.ids, encoded.ids) and cache.stat().st_size > 100
+

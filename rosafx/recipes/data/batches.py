@@ -1,4 +1,5 @@
-"""Batches over encoded examples: padded per batch (to the longest in the batch), shuffled
+"""Batches over encoded examples: made when iterated, padded per batch (to the longest in
+the batch, never to the longest of the file), shuffled
 per epoch from the run's seed, so the order is a function of (seed, epoch) and a resumed
 run sees the same batches. ``set_epoch`` follows DistributedSampler's convention."""
 from __future__ import annotations
@@ -36,13 +37,11 @@ class Batches:
 
     def batch(self, index: torch.Tensor) -> dict:
         enc = self.encoded
-        lengths = enc.lengths[index]
-        width = int(lengths.max())
-        input_ids = enc.input_ids[index, :width]
-        attention_mask = (torch.arange(width) < lengths[:, None]).long()
+        input_ids, token_type_ids, lengths = enc.padded(index)
+        attention_mask = (torch.arange(input_ids.shape[1]) < lengths[:, None]).long()
         batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if enc.token_type_ids is not None:
-            batch["token_type_ids"] = enc.token_type_ids[index, :width]
+        if token_type_ids is not None:
+            batch["token_type_ids"] = token_type_ids
         if enc.task == "causal-lm":
             batch["labels"] = input_ids.masked_fill(attention_mask == 0, IGNORE)
         elif enc.labels is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io
+import itertools
 import json
 import stat
 from pathlib import Path
@@ -42,16 +42,21 @@ COLA_COLUMNS = ["source", "label", "mark", "sentence"]
 
 @dataclasses.dataclass
 class Table:
+    """Stored by column (one list per column, not a dict per row: a 200k-row file is 200k
+    values per column, not 200k dicts)."""
     path: Path
     columns: list[str]
-    rows: list[dict]          # column -> value (str, or any JSON value for JSONL)
+    values: dict[str, list]   # column -> each row's value (str; any JSON value for JSONL, None where a row lacks it)
     lines: list[int]          # each row's line number in the file, for error messages
     layout: Layout | None     # a recognised layout, or None
+
+    def __len__(self) -> int:
+        return len(self.lines)
 
     def column(self, name: str) -> list:
         if name not in self.columns:
             raise RosafxError(f"{self.path}: no column '{name}'. Columns found: {self.columns}.")
-        return [row.get(name) for row in self.rows]
+        return self.values[name]
 
 
 def read_table(path) -> Table:
@@ -65,7 +70,7 @@ def read_table(path) -> Table:
         return _read_jsonl(path, text)
     if suffix == ".txt":
         lines = [(i + 1, line) for i, line in enumerate(text.splitlines()) if line.strip()]
-        return Table(path, [TEXT], [{TEXT: line} for _, line in lines], [i for i, _ in lines], None)
+        return Table(path, [TEXT], {TEXT: [line for _, line in lines]}, [i for i, _ in lines], None)
     if suffix not in (".tsv", ".csv"):
         raise RosafxError(f"Cannot tell the format of {path}: use .tsv, .csv, .jsonl or .txt.")
     return _read_delimited(path, text, "\t" if suffix == ".tsv" else ",")
@@ -96,35 +101,38 @@ def _decode(path: Path) -> str:
 def _read_delimited(path: Path, text: str, delimiter: str) -> Table:
     # GLUE TSVs hold unbalanced quotes in their text: no quoting for TSV
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    records = [(reader_line, row) for reader_line, row in _rows(path, text, delimiter, quoting) if row]
-    first = records[0][1]
+    records = ((line, row) for line, row in _records(path, text, delimiter, quoting) if row)
+    line, first = next(records)
     layout = next((layout for layout in LAYOUTS if layout.header <= set(first)), None)
     if layout is None and _looks_like_cola(first):
-        columns, body, layout = COLA_COLUMNS, records, COLA
+        columns, layout = COLA_COLUMNS, COLA
+        records = itertools.chain([(line, first)], records)
     else:
-        columns, body = [c.strip() for c in first], records[1:]
+        columns = [c.strip() for c in first]
     if len(set(columns)) != len(columns):
         raise RosafxError(f"{path}: repeated column names in the header {columns}.")
-    if not body:
-        raise RosafxError(f"{path} has a header {columns} and no rows.")
-    rows, lines = [], []
-    for line, row in body:
+    values, lines = [[] for _ in columns], []
+    for line, row in records:
         if len(row) != len(columns):
             raise RosafxError(f"{path}, line {line}: {len(row)} fields where the header has {len(columns)} "
                               f"({columns}). Is the delimiter right ({'tab' if delimiter == chr(9) else 'comma'})?")
-        rows.append(dict(zip(columns, row)))
+        for column, value in zip(values, row):
+            column.append(value)
         lines.append(line)
-    return Table(path, columns, rows, lines, layout)
+    if not lines:
+        raise RosafxError(f"{path} has a header {columns} and no rows.")
+    return Table(path, columns, dict(zip(columns, values)), lines, layout)
 
 
-def _rows(path: Path, text: str, delimiter: str, quoting: int) -> list[tuple[int, list[str]]]:
-    """(line number, fields) of each record. csv's own limit of 128 KiB per field is raised
-    to FIELD_LIMIT for the read (a text longer than that is not one example: the tokenizer
-    keeps --max-length tokens of it anyway) and put back after."""
-    reader = csv.reader(io.StringIO(text), delimiter=delimiter, quoting=quoting)
+def _records(path: Path, text: str, delimiter: str, quoting: int):
+    """(line number, fields) of each record, read as they come. csv's own limit of 128 KiB
+    per field is raised to FIELD_LIMIT for the read (a text longer than that is not one
+    example: the tokenizer keeps --max-length tokens of it anyway) and put back after."""
+    reader = csv.reader(_lines(text), delimiter=delimiter, quoting=quoting)
     before = csv.field_size_limit(FIELD_LIMIT)
     try:
-        return [(reader.line_num, row) for row in reader]
+        for row in reader:
+            yield reader.line_num, row
     except csv.Error as exc:
         line = reader.line_num
         if "field larger than field limit" in str(exc):
@@ -135,13 +143,24 @@ def _rows(path: Path, text: str, delimiter: str, quoting: int) -> list[tuple[int
         csv.field_size_limit(before)
 
 
+def _lines(text: str):
+    """The lines of ``text`` with their endings, one at a time (no list of every line, no copy of the text)."""
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start)
+        end = len(text) if end < 0 else end + 1
+        yield text[start:end]
+        start = end
+
+
 def _looks_like_cola(first: list[str]) -> bool:
     return len(first) == 4 and first[1].strip().lstrip("-").isdigit() and first[2] in ("", "*", "?", "??", "*?")
 
 
 def _read_jsonl(path: Path, text: str) -> Table:
-    rows, lines, columns = [], [], []
-    for number, line in enumerate(text.splitlines(), 1):
+    values: dict[str, list] = {}
+    lines: list[int] = []
+    for number, line in enumerate(_lines(text), 1):
         if not line.strip():
             continue
         try:
@@ -150,8 +169,12 @@ def _read_jsonl(path: Path, text: str) -> Table:
             raise RosafxError(f"{path}, line {number}: not JSON ({exc.msg}). JSON Lines has one object per line.") from exc
         if not isinstance(row, dict):
             raise RosafxError(f"{path}, line {number}: a JSON object with named fields is needed, got {type(row).__name__}.")
-        columns += [k for k in row if k not in columns]
-        rows.append(row)
+        for name in row:
+            if name not in values:
+                values[name] = [None] * len(lines)  # earlier rows lack it
+        for name, column in values.items():
+            column.append(row.get(name))
         lines.append(number)
+    columns = list(values)
     layout = next((layout for layout in LAYOUTS if layout.header <= set(columns)), None)
-    return Table(path, columns, rows, lines, layout)
+    return Table(path, columns, values, lines, layout)

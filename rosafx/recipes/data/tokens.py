@@ -1,10 +1,13 @@
-"""Tokenise once: every example is encoded in one call, stored as padded tensors, and
-cached on disk (keyed by the texts, the tokenizer and the length) so a resumed or repeated
-run does not tokenise again."""
+"""Tokenise once, in chunks, into flat storage: every example's tokens end to end (int32,
+no padding) with each example's offset, so memory and the on-disk cache grow with the
+tokens the data holds, not with rows x the longest row. Batches pad per batch
+(``Encoded.padded``). The cache is keyed by the texts, the tokenizer and the length, so a
+resumed or repeated run does not tokenise again."""
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 from pathlib import Path
 
@@ -13,18 +16,47 @@ import torch
 from rosafx.io.atomic import atomic_file
 from rosafx.recipes.data.examples import Examples
 
+CHUNK = 2048          # examples per tokenizer call: the tokenizer's Python lists live for one chunk only
+CACHE_VERSION = 2     # 1 stored N x longest-row padded tensors
+
 
 @dataclasses.dataclass
 class Encoded:
+    """Example i's tokens are ``ids[offsets[i]:offsets[i + 1]]`` (and the same slice of
+    ``token_type_ids``)."""
     task: str
-    input_ids: torch.Tensor            # N x L, right-padded with pad_id
-    lengths: torch.Tensor              # N
+    ids: torch.Tensor                  # all tokens, int32
+    offsets: torch.Tensor              # N + 1, int64, from 0
     token_type_ids: torch.Tensor | None
     labels: torch.Tensor | None        # N (long: classes, float: regression); None for causal-lm
     pad_id: int
 
     def __len__(self) -> int:
-        return self.input_ids.shape[0]
+        return self.offsets.shape[0] - 1
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.offsets[1:] - self.offsets[:-1]
+
+    def tokens(self, i: int) -> list[int]:
+        return self.ids[self.offsets[i]:self.offsets[i + 1]].tolist()
+
+    def padded(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(input_ids, token_type_ids or None, lengths) of the examples ``index``, right-padded
+        to the longest of them (long tensors, as the model takes)."""
+        lengths = self.lengths[index]
+        width = int(lengths.max()) if len(index) else 0
+        position = torch.arange(width)
+        real = position < lengths[:, None]
+        # where a row is shorter, point at its own first token (any real index); the pad overwrites it
+        gather = torch.where(real, self.offsets[index][:, None] + position, 0).clamp(max=max(len(self.ids) - 1, 0))
+
+        def take(flat: torch.Tensor, fill: int) -> torch.Tensor:
+            if len(flat) == 0:
+                return torch.full(real.shape, fill, dtype=torch.long)
+            return torch.where(real, flat[gather].long(), fill)
+        types = take(self.token_type_ids, 0) if self.token_type_ids is not None else None
+        return take(self.ids, self.pad_id), types, lengths
 
     def to_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -37,35 +69,60 @@ def pad_id_of(tokenizer) -> int:
 
 
 def cache_key(examples: Examples, tokenizer, max_length: int) -> str:
+    """A digest of what the tokens depend on, hashed text by text (no copy of the whole data)."""
     digest = hashlib.sha256()
-    digest.update(json.dumps([type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), len(tokenizer),
-                              max_length, examples.task]).encode())
-    for part in (examples.texts, examples.pairs or [], examples.labels or []):
-        digest.update(json.dumps(part).encode())
+    digest.update(json.dumps([CACHE_VERSION, type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""),
+                              len(tokenizer), max_length, examples.task]).encode())
+    for part in (examples.texts, examples.pairs or []):
+        digest.update(b"\x00part")
+        for text in part:
+            data = text.encode("utf-8", "surrogatepass")
+            digest.update(len(data).to_bytes(8, "little") + data)
+    digest.update(json.dumps(examples.labels or []).encode())
     return digest.hexdigest()[:24]
 
 
 def encode(examples: Examples, tokenizer, max_length: int, cache_dir=None) -> Encoded:
     path = Path(cache_dir) / f"tokens-{cache_key(examples, tokenizer, max_length)}.pt" if cache_dir else None
     if path is not None and path.exists():
-        return Encoded(**{"token_type_ids": None, "labels": None,
-                          **torch.load(path, weights_only=True)})
-    enc = tokenizer(examples.texts, examples.pairs, truncation=True, max_length=max_length)
-    lengths = torch.tensor([len(ids) for ids in enc["input_ids"]], dtype=torch.long)
-    width = int(lengths.max()) if len(lengths) else 1
-    pad = pad_id_of(tokenizer)
-    input_ids = torch.full((len(lengths), width), pad, dtype=torch.long)
-    token_types = torch.zeros((len(lengths), width), dtype=torch.long) if "token_type_ids" in enc else None
-    for i, ids in enumerate(enc["input_ids"]):
-        input_ids[i, :len(ids)] = torch.tensor(ids)
-        if token_types is not None:
-            token_types[i, :len(ids)] = torch.tensor(enc["token_type_ids"][i])
+        cached = from_cache(path)
+        if cached is not None:
+            return cached
+    ids, types, lengths = [], [], []
+    for start in range(0, len(examples), CHUNK):
+        pairs = examples.pairs[start:start + CHUNK] if examples.pairs is not None else None
+        enc = tokenizer(examples.texts[start:start + CHUNK], pairs, truncation=True, max_length=max_length)
+        ids.append(flat(enc["input_ids"]))
+        lengths += map(len, enc["input_ids"])
+        if "token_type_ids" in enc:
+            types.append(flat(enc["token_type_ids"]))
+    offsets = torch.zeros(len(lengths) + 1, dtype=torch.long)
+    torch.cumsum(torch.tensor(lengths, dtype=torch.long), 0, out=offsets[1:])
     labels = None
     if examples.labels is not None:
-        dtype = torch.float32 if examples.task == "regression" else torch.long
-        labels = torch.tensor(examples.labels, dtype=dtype)
-    encoded = Encoded(examples.task, input_ids, lengths, token_types, labels, pad)
+        labels = torch.tensor(examples.labels, dtype=torch.float32 if examples.task == "regression" else torch.long)
+    encoded = Encoded(examples.task, torch.cat(ids) if ids else torch.zeros(0, dtype=torch.int32), offsets,
+                      torch.cat(types) if types else None, labels, pad_id_of(tokenizer))
     if path is not None:
         with atomic_file(path) as tmp:
             torch.save(encoded.to_dict(), tmp)
     return encoded
+
+
+def from_cache(path: Path) -> Encoded | None:
+    """The cached tokens, or None when the file is unreadable or not what this version writes
+    (then they are tokenised again and the file replaced: a cache is never the only copy)."""
+    try:
+        encoded = Encoded(**{"token_type_ids": None, "labels": None, **torch.load(path, weights_only=True)})
+        n = len(encoded)
+        consistent = (encoded.offsets.dtype == torch.long and n >= 0 and int(encoded.offsets[0]) == 0
+                      and int(encoded.offsets[-1]) == len(encoded.ids) and bool((encoded.lengths >= 0).all())
+                      and (encoded.labels is None or len(encoded.labels) == n)
+                      and (encoded.token_type_ids is None or len(encoded.token_type_ids) == len(encoded.ids)))
+    except Exception:  # noqa: BLE001  (damaged, truncated, foreign: all mean "tokenise again")
+        return None
+    return encoded if consistent else None
+
+
+def flat(rows: list[list[int]]) -> torch.Tensor:
+    return torch.tensor(list(itertools.chain.from_iterable(rows)), dtype=torch.int32)
