@@ -113,6 +113,18 @@ def _torch_outputs(model, args, kwargs) -> list[np.ndarray]:
     return [t.detach().float().cpu().numpy() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
+def _check_finite(want: list[np.ndarray], got: list) -> None:
+    """A NaN compares as no error at all (max |nan - nan| is nan, and nan > tolerance is
+    false): non-finite outputs fail the parity check before any difference is taken."""
+    if not all(np.isfinite(w).all() for w in want):
+        raise RosafxError("The model's torch output on the example inputs holds NaN or inf: its weights (an adapter "
+                          "or a module trained in full, such as the task head) are not finite. The file was not "
+                          "written; export a run or adapter whose training did not diverge.")
+    if not all(np.isfinite(np.asarray(g, dtype=np.float64)).all() for g in got):
+        raise RosafxError("onnxruntime's output on the example inputs holds NaN or inf where torch's is finite; "
+                          "the file was not written.")
+
+
 def count_matmuls(path) -> int:
     import onnx
     graph = onnx.load(str(path), load_external_data=False).graph
@@ -144,6 +156,7 @@ def export_onnx(model: nn.Module, path, *, example_inputs=None, merge: bool = Tr
         want = _torch_outputs(plain, args, kwargs)
         if len(got) != len(want):
             raise RosafxError(f"onnxruntime returned {len(got)} outputs, torch {len(want)}.")
+        _check_finite(want, got)
         abs_err = max(float(np.max(np.abs(g.astype(np.float32) - w))) if w.size else 0.0 for g, w in zip(got, want))
         scale = max(float(np.max(np.abs(w))) if w.size else 0.0 for w in want) or 1.0
         if abs_err > tolerance * max(1.0, scale):

@@ -140,3 +140,132 @@ def test_data_that_is_not_a_file(kind, encoder_dir, tmp_path, capsys):
         path.symlink_to(path)
     with pytest.raises(RosafxError, match="train.tsv (is a directory|is not a regular file|cannot be opened)"):
         read_table(path)
+
+
+# ----------------------------------------------------------------- adapters, export and evaluation
+
+def small_adapted():
+    """Linear -> ReLU -> Linear: a LoRA site on the first, the second (a "head") trained in full."""
+    import torch
+    import rosafx
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).eval()
+    return rosafx.transform(model, {"0": {"method": "lora", "rank": 2}, "2": {"method": "full"}},
+                            example_inputs=(torch.randn(2, 6),)), model
+
+
+def without(path, prefix):
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(str(path))
+    save_file({k: v for k, v in tensors.items() if not k.startswith(prefix)}, str(path))
+
+
+def test_adapter_or_checkpoint_without_the_head_is_refused(tmp_path):
+    import torch
+    import rosafx
+    adapted, model = small_adapted()
+    rosafx.save(adapted, tmp_path / "adapter")
+    without(tmp_path / "adapter" / "adapter.safetensors", "full.2.bias")
+    with pytest.raises(RosafxError, match=r"lack \['full.2.bias'\] of the module\(s\) trained in full \(2\)"):
+        rosafx.load(model, tmp_path / "adapter", example_inputs=(torch.randn(2, 6),))
+    # a checkpoint goes through the same install: resume refuses it too
+    batches = [(torch.randn(4, 6), torch.randint(0, 3, (4,))) for _ in range(2)]
+    loss = lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1])  # noqa: E731
+    rosafx.fit(adapted, batches, loss, steps=2, save_every=1, run=tmp_path / "run", progress=False)
+    (latest,) = [p for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.endswith("2")]
+    without(latest / "adapter.safetensors", "full.2.")
+    with pytest.raises(RosafxError, match=r"full.2.weight.*trained in full"):
+        rosafx.fit(small_adapted()[0], batches, loss, steps=3, run=tmp_path / "run", resume=True, progress=False)
+
+
+def test_export_parity_fails_on_nan(tmp_path):
+    """NaN in a module trained in full (merge checks only the adapters' own weights): the
+    parity check used to report "max error nan" and write the file."""
+    import torch
+    import rosafx
+    adapted, _ = small_adapted()
+    with torch.no_grad():
+        adapted.get_submodule("2").weight[0, 0] = float("nan")
+    with pytest.raises(RosafxError, match="NaN or inf.*not written"):
+        rosafx.export_onnx(adapted, tmp_path / "m.onnx", compare_base=False, latency_repeats=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_scores_refuse_what_cannot_be_scored():
+    import torch
+    from rosafx.recipes.data import scores
+    labels = [torch.tensor([0, 1, 1])]
+    nan = torch.tensor([[0.0, 1.0], [float("nan"), 0.0], [1.0, 0.0]])
+    with pytest.raises(RosafxError, match=r"NaN or inf \(1 of 6 values"):
+        scores("classification", [nan], labels)
+    with pytest.raises(RosafxError, match="NaN or inf"):
+        scores("regression", [torch.tensor([[0.5], [float("nan")], [1.0]])], [torch.tensor([0.5, 1.0, 2.0])])
+    with pytest.raises(RosafxError, match="gives 3 logits per example, but the run has 2 classes"):
+        scores("classification", [torch.zeros(3, 3)], labels, classes=2)
+    with pytest.raises(RosafxError, match="fewer than the labels' 3 classes"):
+        scores("classification", [torch.zeros(3, 2)], [torch.tensor([0, 2, 1])])
+    with pytest.raises(RosafxError, match=r"shape \(3, 2\).*regression needs \(batch, 1\)"):
+        scores("regression", [torch.zeros(3, 2)], [torch.zeros(3)])
+    # what can be scored still is: accuracy 2/3 by hand
+    assert scores("classification", [torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])], labels,
+                  classes=2)["accuracy"] == pytest.approx(2 / 3)
+
+
+def onnx_model(path, *, width=2, input_type="int64", nan=False):
+    """A hand-built ONNX classifier: logits = [number of real tokens] * width (+ NaN)."""
+    import onnx
+    from onnx import TensorProto, helper
+    elem = {"int64": TensorProto.INT64, "int32": TensorProto.INT32, "float": TensorProto.FLOAT}[input_type]
+    nodes = [helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
+             helper.make_node("ReduceSum", ["m", "axes"], ["s"], keepdims=1),
+             helper.make_node("Concat", ["s"] * width, ["c"], axis=1),
+             helper.make_node("Mul", ["c", "k"], ["logits"])]
+    inits = [helper.make_tensor("axes", TensorProto.INT64, [1], [1]),
+             helper.make_tensor("k", TensorProto.FLOAT, [1], [float("nan") if nan else 1.0])]
+    inputs = [helper.make_tensor_value_info(n, elem, ["b", "t"]) for n in ("input_ids", "attention_mask")]
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                                                                 ["b", width])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+@pytest.mark.parametrize("row, make, words", [
+    ("int32 inputs are fed as int32", lambda p: onnx_model(p, input_type="int32"), None),
+    ("logit width is not the run's labels", lambda p: onnx_model(p, width=3), ["3 logits", "2 classes"]),
+    ("NaN outputs", lambda p: onnx_model(p, nan=True), ["NaN or inf"]),
+    ("float inputs", lambda p: onnx_model(p, input_type="float"), ["input_ids", "tensor(float)"]),
+    ("not an ONNX file", lambda p: p.write_text("hello"), ["model.onnx", "onnxruntime can load"]),
+    ("empty file", lambda p: p.write_bytes(b""), ["model.onnx", "onnxruntime can load"]),
+])
+def test_evaluate_onnx_faults(row, make, words, tokenizer, tmp_path, capsys):
+    from pathlib import Path
+    out = tmp_path / "out"
+    out.mkdir()
+    tokenizer.save_pretrained(out)
+    (out / "rosafx_export.json").write_text(json.dumps({
+        "run": "r", "task": "classification", "label_names": ["0", "1"], "pairs": False,
+        "reading": {"text_column": None, "pair_column": None, "label_column": None, "max_length": 16,
+                    "batch_size": 4}}))
+    make(out / "model.onnx")
+    sst = Path(__file__).parent / "data" / "glue" / "SST-2" / "train.tsv"
+    result = cli(capsys, "evaluate", out / "model.onnx", "--data", sst, "--json")
+    if words is None:
+        assert result.code == 0, result.err
+        scored = json.loads(result.out.strip().splitlines()[-1])
+        # logits are equal in both columns: argmax is class 0 everywhere, accuracy = share of label 0
+        labels = [line.split("\t")[1] for line in sst.read_text().splitlines()[1:]]
+        assert scored["eval_accuracy"] == pytest.approx(labels.count("0") / len(labels))
+    else:
+        assert_user_error(result, *words)
+
+
+@pytest.mark.parametrize("record, words", [
+    ("{damaged", ["rosafx_export.json", "not valid JSON"]),
+    (json.dumps({"task": "classification", "label_names": "01"}), ["label_names"]),
+    (json.dumps({"task": "sorting", "label_names": ["0", "1"]}), ["'task'"]),
+    (json.dumps({"task": "classification", "label_names": ["0", "1"], "reading": {"max_length": -1}}),
+     ["max_length"]),
+])
+def test_evaluate_refuses_a_damaged_export_record(record, words, tmp_path, capsys):
+    (tmp_path / "model.onnx").write_bytes(b"")
+    (tmp_path / "rosafx_export.json").write_text(record)
+    assert_user_error(cli(capsys, "evaluate", tmp_path / "model.onnx", "--data", tmp_path / "d.tsv"), *words)

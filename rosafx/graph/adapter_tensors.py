@@ -1,6 +1,7 @@
 """The adapter tensors of an adapted graph, by the names rosafx's adapter file uses:
 ``rosafx_adapters.<site key>.<tensor>``, ``rosafx_shared.<tensor>`` and ``full.<module>.<tensor>``.
-``install_tensors`` checks every name and shape before it copies anything."""
+``install_tensors`` checks every name and shape, and that no tensor of a module trained in
+full is missing, before it copies anything."""
 from __future__ import annotations
 
 import torch
@@ -48,6 +49,7 @@ def install_tensors(adapted: fx.GraphModule, tensors: dict[str, torch.Tensor]) -
         raise RosafxError(f"Saved adapters {sorted(unknown | (set(per_adapter) ^ set(adapters)))} do not match "
                           "the sites.")
     _check_shapes(adapted, adapters, per_adapter, shared)
+    _check_full_complete(adapted, full)
     if shared:
         getattr(adapted, SHARED).load_state_dict(shared)
     for path, state in per_adapter.items():
@@ -83,6 +85,18 @@ def _check_shapes(adapted: fx.GraphModule, adapters: dict, per_adapter: dict, sh
             if expected.get(name) != tuple(value.shape):
                 raise RosafxError(f"Saved shared tensor '{name}' has shape {tuple(value.shape)}, expected "
                                   f"{expected.get(name)}.")
+
+
+def _check_full_complete(adapted: fx.GraphModule, full: dict) -> None:
+    """Every tensor of every module trained in full is saved: one left out would stay as the
+    fresh model has it (a new task head: random), and the model would load without a word."""
+    missing = [f"full.{path}.{name}" for path in plan_of(adapted).full
+               for name in adapted.get_submodule(path).state_dict() if f"{path}.{name}" not in full]
+    if missing:
+        raise RosafxError(f"The saved tensors lack {missing[:4]}{' ...' if len(missing) > 4 else ''} of the "
+                          f"module(s) trained in full ({', '.join(plan_of(adapted).full)}): the file is incomplete "
+                          "or damaged, and loading it would leave them untrained. Use a complete adapter or "
+                          "checkpoint (re-save it, or train again).")
 
 
 def _check_full_tensor(adapted: fx.GraphModule, name: str, value: torch.Tensor) -> None:

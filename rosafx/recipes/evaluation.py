@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from rosafx.recipes import recipe
 from rosafx.recipes.data import Batches, encode, model_inputs, scores
 from rosafx.recipes.data.metrics import TaskMetrics
 from rosafx.errors import RosafxError
-from rosafx.recipes.run_model import EXPORT_MARK, ONNX_NAME, open_run
+from rosafx.io.reading import read_json
+from rosafx.recipes.data.examples import TASKS
+from rosafx.recipes.run_model import EXPORT_MARK, ONNX_NAME, READING_KEYS, open_run
 from rosafx.training.runs import is_run
 
 
@@ -42,26 +45,88 @@ def _evaluate_onnx(onnx_file: Path, data) -> dict:
     mark = folder / EXPORT_MARK
     if not mark.exists():
         raise RosafxError(f"{folder} has no {EXPORT_MARK}: evaluate reads ONNX written by `rosafx export RUN`.")
-    info = json.loads(mark.read_text())
+    info = export_record(mark)
     settings = {**recipe.DEFAULTS, **info.get("reading", {}), "task": info["task"]}
+    session = onnx_session(onnx_file)  # before the data is read: a file that is not a model fails fast
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     examples = recipe.read_examples(data, settings, info["label_names"])
     batches = Batches(encode(examples, tokenizer, settings["max_length"]), settings["batch_size"])
-    return {"examples": len(examples), **onnx_scores(onnx_file, batches, info["task"])}
+    classes = len(info["label_names"]) if info["task"] == "classification" else None
+    return {"examples": len(examples), **onnx_scores(session, batches, info["task"], classes)}
 
 
-def onnx_scores(onnx_file, batches, task: str) -> dict:
-    """The task's metrics of an ONNX model (onnxruntime, CPU) over labelled batches."""
+def export_record(mark: Path) -> dict:
+    """``rosafx_export.json``, checked before its values are used (it is a file anyone can edit)."""
+    info = read_json(mark, "the export record")
+    task, names, reading = info.get("task"), info.get("label_names"), info.get("reading", {})
+    bad = None
+    if task not in TASKS:
+        bad = f"'task' is {task!r}, not one of {TASKS}"
+    elif task == "classification" and not (isinstance(names, list) and len(names) >= 2
+                                           and all(isinstance(n, str) for n in names)):
+        bad = "'label_names' must list the run's class names"
+    elif not isinstance(reading, dict) or not set(reading) <= set(READING_KEYS):
+        bad = f"'reading' must be an object with keys among {READING_KEYS}"
+    elif not all(isinstance(reading.get(k), (str, type(None))) for k in ("text_column", "pair_column", "label_column")):
+        bad = "'reading' column names must be strings"
+    elif not all(_positive_int(reading.get(k, 1)) for k in ("max_length", "batch_size")):
+        bad = "'reading' max_length and batch_size must be positive integers"
+    if bad:
+        raise RosafxError(f"{mark} is not a valid rosafx export record: {bad}. Export the run again.")
+    return info
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+# the integer types an exported model may take token ids and masks as (the batches hold int64)
+INPUT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+def onnx_session(onnx_file: Path):
     import onnxruntime as ort
-    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001  (onnxruntime raises its own types for every kind of bad file)
+        raise RosafxError(f"{onnx_file} is not a model onnxruntime can load ({_first_line(exc)}). Export the run "
+                          "again with `rosafx export RUN --merge -o OUT`.") from None
+    for meta in session.get_inputs():
+        if meta.type not in INPUT_TYPES:
+            raise RosafxError(f"{onnx_file} takes input '{meta.name}' as {meta.type}; evaluate feeds token ids and "
+                              f"masks as integers ({', '.join(INPUT_TYPES)}).")
+    if not session.get_outputs():
+        raise RosafxError(f"{onnx_file} has no outputs.")
+    return session
+
+
+def onnx_scores(session, batches, task: str, classes: int | None = None) -> dict:
+    """The task's metrics of an ONNX model (an onnxruntime session, or a path) over labelled batches."""
+    if not hasattr(session, "run"):
+        session = onnx_session(Path(session))
+    metas = session.get_inputs()
+    names = [m.name for m in metas]
     logits, labels = [], []
     for batch in batches:
         inputs = model_inputs(batch)
         missing = [n for n in names if n not in inputs]
         if missing:
             raise RosafxError(f"The ONNX model takes inputs {names}; the batches give {sorted(inputs)}.")
-        out = session.run(None, {n: inputs[n].numpy() for n in names})
-        logits.append(torch.from_numpy(out[0]).float())
+        feed = {m.name: inputs[m.name].numpy().astype(INPUT_TYPES[m.type]) for m in metas}
+        try:
+            out = session.run(None, feed)
+        except Exception as exc:  # noqa: BLE001
+            raise RosafxError(f"onnxruntime could not run the model on a batch ({_first_line(exc)}). Is it an "
+                              "export of a run trained on this task?") from None
+        logits.append(torch.from_numpy(np.asarray(out[0], dtype=np.float32)))
         labels.append(batch["labels"])
-    return {f"eval_{k}": v for k, v in scores(task, logits, labels).items()}
+    if not logits:
+        raise RosafxError("The evaluation data has no rows.")
+    return {f"eval_{k}": v for k, v in scores(task, logits, labels, classes).items()}
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__

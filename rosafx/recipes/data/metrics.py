@@ -57,8 +57,11 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
     return pearson(ranks(x), ranks(y))
 
 
-def scores(task: str, logits: list[torch.Tensor], labels: list[torch.Tensor]) -> dict:
-    """Every metric of ``task`` over per-batch logits and labels."""
+def scores(task: str, logits: list[torch.Tensor], labels: list[torch.Tensor], classes: int | None = None) -> dict:
+    """Every metric of ``task`` over per-batch logits and labels; ``classes``: the logit
+    width a classifier must have (the run's labels). Outputs that cannot be scored (NaN, inf,
+    the wrong shape) are an error, never a metric."""
+    check_outputs(task, logits, labels, classes)
     if task == "causal-lm":
         total, count = 0.0, 0
         for lg, lb in zip(logits, labels):
@@ -73,13 +76,35 @@ def scores(task: str, logits: list[torch.Tensor], labels: list[torch.Tensor]) ->
     label = torch.cat(labels)
     out = {"loss": sum(losses) / len(label)}
     if task == "regression":
-        pred = torch.cat([lg.float().squeeze(-1) for lg in logits])
+        pred = torch.cat([lg.float().reshape(-1) for lg in logits])
         return {**out, "pearson": pearson(pred, label), "spearman": spearman(pred, label)}
     pred = torch.cat([lg.argmax(-1) for lg in logits])
     out.update(accuracy=accuracy(pred, label), matthews=matthews(pred, label))
     if logits[0].shape[-1] == 2:
         out["f1"] = f1_binary(pred, label)
     return out
+
+
+def check_outputs(task: str, logits: list[torch.Tensor], labels: list[torch.Tensor], classes: int | None) -> None:
+    for lg, lb in zip(logits, labels):
+        fits = {"classification": lg.dim() == 2, "causal-lm": lg.dim() == 3,
+                "regression": lg.dim() == 1 or (lg.dim() == 2 and lg.shape[-1] == 1)}[task]
+        if not fits or lg.shape[0] != lb.shape[0]:
+            shape = {"classification": "(batch, classes)", "regression": "(batch, 1)",
+                     "causal-lm": "(batch, tokens, vocabulary)"}[task]
+            raise RosafxError(f"The model's output has shape {tuple(lg.shape)} for a batch of {lb.shape[0]}; "
+                              f"{task} needs {shape}. Is it the model trained on this task?")
+        if task == "classification" and classes is not None and lg.shape[-1] != classes:
+            raise RosafxError(f"The model gives {lg.shape[-1]} logits per example, but the run has {classes} "
+                              "classes: it was not exported from this run. Export the run again.")
+        if task == "classification" and len(lb) and int(lb.max()) >= lg.shape[-1]:
+            raise RosafxError(f"The model gives {lg.shape[-1]} logits per example, fewer than the labels' "
+                              f"{int(lb.max()) + 1} classes.")
+        if not torch.isfinite(lg).all():
+            bad = int((~torch.isfinite(lg)).sum())
+            raise RosafxError(f"The model's outputs hold NaN or inf ({bad} of {lg.numel()} values in a batch): its "
+                              "adapter or head tensors are not finite (damaged, or training diverged). Nothing "
+                              "was scored.")
 
 
 class TaskMetrics:
