@@ -53,7 +53,7 @@ def examples_from(table: Table, task: str | None = None, *, text_column: str | N
     columns = {"text": text_column, "pair": pair_column, "label": label_column}
     if task == "regression":
         return Examples(task, texts, pairs, _scores(table, label_column, raw), None, columns)
-    keys = [_class_of(table, label_column, line, value) for line, value in zip(table.lines, raw)]
+    keys = _classes_of(table, label_column, raw)
     if label_names is None:
         names = class_names(keys)
         if len(names) < 2:
@@ -122,12 +122,22 @@ def _name_key(name: str) -> str:
         return name
 
 
-def _class_of(table: Table, column: str, line: int, value) -> str:
-    try:
-        return _label_key(value)
-    except ValueError as exc:
-        raise RosafxError(f"{table.path}, line {line}: {exc} in column '{column}'. Give every row a label, "
-                          "or remove the row.") from None
+def _classes_of(table: Table, column: str, raw: list) -> list[str]:
+    """Each row's class; a file holds few distinct labels, so each is parsed once."""
+    keys, parsed = [], {}
+    for line, value in zip(table.lines, raw):
+        seen = (type(value), value) if isinstance(value, (str, int, float)) else None  # 1, 1.0, True hash alike
+        key = parsed.get(seen) if seen is not None else None
+        if key is None:
+            try:
+                key = _label_key(value)
+            except ValueError as exc:
+                raise RosafxError(f"{table.path}, line {line}: {exc} in column '{column}'. Give every row a "
+                                  "label, or remove the row.") from None
+            if seen is not None:
+                parsed[seen] = key
+        keys.append(key)
+    return keys
 
 
 def _strings(table: Table, name: str) -> list[str]:
