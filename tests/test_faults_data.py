@@ -269,3 +269,10 @@ def test_evaluate_refuses_a_damaged_export_record(record, words, tmp_path, capsy
     (tmp_path / "model.onnx").write_bytes(b"")
     (tmp_path / "rosafx_export.json").write_text(record)
     assert_user_error(cli(capsys, "evaluate", tmp_path / "model.onnx", "--data", tmp_path / "d.tsv"), *words)
+
+
+def test_evaluate_an_export_without_its_tokenizer(tmp_path, capsys):
+    onnx_model(tmp_path / "model.onnx")
+    (tmp_path / "rosafx_export.json").write_text(json.dumps({"task": "classification", "label_names": ["0", "1"]}))
+    (tmp_path / "d.tsv").write_text("sentence\tlabel\na\t0\nb\t1\n")
+    assert_user_error(cli(capsys, "evaluate", tmp_path / "model.onnx", "--data", tmp_path / "d.tsv"), "tokenizer")

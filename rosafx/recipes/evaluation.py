@@ -48,7 +48,11 @@ def _evaluate_onnx(onnx_file: Path, data) -> dict:
     info = export_record(mark)
     settings = {**recipe.DEFAULTS, **info.get("reading", {}), "task": info["task"]}
     session = onnx_session(onnx_file)  # before the data is read: a file that is not a model fails fast
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise RosafxError(f"{folder} has no tokenizer that loads ({_first_line(exc)}): evaluate reads the tokenizer "
+                          "files `rosafx export RUN` writes beside model.onnx. Export the run again.") from None
     examples = recipe.read_examples(data, settings, info["label_names"])
     batches = Batches(encode(examples, tokenizer, settings["max_length"]), settings["batch_size"])
     classes = len(info["label_names"]) if info["task"] == "classification" else None
