@@ -44,12 +44,13 @@ class Encoded:
     def padded(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(input_ids, token_type_ids or None, lengths) of the examples ``index``, right-padded
         to the longest of them (long tensors, as the model takes)."""
-        lengths = self.lengths[index]
+        starts = self.offsets[index]
+        lengths = self.offsets[index + 1] - starts
         width = int(lengths.max()) if len(index) else 0
         position = torch.arange(width)
         real = position < lengths[:, None]
-        # where a row is shorter, point at its own first token (any real index); the pad overwrites it
-        gather = torch.where(real, self.offsets[index][:, None] + position, 0).clamp(max=max(len(self.ids) - 1, 0))
+        # past a row's end, gather index 0 (any valid index): the pad value replaces it
+        gather = torch.where(real, starts[:, None] + position, 0)
 
         def take(flat: torch.Tensor, fill: int) -> torch.Tensor:
             if len(flat) == 0:
