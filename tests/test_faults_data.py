@@ -276,3 +276,15 @@ def test_evaluate_an_export_without_its_tokenizer(tmp_path, capsys):
     (tmp_path / "rosafx_export.json").write_text(json.dumps({"task": "classification", "label_names": ["0", "1"]}))
     (tmp_path / "d.tsv").write_text("sentence\tlabel\na\t0\nb\t1\n")
     assert_user_error(cli(capsys, "evaluate", tmp_path / "model.onnx", "--data", tmp_path / "d.tsv"), "tokenizer")
+
+
+
+def test_unreadable_data_file(tmp_path, monkeypatch):
+    """(A permission error, simulated: the tests may run as root, who reads any file.)"""
+    (tmp_path / "d.tsv").write_text("sentence\tlabel\na\t0\n")
+
+    def refuse(self):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(type(tmp_path), "read_bytes", refuse)
+    with pytest.raises(RosafxError, match="d.tsv cannot be read: Permission denied"):
+        read_table(tmp_path / "d.tsv")

@@ -89,7 +89,10 @@ def _check_regular_file(path: Path) -> None:
 
 
 def _decode(path: Path) -> str:
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:  # permission, I/O error, or replaced by a directory since the check
+        raise RosafxError(f"Data file {path} cannot be read: {exc.strerror or exc}.") from None
     try:
         return data.decode("utf-8-sig")  # a byte-order mark (MRPC has one) is not part of the first column name
     except UnicodeDecodeError as exc:
