@@ -85,7 +85,7 @@ def class_names(keys: list[str]) -> list[str]:
 # A number as a data file writes it: "1", "-2", "1.0", ".5", "1e3" (not "1_000", "inf" or "nan", which
 # float() would also take).
 NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
-NOT_A_NUMBER = ("nan", "+nan", "-nan")  # how pandas and numpy write a missing value
+NOT_A_NUMBER = ("nan", "+nan", "-nan")  # a float NaN written as text (str(), numpy, pandas .astype(str))
 
 
 def _label_key(value) -> str:
