@@ -14,7 +14,8 @@ from rosafx.graph.plan import Plan
 from rosafx.graph.sites import Captured
 from rosafx.pipeline.transform import apply, capture_sites
 
-from rosafx.cli.options import AlphaOpt, MethodOpt, ModelArg, OptionOpt, RankOpt, RulesOpt, TargetOpt, TrustOpt, build_rules
+from rosafx.cli.options import (AlphaOpt, MethodOpt, ModelArg, OptionOpt, RankOpt, RulesOpt, TargetOpt, TrustOpt,
+                                build_rules)
 
 
 def _console() -> Console:

@@ -7,7 +7,7 @@
 """
 from rosafx import ops  # noqa: F401  (registers the rosafx:: ops)
 from rosafx.api import (calibrate, export_onnx, fuse_siblings, load, lower, merge, methods, resample, save, to_device,
-                  transform)
+                        transform)
 from rosafx.errors import RosafxError
 from rosafx.training.fit import evaluate, fit
 

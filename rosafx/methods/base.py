@@ -242,5 +242,10 @@ class Method:
     def build(self, gm: fx.GraphModule, pairs: list[tuple[Site, MethodConfig]]) -> list[Adapter]:
         return [self.Adapter(site, config) for site, config in pairs]
 
+    def rank_limit(self, site: Site) -> int:
+        """The largest rank this method may have on ``site``, checked before any tensor is
+        allocated: a low-rank factor wider than the layer adds nothing."""
+        return min(site.in_features, site.out_features)
+
     def lifecycle(self, adapters: list[Adapter]) -> Lifecycle | None:
         return None
