@@ -47,7 +47,7 @@ def insert_expert_adapters(gm: fx.GraphModule, sites: list[Site], adapters: list
         first_use = next(n for n in graph.nodes if any(r in n.args for r in readers)
                          or any(r in a for a in n.args if isinstance(a, (list, tuple)) for r in readers))
         num_experts = gm.get_parameter(weight_name).shape[0]
-        stored_in_out = next(iter(experts.values()))[0].transposed
+        stored_in_out = next(iter(experts.values()))[0].stored_in_out
         created = []
         with graph.inserting_before(first_use):
             weight = graph.get_attr(weight_name)

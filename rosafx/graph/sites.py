@@ -177,7 +177,7 @@ class Site:
     module_type: str          # qualified class name of the owning module ("" if unknown)
     in_features: int
     out_features: int
-    transposed: bool          # True when W is stored in x out (Conv1D, x @ W)
+    stored_in_out: bool       # W is stored in x out (Conv1D, x @ W) rather than out x in
     dtype: torch.dtype
     calls: list[fx.Node] = field(default_factory=list)
     form: str = "linear"      # SITE_FORMS name of the first call, or "expert"
@@ -250,7 +250,7 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
         weight = gm.get_parameter(key) if is_parameter(gm, key) else None
         if weight is None or weight.dim() != 2:
             continue
-        if key in sites and sites[key].transposed != match.stored_in_out:
+        if key in sites and sites[key].stored_in_out != match.stored_in_out:
             continue  # read both as W and as Wᵀ: not one linear map
         if key not in sites:
             path, module_type = _site_path(key, _module_stack_entry(node))

@@ -146,7 +146,7 @@ class Rosa(Method):
         for index, (site, config) in enumerate(pairs):
             adapters.append(RosaAdapter(site, config, index))
             weight = gm.get_parameter(site.weight_name)
-            weights.append(weight.t() if site.transposed else weight)
+            weights.append(weight.t() if site.stored_in_out else weight)
         split_weights(adapters, weights)
         return adapters
 

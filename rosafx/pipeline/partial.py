@@ -291,7 +291,7 @@ def apply_to_parts(captured: Captured, plan) -> PartlyCaptured:
         insert_planned(gm, sites, mine)
         for key, adapter in getattr(gm, ADAPTERS).items():
             container[key] = adapter
-        own = {s.path: (s.weight_name, s.transposed) for s in sites if s.path in mine}
+        own = {s.path: (s.weight_name, s.stored_in_out) for s in sites if s.path in mine}
         gm.meta[META] = make_record(plan, own, ((), {}), "")
         weights.update({p: (f"model.{path}.graph.{w}", t) for p, (w, t) in own.items()})
     wrapper.add_module(ADAPTERS, container)

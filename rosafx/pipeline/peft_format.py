@@ -53,11 +53,11 @@ def _lora_to_peft(adapted: fx.GraphModule, configs: dict) -> tuple[dict, dict]:
     target_parameters, tensors = experts_to_peft(adapted, configs, rank, alpha)
     rank_pattern = {p: v for p, v in rank_pattern.items() if p not in expert_paths}
     alpha_pattern = {p: v for p, v in alpha_pattern.items() if p not in expert_paths}
-    transposed = {p for p in configs if stored_in_out(adapted, p)}
+    in_out = {p for p in configs if stored_in_out(adapted, p)}
     config = {
         "peft_type": "LORA", "r": rank, "lora_alpha": alpha, "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern, "lora_dropout": first["dropout"], "use_rslora": first["rslora"],
-        "target_modules": sorted(set(configs) - expert_paths), "fan_in_fan_out": bool(transposed), "bias": "none",
+        "target_modules": sorted(set(configs) - expert_paths), "fan_in_fan_out": bool(in_out), "bias": "none",
         "init_lora_weights": True, "use_dora": False, "lora_bias": False,
     }
     if target_parameters:
