@@ -75,7 +75,8 @@ included) and fails otherwise. Methods sit in the core: their life cycles call
   map (`linear`, `addmm`, `matmul`, `mm`, `bmm`, `einsum`, MoE expert weights), with the argument
   positions of x, W and bias, whether W is read in x out, the views W may pass through
   (`WEIGHT_VIEWS`), and how to write a call again (`rebuild`). `ADAPTER_CALL` says how every
-  adapter op is called: `op(x, W, bias, ...)`, W read out x in. No pass branches on an op name.
+  adapter op is called: `op(x, W, bias, ...)`, W read out x in. Passes read x, W and bias at
+  these positions; `fuse_siblings` alone names the ops it fuses (lowrank, vera) to read the rest.
 * **The rules and the plan** (`rosafx/graph/rules.py`, `rosafx/graph/plan.py`): a rule key has one kind
   (type < regex < suffix < exact path); one matcher (`best_match`) serves sites, `full`
   modules, and HF PEFT's `target_modules` and patterns. `Plan.from_rules` turns rules into

@@ -13,7 +13,9 @@ module; each fact is kept once:
 * an adapter node (``node.meta["rosafx"]``) holds only its site path and what merge needs
   to write its call again (the site form and the call's constant arguments);
 * every adapter op is called ``op(x, W, bias, ...)`` with W out x in, as the site-form
-  table's ``ADAPTER_CALL`` says; a W stored in x out is read through ``aten.t``.
+  table's ``ADAPTER_CALL`` says; a W stored in x out is read through ``aten.t``;
+* every ``node.meta`` / ``gm.meta`` key rosafx writes is declared here (``META``,
+  ``EXPERT_PART``, ``EXPERT_GROUP``, ``FUSED``).
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from rosafx.errors import RosafxError
 from rosafx.methods import FULL, get_method, parse_config
 from rosafx.methods.base import MethodConfig
-from rosafx.graph.rules import best_match, nearest_paths, no_match_error, parsed_rules
+from rosafx.graph.rules import best_match, nearest_paths, no_match_error, parsed_rules, resolve
 from rosafx.graph.sites import Site
 
 
@@ -42,10 +42,7 @@ class Plan:
         its strongest rule says ``full`` (a module inside it is part of it)."""
         keys = [(k, None if v is None else parse_config(v)) for k, v in parsed_rules(rules)]
         plan = cls()
-        for site in sites:
-            found = best_match(keys, site.path, site.module_type)
-            if found is not None and found[1] is not None and found[1] is not FULL:
-                plan.sites[site.path] = found[1]
+        plan.sites = {path: config for path, config in resolve(keys, sites).items() if config is not FULL}
         if any(v is FULL for _, v in keys):
             for path in sorted(modules):
                 found = best_match(keys, path, modules[path])
