@@ -41,14 +41,14 @@ recipes     rosafx/recipes/: task models from a model directory + data (heads, d
 face        rosafx/__init__.py: what `import rosafx` gives
    ^
 training    rosafx/training/: fit, optim, lifecycle, checkpoint, runs (RUN directories),
-            activation_checkpointing, distributed, fsdp, hf_trainer, memory, resample_every
+            activation_checkpointing, distributed, fsdp, hf_trainer, memory
    ^
 api         rosafx/api.py: transform, merge, export_onnx, save, load, calibrate, lower, ...
    ^
 pipeline    rosafx/pipeline/: transform (rules -> adapted graph), partial (captured in parts),
             serialize (rosafx adapter files), peft_format + peft_experts (HF PEFT files)
    ^
-passes      passes/: dropout, insert (+ insert_experts), fuse_siblings, lower, resample, merge,
+passes      passes/: dropout, insert (+ insert_experts), fuse_siblings, lower, merge,
             decompose, export (+ onnx_latency), to_device, checkpoint_layers, layer_modules
    ^
 core        rosafx/graph/: capture, sites (the site-form table), rules (the one matcher), safe_regex,
@@ -186,7 +186,8 @@ def main() -> None:
               "* `calibrate` (`rosafx/methods/calibration.py`, core) runs lora-ga's and rosa-robust's data-dependent "
               "preparation; a site that gets a new frozen weight reads `rosafx_adapters.<site>.base_weight` "
               "from then on (`adapted_graph.set_base_weight`).\n"
-              "* `resample` (`passes/resample.py`) refactorises rosa's adapters in place.\n"]
+              "* `resample` is rosa's action (`Method.actions`, run by `rosafx.act`): it refactorises the "
+              "adapters in place and leaves the graph as it is.\n"]
     text = "".join(parts)
     OUT.write_text(re.sub(r"\n{3,}", "\n\n", text))
     print(f"wrote {OUT}")

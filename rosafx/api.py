@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from torch import fx, nn
 
-from rosafx.graph.adapted_graph import is_adapted
+from rosafx.graph.adapted_graph import adapters_of, is_adapted
 from rosafx.errors import RosafxError
-from rosafx.methods import FULL, REGISTRY
+from rosafx.methods import FULL, REGISTRY, get_method
 from rosafx.pipeline.transform import transform
 
 
@@ -80,11 +80,28 @@ def fuse_siblings(adapted: fx.GraphModule) -> fx.GraphModule:
     return _fuse(adapted)
 
 
+def act(adapted: fx.GraphModule, action: str, optimizer=None) -> fx.GraphModule:
+    """Run a method's action (``Method.actions``) on every site of the methods that have it,
+    in method-id order. ``optimizer``: the one training these sites (an action that rewrites
+    a parameter in place clears its optimizer state)."""
+    _require_adapted(adapted, action, whole_graph=True)
+    by_method: dict[str, list] = {}
+    for adapter in adapters_of(adapted).values():
+        if action in get_method(adapter.config.method).actions:
+            by_method.setdefault(adapter.config.method, []).append(adapter)
+    if not by_method:
+        having = [m.id for m in REGISTRY.values() if action in m.actions]
+        raise RosafxError(f"rosafx.{action} needs {' or '.join(having) or 'no known method'} sites; "
+                          "this model has none.")
+    for method_id in sorted(by_method):
+        get_method(method_id).actions[action](by_method[method_id], optimizer)
+    return adapted
+
+
 def resample(adapted: fx.GraphModule, optimizer=None) -> fx.GraphModule:
-    """ROSA: fold B·A into the frozen weight and factorise again with a fresh block."""
-    from rosafx.passes.resample import resample as _resample
-    _require_adapted(adapted, "resample", whole_graph=True)
-    return _resample(adapted, optimizer=optimizer)
+    """ROSA: fold B·A into the frozen weight and factorise again with a fresh block (the
+    output is unchanged; A and B are rewritten in place and their optimizer state cleared)."""
+    return act(adapted, "resample", optimizer)
 
 
 def _require_adapted(model, action: str, whole_graph: bool = False) -> None:
@@ -96,5 +113,5 @@ def _require_adapted(model, action: str, whole_graph: bool = False) -> None:
                           f"got {type(model).__name__}.")
 
 
-__all__ = ["transform", "merge", "methods", "export_onnx", "save", "load", "calibrate", "lower", "resample",
+__all__ = ["transform", "merge", "methods", "export_onnx", "save", "load", "calibrate", "lower", "act", "resample",
            "fuse_siblings"]

@@ -238,6 +238,9 @@ class Method:
     Adapter: type[Adapter] = Adapter
     adapts_expert_weights: bool = False   # MoE expert slices: ΔW from its own tensors (``emit_delta``)
     adapts_partly_captured: bool = False  # rosafx/pipeline/partial.py: no state across sites, no graph-wide pass
+    # What a user may ask of the method's sites between steps (rosa: "resample"), by name:
+    # action(adapters, optimizer) -> None. ``rosafx.act(adapted, name, optimizer)`` is the one entry.
+    actions: ClassVar[dict[str, Callable[[list["Adapter"], Any], None]]] = {}
 
     def build(self, gm: fx.GraphModule, pairs: list[tuple[Site, MethodConfig]]) -> list[Adapter]:
         return [self.Adapter(site, config) for site, config in pairs]

@@ -140,6 +140,7 @@ class Rosa(Method):
     description = "ROSA, random subspace adaptation (Hameed et al.): train a random block of W's singular components"
     Config = RosaConfig
     Adapter = RosaAdapter
+    actions = {"resample": resample_adapters}
 
     def build(self, gm, pairs):
         adapters, weights = [], []
