@@ -45,7 +45,7 @@ training    rosafx/training/: fit, optim, lifecycle, checkpoint, runs (RUN direc
    ^
 api         rosafx/api.py: transform, merge, export_onnx, save, load, calibrate, lower, ...
    ^
-pipeline    rosafx/pipeline/: transform (rules -> adapted graph), partial (captured in parts),
+pipeline    rosafx/pipeline/: transform (rules -> adapted graph), partial (captured in parts), adapted_model,
             serialize (rosafx adapter files), peft_format + peft_experts (HF PEFT files)
    ^
 passes      passes/: dropout, insert (+ insert_experts), fuse_siblings, lower, merge,
@@ -82,8 +82,11 @@ included) and fails otherwise. Methods sit in the core: their life cycles call
   modules, and HF PEFT's `target_modules` and patterns. `Plan.from_rules` turns rules into
   site -> method config plus `full` modules; `to_dict` / `from_dict` store and restore it.
 * **The adapted graph** (`rosafx/graph/adapted_graph.py`): where adapters live, how a node names its
-  site, the site's weight, reading and replacing it, the fingerprint. Each fact is kept once
-  (below).
+  site, the site's weight, reading and replacing it, the fingerprint, every meta key. Each fact
+  is kept once (below).
+* **The adapted model** (`rosafx/pipeline/adapted_model.py`): one owner for a model captured
+  whole or in parts: its graphs, how it merges, whether it is one graph. The API and the PEFT
+  code ask it; `Captured.weight_names` and `Captured.graph` say the same for a capture.
 
 ## Two pipelines, one capture each
 

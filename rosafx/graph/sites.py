@@ -363,6 +363,18 @@ class Captured:
     example_inputs: tuple[tuple, dict]
     partial_reason: str | None = None  # why the whole model did not export (captured in parts)
     parts: list = field(default_factory=list)
+    # site path -> its weight's name in the adapted model, as the record names it (in parts the
+    # wrapper's name: rosafx/pipeline/partial.py fills it)
+    weight_names: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.weight_names:
+            self.weight_names = {s.path: s.weight_name for s in self.sites}
+
+    @property
+    def graph(self) -> nn.Module | None:
+        """The one captured graph, or None when the model was captured in parts."""
+        return self.module if self.partial_reason is None else None
 
 
 def module_types(gm: fx.GraphModule) -> dict[str, str]:

@@ -252,8 +252,7 @@ def load_peft(model: nn.Module, directory, *, example_inputs=None) -> fx.GraphMo
         if peft_type != "LORA":
             raise RosafxError(f"HF PEFT field 'target_parameters' is read for LORA adapters only, not {peft_type}.")
         expert_sites = [s for s in sites if s.expert is not None]
-        probe = captured.module if captured.partial_reason is None else None
-        expert_planned, expert_installs = experts_from_peft(config, tensors, probe, expert_sites)
+        expert_planned, expert_installs = experts_from_peft(config, tensors, captured.graph, expert_sites)
         planned.update(expert_planned)
         installs.update(expert_installs)
         owners = {s.weight_name.rpartition(".")[0] for s in expert_sites if s.path in expert_planned}
