@@ -241,6 +241,9 @@ class Method:
     # What a user may ask of the method's sites between steps (rosa: "resample"), by name:
     # action(adapters, optimizer) -> None. ``rosafx.act(adapted, name, optimizer)`` is the one entry.
     actions: ClassVar[dict[str, Callable[[list["Adapter"], Any], None]]] = {}
+    # HF PEFT's ``peft_type`` that holds this method's adapters exactly (None: PEFT has no such
+    # adapter); rosafx/pipeline/peft_format.py converts by that type, both ways.
+    peft_type: ClassVar[str | None] = None
 
     def build(self, gm: fx.GraphModule, pairs: list[tuple[Site, MethodConfig]]) -> list[Adapter]:
         return [self.Adapter(site, config) for site, config in pairs]

@@ -78,6 +78,7 @@ class VeraAdapter(Adapter):
 class Vera(Method):
     id = "vera"
     description = "VeRA (Kopiczko et al. 2024): shared frozen random A, B; trainable d, b; ΔW = diag(b)·B·diag(d)·A"
+    peft_type = "VERA"
 
     def rank_limit(self, site: Site) -> int:
         # the shared random pair is often wider than the layer (the paper uses r = 1024 on 768-wide layers)
