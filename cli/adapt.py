@@ -18,7 +18,7 @@ from rosafx.pipeline.serialize import write_adapter
 
 from rosafx.cli.inspect import print_sites
 from rosafx.cli.options import (AlphaOpt, MethodOpt, ModelArg, OptionOpt, OverwriteOpt, RankOpt, RulesOpt, TargetOpt,
-                      TrustOpt, build_rules)
+                                TrustOpt, build_rules)
 
 EXAMPLES = """
 Examples:

@@ -14,7 +14,8 @@ from rosafx.graph.plan import Plan
 from rosafx.graph.sites import Captured
 from rosafx.pipeline.transform import apply, capture_sites
 
-from rosafx.cli.options import AlphaOpt, MethodOpt, ModelArg, OptionOpt, RankOpt, RulesOpt, TargetOpt, TrustOpt, build_rules
+from rosafx.cli.options import (AlphaOpt, MethodOpt, ModelArg, OptionOpt, RankOpt, RulesOpt, TargetOpt, TrustOpt,
+                                build_rules)
 
 
 def _console() -> Console:
@@ -25,7 +26,7 @@ def _console() -> Console:
 
 def site_form_label(site) -> str:
     """The op a site was found as, and W's stored layout when it is in x out."""
-    return site.form + (" (W in x out)" if site.transposed else "")
+    return site.form + (" (W in x out)" if site.stored_in_out else "")
 
 
 def _options(config) -> str:

@@ -41,14 +41,14 @@ recipes     rosafx/recipes/: task models from a model directory + data (heads, d
 face        rosafx/__init__.py: what `import rosafx` gives
    ^
 training    rosafx/training/: fit, optim, lifecycle, checkpoint, runs (RUN directories),
-            activation_checkpointing, distributed, fsdp, hf_trainer, memory, resample_every
+            activation_checkpointing, distributed, fsdp, hf_trainer, memory
    ^
 api         rosafx/api.py: transform, merge, export_onnx, save, load, calibrate, lower, ...
    ^
-pipeline    rosafx/pipeline/: transform (rules -> adapted graph), partial (captured in parts),
+pipeline    rosafx/pipeline/: transform (rules -> adapted graph), partial (captured in parts), adapted_model,
             serialize (rosafx adapter files), peft_format + peft_experts (HF PEFT files)
    ^
-passes      passes/: dropout, insert (+ insert_experts), fuse_siblings, lower, resample, merge,
+passes      passes/: dropout, insert (+ insert_experts), fuse_siblings, lower, merge,
             decompose, export (+ onnx_latency), to_device, checkpoint_layers, layer_modules
    ^
 core        rosafx/graph/: capture, sites (the site-form table), rules (the one matcher), safe_regex,
@@ -75,14 +75,18 @@ included) and fails otherwise. Methods sit in the core: their life cycles call
   map (`linear`, `addmm`, `matmul`, `mm`, `bmm`, `einsum`, MoE expert weights), with the argument
   positions of x, W and bias, whether W is read in x out, the views W may pass through
   (`WEIGHT_VIEWS`), and how to write a call again (`rebuild`). `ADAPTER_CALL` says how every
-  adapter op is called: `op(x, W, bias, ...)`, W read out x in. No pass branches on an op name.
+  adapter op is called: `op(x, W, bias, ...)`, W read out x in. Passes read x, W and bias at
+  these positions; `fuse_siblings` alone names the ops it fuses (lowrank, vera) to read the rest.
 * **The rules and the plan** (`rosafx/graph/rules.py`, `rosafx/graph/plan.py`): a rule key has one kind
   (type < regex < suffix < exact path); one matcher (`best_match`) serves sites, `full`
   modules, and HF PEFT's `target_modules` and patterns. `Plan.from_rules` turns rules into
   site -> method config plus `full` modules; `to_dict` / `from_dict` store and restore it.
 * **The adapted graph** (`rosafx/graph/adapted_graph.py`): where adapters live, how a node names its
-  site, the site's weight, reading and replacing it, the fingerprint. Each fact is kept once
-  (below).
+  site, the site's weight, reading and replacing it, the fingerprint, every meta key. Each fact
+  is kept once (below).
+* **The adapted model** (`rosafx/pipeline/adapted_model.py`): one owner for a model captured
+  whole or in parts: its graphs, how it merges, whether it is one graph. The API and the PEFT
+  code ask it; `Captured.weight_names` and `Captured.graph` say the same for a capture.
 
 ## Two pipelines, one capture each
 
@@ -185,7 +189,8 @@ def main() -> None:
               "* `calibrate` (`rosafx/methods/calibration.py`, core) runs lora-ga's and rosa-robust's data-dependent "
               "preparation; a site that gets a new frozen weight reads `rosafx_adapters.<site>.base_weight` "
               "from then on (`adapted_graph.set_base_weight`).\n"
-              "* `resample` (`passes/resample.py`) refactorises rosa's adapters in place.\n"]
+              "* `resample` is rosa's action (`Method.actions`, run by `rosafx.act`): it refactorises the "
+              "adapters in place and leaves the graph as it is.\n"]
     text = "".join(parts)
     OUT.write_text(re.sub(r"\n{3,}", "\n\n", text))
     print(f"wrote {OUT}")

@@ -35,11 +35,10 @@ import operator
 import torch
 from torch import fx
 
-from rosafx.graph.adapted_graph import adapter_nodes, adapters_of, call_args, site_of
+from rosafx.graph.adapted_graph import FUSED, adapter_nodes, adapters_of, call_args, site_of
 from rosafx.ops import siblings as _siblings_ops  # noqa: F401  (registers the fused ops)
 
 rosafx_ops = torch.ops.rosafx
-FUSED = "rosafx_fused"  # node.meta key of the nodes this pass adds (merge drops them)
 
 
 def _lowrank_key(node: fx.Node):

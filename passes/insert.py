@@ -42,7 +42,7 @@ def insert_adapters(gm: fx.GraphModule, sites: list[Site], adapters: list[Adapte
                 if "base_weight" in adapter._buffers:
                     weight = emitter.attr("base_weight")
                 else:
-                    weight = read_as(graph, match.weight, site.transposed, ADAPTER_CALL.reads_in_out)
+                    weight = read_as(graph, match.weight, site.stored_in_out, ADAPTER_CALL.reads_in_out)
                 out = adapter.emit(emitter, x, weight, bias)
             out.meta.update({k: v for k, v in call.meta.items() if k in ("nn_module_stack", "stack_trace", "val")})
             mark_node(out, site.path, form.name, form_constants(call))

@@ -10,8 +10,8 @@ acts on the weight, as HF PEFT's ``target_parameters`` does::
     ...
     W_eff = add(W, type_as(stack([d0, d1, ...]), W)) read wherever W was
 
-Every inserted node carries ``meta["rosafx_expert_part"]``; ``W_eff`` carries
-``meta["rosafx_experts"]`` (the parameter's name, expert -> site path) for merge, which
+Every inserted node carries ``meta[EXPERT_PART]``; ``W_eff`` carries
+``meta[EXPERT_GROUP]`` (the parameter's name, expert -> site path) for merge, which
 replaces it by the plain parameter W + ΔW. Only methods whose adapter needs nothing but its
 own tensors (``Method.adapts_expert_weights``) may adapt an expert.
 """
@@ -20,14 +20,13 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from rosafx.graph.adapted_graph import add_adapter
+from rosafx.graph.adapted_graph import EXPERT_GROUP, EXPERT_PART, add_adapter
 from rosafx.errors import RosafxError
 from rosafx.methods import get_method, methods_that
 from rosafx.methods.base import Adapter, GraphEmitter
 from rosafx.graph.sites import Site, read_as
 
 aten = torch.ops.aten
-PART, EXPERTS = "rosafx_expert_part", "rosafx_experts"
 
 
 def check_expert_methods(pairs) -> None:
@@ -48,7 +47,7 @@ def insert_expert_adapters(gm: fx.GraphModule, sites: list[Site], adapters: list
         first_use = next(n for n in graph.nodes if any(r in n.args for r in readers)
                          or any(r in a for a in n.args if isinstance(a, (list, tuple)) for r in readers))
         num_experts = gm.get_parameter(weight_name).shape[0]
-        stored_in_out = next(iter(experts.values()))[0].transposed
+        stored_in_out = next(iter(experts.values()))[0].stored_in_out
         created = []
         with graph.inserting_before(first_use):
             weight = graph.get_attr(weight_name)
@@ -73,8 +72,8 @@ def insert_expert_adapters(gm: fx.GraphModule, sites: list[Site], adapters: list
             effective = graph.call_function(aten.add.Tensor, (weight, cast))
             created += [stacked, cast, effective]
         for node in created:
-            node.meta[PART] = True
-        effective.meta[EXPERTS] = {"weight_name": weight_name, "sites": {e: s.path for e, (s, _, _) in experts.items()}}
+            node.meta[EXPERT_PART] = True
+        effective.meta[EXPERT_GROUP] = {"weight_name": weight_name, "sites": {e: s.path for e, (s, _, _) in experts.items()}}
         for reader in readers:
             reader.replace_all_uses_with(effective)
             graph.erase_node(reader)
@@ -84,4 +83,4 @@ def insert_expert_adapters(gm: fx.GraphModule, sites: list[Site], adapters: list
 
 
 def expert_nodes(graph: fx.Graph) -> list[fx.Node]:
-    return [n for n in graph.nodes if EXPERTS in n.meta]
+    return [n for n in graph.nodes if EXPERT_GROUP in n.meta]

@@ -17,12 +17,13 @@ import copy
 import torch
 from torch import fx, nn
 
-from rosafx.graph.adapted_graph import (ADAPTERS, META, adapter_nodes, adapters_of, call_args, fetch_attr, is_adapter_node,
-                                  site_of, site_weight, stored_in_out, weight_name)
+from rosafx.graph.adapted_graph import (ADAPTERS, EXPERT_GROUP, EXPERT_PART, FUSED, META, adapter_nodes, adapters_of,
+                                        call_args, fetch_attr, is_adapter_node, site_of, site_weight, stored_in_out,
+                                        weight_name)
 from rosafx.errors import RosafxError
 from rosafx.graph.sites import FORM_BY_NAME, WEIGHT_VIEWS
 
-from rosafx.passes.insert_experts import EXPERTS, PART, expert_nodes
+from rosafx.passes.insert_experts import expert_nodes
 
 aten = torch.ops.aten
 
@@ -87,7 +88,7 @@ def merge_adapters(adapted: fx.GraphModule, *, original_weights: bool = False) -
 def _merge_experts(adapted, graph: fx.Graph, node: fx.Node, adapters, merged: dict, read_elsewhere: set,
                    original_weights: bool) -> None:
     """W_eff = W + stack(ΔW_e) (passes/insert_experts.py) -> one plain parameter."""
-    info = node.meta[EXPERTS]
+    info = node.meta[EXPERT_GROUP]
     name = info["weight_name"] + ("_merged" if info["weight_name"] in read_elsewhere else "")
     original = fetch_attr(adapted, info["weight_name"])
     if original_weights:
@@ -102,7 +103,7 @@ def _merge_experts(adapted, graph: fx.Graph, node: fx.Node, adapters, merged: di
         plain = graph.get_attr(name)
     node.replace_all_uses_with(plain)
     for part in reversed(list(graph.nodes)):
-        if PART in part.meta and not part.users:
+        if EXPERT_PART in part.meta and not part.users:
             graph.erase_node(part)
 
 
@@ -113,7 +114,7 @@ def _drop_unused_adapter_inputs(graph: fx.Graph) -> None:
         if node.users:
             continue
         if node.op == "get_attr" or (node.op == "call_module" and node.target.startswith(ADAPTERS + ".")) \
-                or (node.op == "call_function" and node.target in WEIGHT_VIEWS) or node.meta.get("rosafx_fused"):
+                or (node.op == "call_function" and node.target in WEIGHT_VIEWS) or node.meta.get(FUSED):
             graph.erase_node(node)
 
 
@@ -126,6 +127,6 @@ def _targets_read_elsewhere(graph: fx.Graph) -> set[str]:
         for user in node.users:
             feeds_adapter_only = user.op == "call_function" and user.target in WEIGHT_VIEWS \
                 and all(is_adapter_node(u) for u in user.users)
-            if not is_adapter_node(user) and PART not in user.meta and not feeds_adapter_only:
+            if not is_adapter_node(user) and EXPERT_PART not in user.meta and not feeds_adapter_only:
                 read.add(node.target)
     return read

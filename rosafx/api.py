@@ -3,19 +3,16 @@ from __future__ import annotations
 
 from torch import fx, nn
 
-from rosafx.graph.adapted_graph import is_adapted
+from rosafx.graph.adapted_graph import adapters_of, is_adapted
 from rosafx.errors import RosafxError
-from rosafx.methods import FULL, REGISTRY
+from rosafx.methods import FULL, REGISTRY, get_method
+from rosafx.pipeline.adapted_model import adapted_model
 from rosafx.pipeline.transform import transform
 
 
 def merge(adapted: fx.GraphModule) -> fx.GraphModule:
     """A plain graph: every adapter folded into its weight (fp32 accumulation, finite check)."""
-    from rosafx.passes.merge import merge_adapters
-
-    from rosafx.pipeline.partial import is_partial, merge_partly
-    _require_adapted(adapted, "merge")
-    return merge_partly(adapted) if is_partial(adapted) else merge_adapters(adapted)
+    return adapted_model(adapted, "merge").merged()
 
 
 def methods() -> list[str]:
@@ -28,10 +25,9 @@ def export_onnx(model: nn.Module, path, *, example_inputs=None, merge: bool = Tr
     against torch, and return an ``ExportReport`` (max error, latency against the base)."""
     from rosafx.passes.export import export_onnx as _export
 
-    from rosafx.pipeline.partial import is_partial
-    if is_partial(model):
+    if is_adapted(model) and not (owner := adapted_model(model, "export_onnx")).whole:
         raise RosafxError("This model was captured in parts (the whole model does not export: "
-                          f"{model.python.get('', '')}); ONNX needs one graph. Merge it and export the parts, "
+                          f"{owner.why_in_parts}); ONNX needs one graph. Merge it and export the parts, "
                           "or make the model traceable (for Mixtral: set_experts_implementation('batched_mm')).")
     return _export(model, path, example_inputs=example_inputs, merge=merge, **options)
 
@@ -39,7 +35,7 @@ def export_onnx(model: nn.Module, path, *, example_inputs=None, merge: bool = Tr
 def save(adapted: fx.GraphModule, directory, *, format: str = "rosafx") -> None:
     """Write the adapter (safetensors + JSON). ``format="peft"`` writes an HF PEFT directory."""
     from rosafx.pipeline.serialize import save as _save
-    _require_adapted(adapted, "save")
+    adapted_model(adapted, "save")
     _save(adapted, directory, format=format)
 
 
@@ -52,14 +48,14 @@ def load(model: nn.Module, directory, *, example_inputs=None) -> fx.GraphModule:
 def calibrate(adapted: fx.GraphModule, batches, loss_fn, **options) -> fx.GraphModule:
     """Run the data-dependent preparation of every site that needs it (lora-ga, rosa-robust masks)."""
     from rosafx.methods.calibration import calibrate as _calibrate
-    _require_adapted(adapted, "calibrate", whole_graph=True)
+    adapted_model(adapted, "calibrate", whole_graph=True)
     return _calibrate(adapted, batches, loss_fn, **options)
 
 
 def lower(adapted: fx.GraphModule, backend: str = "auto") -> fx.GraphModule:
     """Swap the adapter ops' implementation: ``auto`` (Triton on CUDA), ``triton`` or ``torch``."""
     from rosafx.passes.lower import lower as _lower
-    _require_adapted(adapted, "lower", whole_graph=True)
+    adapted_model(adapted, "lower", whole_graph=True)
     return _lower(adapted, backend=backend)
 
 
@@ -67,7 +63,7 @@ def to_device(adapted: fx.GraphModule, device) -> fx.GraphModule:
     """Move a captured graph, its weights and adapters to ``device`` (the device the capture
     baked into the graph is rewritten too). In place; build optimizers afterwards."""
     from rosafx.passes.to_device import to_device as _to_device
-    _require_adapted(adapted, "to_device", whole_graph=True)
+    adapted_model(adapted, "to_device", whole_graph=True)
     return _to_device(adapted, device)
 
 
@@ -76,25 +72,33 @@ def fuse_siblings(adapted: fx.GraphModule) -> fx.GraphModule:
     one matmul over the stacked A's, forward and backward. In place (optimizers keep their
     tensors); parameters, merge, save (both formats) and calibrate are unchanged."""
     from rosafx.passes.fuse_siblings import fuse_siblings as _fuse
-    _require_adapted(adapted, "fuse_siblings")
+    adapted_model(adapted, "fuse_siblings")
     return _fuse(adapted)
 
 
+def act(adapted: fx.GraphModule, action: str, optimizer=None) -> fx.GraphModule:
+    """Run a method's action (``Method.actions``) on every site of the methods that have it,
+    in method-id order. ``optimizer``: the one training these sites (an action that rewrites
+    a parameter in place clears its optimizer state)."""
+    adapted_model(adapted, action, whole_graph=True)
+    by_method: dict[str, list] = {}
+    for adapter in adapters_of(adapted).values():
+        if action in get_method(adapter.config.method).actions:
+            by_method.setdefault(adapter.config.method, []).append(adapter)
+    if not by_method:
+        having = [m.id for m in REGISTRY.values() if action in m.actions]
+        raise RosafxError(f"rosafx.{action} needs {' or '.join(having) or 'no known method'} sites; "
+                          "this model has none.")
+    for method_id in sorted(by_method):
+        get_method(method_id).actions[action](by_method[method_id], optimizer)
+    return adapted
+
+
 def resample(adapted: fx.GraphModule, optimizer=None) -> fx.GraphModule:
-    """ROSA: fold B·A into the frozen weight and factorise again with a fresh block."""
-    from rosafx.passes.resample import resample as _resample
-    _require_adapted(adapted, "resample", whole_graph=True)
-    return _resample(adapted, optimizer=optimizer)
+    """ROSA: fold B·A into the frozen weight and factorise again with a fresh block (the
+    output is unchanged; A and B are rewritten in place and their optimizer state cleared)."""
+    return act(adapted, "resample", optimizer)
 
 
-def _require_adapted(model, action: str, whole_graph: bool = False) -> None:
-    from rosafx.pipeline.partial import is_partial
-    if is_partial(model) and whole_graph:
-        raise RosafxError(f"rosafx.{action} works on a whole-model graph; this model was captured in parts.")
-    if not (isinstance(model, (fx.GraphModule,)) or is_partial(model)) or not is_adapted(model):
-        raise RosafxError(f"rosafx.{action} takes the module returned by rosafx.transform or rosafx.load, "
-                          f"got {type(model).__name__}.")
-
-
-__all__ = ["transform", "merge", "methods", "export_onnx", "save", "load", "calibrate", "lower", "resample",
+__all__ = ["transform", "merge", "methods", "export_onnx", "save", "load", "calibrate", "lower", "act", "resample",
            "fuse_siblings"]

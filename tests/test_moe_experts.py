@@ -57,7 +57,7 @@ def float64_reference(model, adapted):
             delta = adapter.scale * adapter.lora_B.double() @ adapter.lora_A.double()
             weight = ref.get_parameter(site.weight_name)
             target = weight[site.expert] if site.expert is not None else weight
-            target += delta.t() if site.transposed else delta
+            target += delta.t() if site.stored_in_out else delta
     return ref
 
 

@@ -118,3 +118,16 @@ def test_other_base_weights_are_refused(tmp_path):
         other.encoder.layer[0].attention.self.query.weight.add_(0.01)
     with pytest.raises(RosafxError, match="fingerprint"):
         rosafx.load(other, tmp_path / "a")
+
+
+@pytest.mark.parametrize("rules", [{"proj": {"method": "rosa", "rank": 2}},
+                                   {"proj": {"method": "lora", "rank": 2}, "out": {"method": "vera", "rank": 4}}])
+def test_peft_format_takes_one_method_that_peft_has(rules, tmp_path):
+    """A method is written as PEFT only when it declares a PEFT type (lora, vera): rosa has none,
+    and one directory holds one PEFT type."""
+    from models import functional_linear
+    model, example = functional_linear()
+    adapted = rosafx.transform(model, rules, example_inputs=example)
+    with pytest.raises(RosafxError, match=r"one method of \['lora', 'vera'\] per directory"):
+        rosafx.save(adapted, tmp_path / "peft", format="peft")
+    assert not (tmp_path / "peft").exists()

@@ -103,3 +103,15 @@ def test_a_saved_plan_naming_a_missing_site_is_refused(tmp_path):
     rosafx.save(adapted, tmp_path / "a")
     with pytest.raises(RosafxError, match="encoder.query"):
         rosafx.load(nn.Sequential(nn.Linear(6, 6)), tmp_path / "a", example_inputs=EXAMPLE)
+
+
+@pytest.mark.parametrize("method, allowed", [("lora", 4), ("rosa", 4), ("vera", 16)])
+def test_each_method_declares_its_rank_limit(method, allowed):
+    """min(in, out) for a low-rank factor; VeRA's shared pair may be 4·max(in, out) wide (the
+    paper's r = 1024 on 768-wide layers). The 4 x 4 sites above."""
+    query = SITES[:1]
+    modules = {"encoder.layer.0.attention.self.query": "Linear"}
+    Plan.from_rules({"query": {"method": method, "rank": allowed}}, query, modules).check(query, modules)
+    too_wide = Plan.from_rules({"query": {"method": method, "rank": allowed + 1}}, query, modules)
+    with pytest.raises(RosafxError, match=f"rank {allowed + 1} .* exceeds the largest useful rank {allowed}"):
+        too_wide.check(query, modules)

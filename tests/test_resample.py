@@ -1,4 +1,4 @@
-"""passes/resample.py and rosafx/training/resample_every.py: fold B·A into the frozen weight, factorise again
+"""rosafx.resample (rosa's action through rosafx.act): fold B·A into the frozen weight, factorise again
 with a fresh block, reset the factors' optimizer state. References: a float64 SVD of the
 folded weight, the model's output before the resample."""
 import pytest
@@ -9,7 +9,6 @@ from rosafx.graph.adapted_graph import adapters_of
 
 import rosafx
 from rosafx.errors import RosafxError
-from rosafx.training.resample_every import ResampleEvery
 
 ROSA = {"method": "rosa", "rank": 3, "seed": 0}
 
@@ -109,27 +108,12 @@ def test_same_seed_same_resamples_rounds_differ():
     assert blocks(7, 4)[0] != starts
 
 
-def test_resample_every_n_steps():
-    adapted, example = functional_rosa()
-    optimizer = torch.optim.SGD([p for p in adapted.parameters() if p.requires_grad], lr=1e-2, momentum=0.9)
-    schedule = ResampleEvery(2)
-    fired = []
-    for _ in range(5):
-        optimizer.zero_grad()
-        adapted(*example).pow(2).mean().backward()
-        optimizer.step()
-        fired.append(schedule.step(adapted, optimizer))
-    assert fired == [False, True, False, True, False]
-    assert all(int(a.resamples) == 2 for a in adapters_of(adapted).values())
-    assert adapters_of(adapted)["proj"].lora_A in optimizer.state  # step 5 rebuilt the momentum
-    with pytest.raises(RosafxError, match="n >= 1"):
-        ResampleEvery(0)
-
-
 def test_resample_needs_rosa_sites():
     model, example = functional_linear()
     lora = rosafx.transform(model, {"proj": {"method": "lora"}}, example_inputs=example)
     with pytest.raises(RosafxError, match="rosa sites"):
         rosafx.resample(lora)
+    with pytest.raises(RosafxError, match="no known method sites"):
+        rosafx.act(lora, "no-such-action")
     with pytest.raises(RosafxError, match="rosafx.transform"):
         rosafx.resample(model)

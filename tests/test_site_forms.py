@@ -83,7 +83,7 @@ def hand_written():
 def test_every_hand_written_form_is_a_site_with_its_layout(hand_written):
     model, x, _ = hand_written
     gm, _, _ = capture(model, (x,))
-    found = {s.path: (s.form, s.transposed) for s in find_sites(gm)}
+    found = {s.path: (s.form, s.stored_in_out) for s in find_sites(gm)}
     assert found == EXPECTED
     shapes = {s.path: (s.out_features, s.in_features) for s in find_sites(gm)}
     assert shapes["b"] == (24, 24) and shapes["d"] == (12, 20) and shapes["f"] == (8, 12)

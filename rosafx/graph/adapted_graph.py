@@ -13,7 +13,9 @@ module; each fact is kept once:
 * an adapter node (``node.meta["rosafx"]``) holds only its site path and what merge needs
   to write its call again (the site form and the call's constant arguments);
 * every adapter op is called ``op(x, W, bias, ...)`` with W out x in, as the site-form
-  table's ``ADAPTER_CALL`` says; a W stored in x out is read through ``aten.t``.
+  table's ``ADAPTER_CALL`` says; a W stored in x out is read through ``aten.t``;
+* every ``node.meta`` / ``gm.meta`` key rosafx writes is declared here (``META``,
+  ``EXPERT_PART``, ``EXPERT_GROUP``, ``FUSED``).
 """
 from __future__ import annotations
 
@@ -27,7 +29,11 @@ from rosafx.graph.sites import ADAPTER_CALL, arg_at, weight_source
 
 ADAPTERS = "rosafx_adapters"   # nn.ModuleDict on the graph module: one adapter per site
 SHARED = "rosafx_shared"       # state shared by several sites (VeRA's random pair)
-META = "rosafx"                # gm.meta key of the record; node.meta key of an adapter node
+# Every node.meta / gm.meta key rosafx writes, declared here once; passes import them, never spell them.
+META = "rosafx"                         # gm.meta: the record; node.meta: an adapter node's site
+EXPERT_PART = "rosafx_expert_part"      # node.meta: a node insert_experts added for one expert (merge drops it)
+EXPERT_GROUP = "rosafx_experts"         # node.meta of W_eff: {"weight_name", "sites": expert -> site path}
+FUSED = "rosafx_fused"                  # node.meta: a node fuse_siblings added (merge drops it)
 
 
 def container_key(path: str) -> str:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from rosafx.graph.adapted_graph import ADAPTERS, SHARED, adapter_tensor_name, adapters_of, plan_of, set_base_weight, site_for_key
+from rosafx.graph.adapted_graph import (ADAPTERS, SHARED, adapter_tensor_name, adapters_of, plan_of, set_base_weight,
+                                        site_for_key)
 from rosafx.errors import RosafxError
 from rosafx.graph.sites import is_parameter
 

@@ -11,9 +11,9 @@ import warnings
 from dataclasses import dataclass, field
 
 from rosafx.errors import RosafxError
-from rosafx.methods import FULL, parse_config
+from rosafx.methods import FULL, get_method, parse_config
 from rosafx.methods.base import MethodConfig
-from rosafx.graph.rules import best_match, nearest_paths, no_match_error, parsed_rules
+from rosafx.graph.rules import best_match, nearest_paths, no_match_error, parsed_rules, resolve
 from rosafx.graph.sites import Site
 
 
@@ -42,10 +42,7 @@ class Plan:
         its strongest rule says ``full`` (a module inside it is part of it)."""
         keys = [(k, None if v is None else parse_config(v)) for k, v in parsed_rules(rules)]
         plan = cls()
-        for site in sites:
-            found = best_match(keys, site.path, site.module_type)
-            if found is not None and found[1] is not None and found[1] is not FULL:
-                plan.sites[site.path] = found[1]
+        plan.sites = {path: config for path, config in resolve(keys, sites).items() if config is not FULL}
         if any(v is FULL for _, v in keys):
             for path in sorted(modules):
                 found = best_match(keys, path, modules[path])
@@ -89,22 +86,10 @@ def _warn_unused_keys(rules: dict, keys: list, sites: list[Site], modules: dict[
             warnings.warn(f"rosafx: rule {raw!r} matches no linear site (nearest: {near}).", stacklevel=4)
 
 
-# The largest rank a method may have on a site, checked before any tensor is allocated.
-# A low-rank factor wider than the layer adds nothing; VeRA's shared random pair is often
-# wider than the layer (the paper uses r = 1024 on 768-wide layers), so it gets room.
-RANK_LIMITS = {"vera": lambda site: 4 * max(site.in_features, site.out_features)}
-
-
-def _rank_limit(method: str, site: Site) -> int:
-    limit = RANK_LIMITS.get(method)
-    return limit(site) if limit else min(site.in_features, site.out_features)
-
-
 def check_ranks(sites: list[Site], adapted: dict[str, MethodConfig]) -> None:
     for site in sites:
         config = adapted.get(site.path)
         rank = getattr(config, "rank", None)
-        if isinstance(rank, int) and rank > _rank_limit(config.method, site):
+        if isinstance(rank, int) and rank > (limit := get_method(config.method).rank_limit(site)):
             raise RosafxError(f"{config.method}: rank {rank} on '{site.path}' (out x in = {site.out_features} x "
-                              f"{site.in_features}) exceeds the largest useful rank "
-                              f"{_rank_limit(config.method, site)}. Use a smaller rank.")
+                              f"{site.in_features}) exceeds the largest useful rank {limit}. Use a smaller rank.")

@@ -93,9 +93,10 @@ def parsed_rules(rules: dict) -> list[tuple[Key, Any]]:
     return [(parse_key(k), v) for k, v in rules.items()]
 
 
-def resolve(rules: dict, sites: list[Site]) -> dict[str, Any]:
-    """Map each selected site path to its rule value (``None`` excluded)."""
-    keys = parsed_rules(rules)
+def resolve(rules: dict | list[tuple[Key, Any]], sites: list[Site]) -> dict[str, Any]:
+    """Map each selected site path to its rule value (``None`` excluded). ``rules``: a rules
+    dict, or its keys already parsed (``Plan.from_rules`` parses the values first)."""
+    keys = rules if isinstance(rules, list) else parsed_rules(rules)
     chosen: dict[str, Any] = {}
     for site in sites:
         found = best_match(keys, site.path, site.module_type)

@@ -177,7 +177,7 @@ class Site:
     module_type: str          # qualified class name of the owning module ("" if unknown)
     in_features: int
     out_features: int
-    transposed: bool          # True when W is stored in x out (Conv1D, x @ W)
+    stored_in_out: bool       # W is stored in x out (Conv1D, x @ W) rather than out x in
     dtype: torch.dtype
     calls: list[fx.Node] = field(default_factory=list)
     form: str = "linear"      # SITE_FORMS name of the first call, or "expert"
@@ -250,7 +250,7 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
         weight = gm.get_parameter(key) if is_parameter(gm, key) else None
         if weight is None or weight.dim() != 2:
             continue
-        if key in sites and sites[key].transposed != match.stored_in_out:
+        if key in sites and sites[key].stored_in_out != match.stored_in_out:
             continue  # read both as W and as Wᵀ: not one linear map
         if key not in sites:
             path, module_type = _site_path(key, _module_stack_entry(node))
@@ -363,6 +363,18 @@ class Captured:
     example_inputs: tuple[tuple, dict]
     partial_reason: str | None = None  # why the whole model did not export (captured in parts)
     parts: list = field(default_factory=list)
+    # site path -> its weight's name in the adapted model, as the record names it (in parts the
+    # wrapper's name: rosafx/pipeline/partial.py fills it)
+    weight_names: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.weight_names:
+            self.weight_names = {s.path: s.weight_name for s in self.sites}
+
+    @property
+    def graph(self) -> nn.Module | None:
+        """The one captured graph, or None when the model was captured in parts."""
+        return self.module if self.partial_reason is None else None
 
 
 def module_types(gm: fx.GraphModule) -> dict[str, str]:

@@ -238,9 +238,20 @@ class Method:
     Adapter: type[Adapter] = Adapter
     adapts_expert_weights: bool = False   # MoE expert slices: ΔW from its own tensors (``emit_delta``)
     adapts_partly_captured: bool = False  # rosafx/pipeline/partial.py: no state across sites, no graph-wide pass
+    # What a user may ask of the method's sites between steps (rosa: "resample"), by name:
+    # action(adapters, optimizer) -> None. ``rosafx.act(adapted, name, optimizer)`` is the one entry.
+    actions: ClassVar[dict[str, Callable[[list["Adapter"], Any], None]]] = {}
+    # HF PEFT's ``peft_type`` that holds this method's adapters exactly (None: PEFT has no such
+    # adapter); rosafx/pipeline/peft_format.py converts by that type, both ways.
+    peft_type: ClassVar[str | None] = None
 
     def build(self, gm: fx.GraphModule, pairs: list[tuple[Site, MethodConfig]]) -> list[Adapter]:
         return [self.Adapter(site, config) for site, config in pairs]
+
+    def rank_limit(self, site: Site) -> int:
+        """The largest rank this method may have on ``site``, checked before any tensor is
+        allocated: a low-rank factor wider than the layer adds nothing."""
+        return min(site.in_features, site.out_features)
 
     def lifecycle(self, adapters: list[Adapter]) -> Lifecycle | None:
         return None

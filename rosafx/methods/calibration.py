@@ -65,10 +65,10 @@ def calibrate(adapted: fx.GraphModule, batches: Iterable, loss_fn: Callable, *,
         raise RosafxError(f"Sites {shared} read the same weight tensor; calibrate them separately.")
     hooks = []
 
-    def observer(path: str, transposed: bool):
+    def observer(path: str, stored_in_out: bool):
         def hook(tensor: torch.Tensor) -> None:
             grad = mean_across_ranks(tensor.grad.detach())  # under DDP: every rank's data
-            adapters[path].observe_gradient((grad.t() if transposed else grad).float())
+            adapters[path].observe_gradient((grad.t() if stored_in_out else grad).float())
             tensor.grad = None  # free it now: one full gradient at a time
         return hook
 
@@ -77,8 +77,8 @@ def calibrate(adapted: fx.GraphModule, batches: Iterable, loss_fn: Callable, *,
     num_batches = 0
     with _only_these_require_grad(adapted, [leaves[k][0] for k in adapters]):
         for path in adapters:
-            tensor, transposed = leaves[path]
-            hooks.append(tensor.register_post_accumulate_grad_hook(observer(path, transposed)))
+            tensor, stored_in_out = leaves[path]
+            hooks.append(tensor.register_post_accumulate_grad_hook(observer(path, stored_in_out)))
         try:
             total = len(batches) if hasattr(batches, "__len__") else None
             for batch in tqdm(batches, total=total, desc="rosafx calibrate", disable=not progress, unit="batch"):
@@ -93,8 +93,8 @@ def calibrate(adapted: fx.GraphModule, batches: Iterable, loss_fn: Callable, *,
     if num_batches == 0:
         raise RosafxError("calibrate got no batches: pass a non-empty iterable.")
     for path, adapter in adapters.items():
-        tensor, transposed = leaves[path]
-        base = (tensor.t() if transposed else tensor).detach()
+        tensor, stored_in_out = leaves[path]
+        base = (tensor.t() if stored_in_out else tensor).detach()
         new_base = adapter.end_calibration(num_batches, base)
         if new_base is not None:
             set_base_weight(adapted, path, new_base.to(base.dtype))

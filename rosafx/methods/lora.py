@@ -71,6 +71,7 @@ class LoraAdapter(LowRankAdapter):
 class Lora(Method):
     id = "lora"
     description = "LoRA (Hu et al. 2021): trainable low-rank A, B; ΔW = alpha/r·B·A"
+    peft_type = "LORA"
     Config = LoraConfig
     Adapter = LoraAdapter
     adapts_expert_weights = True

@@ -140,13 +140,14 @@ class Rosa(Method):
     description = "ROSA, random subspace adaptation (Hameed et al.): train a random block of W's singular components"
     Config = RosaConfig
     Adapter = RosaAdapter
+    actions = {"resample": resample_adapters}
 
     def build(self, gm, pairs):
         adapters, weights = [], []
         for index, (site, config) in enumerate(pairs):
             adapters.append(RosaAdapter(site, config, index))
             weight = gm.get_parameter(site.weight_name)
-            weights.append(weight.t() if site.transposed else weight)
+            weights.append(weight.t() if site.stored_in_out else weight)
         split_weights(adapters, weights)
         return adapters
 

@@ -37,8 +37,8 @@ import torch
 from torch import Tensor, nn
 
 from rosafx.errors import RosafxError
-from rosafx.methods.base import (Adapter, GraphEmitter, Lifecycle, Method, MethodConfig, TrainingContext, calibrate_pending,
-                   kaiming_uniform_)
+from rosafx.methods.base import (Adapter, GraphEmitter, Lifecycle, Method, MethodConfig, TrainingContext,
+                                 calibrate_pending, kaiming_uniform_)
 from rosafx.methods.lora_ga import gradient_init
 
 STATISTICS = ("mean_squared", "mean")

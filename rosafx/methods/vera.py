@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from rosafx.graph.adapted_graph import SHARED
+from rosafx.graph.sites import Site
 from rosafx.errors import RosafxError
 from rosafx.ops import vera as vera_op
 from rosafx.methods.base import Adapter, GraphEmitter, Method, MethodConfig
@@ -77,6 +78,11 @@ class VeraAdapter(Adapter):
 class Vera(Method):
     id = "vera"
     description = "VeRA (Kopiczko et al. 2024): shared frozen random A, B; trainable d, b; ΔW = diag(b)·B·diag(d)·A"
+    peft_type = "VERA"
+
+    def rank_limit(self, site: Site) -> int:
+        # the shared random pair is often wider than the layer (the paper uses r = 1024 on 768-wide layers)
+        return 4 * max(site.in_features, site.out_features)
     Config = VeraConfig
     Adapter = VeraAdapter
 

@@ -131,17 +131,6 @@ class CapturedPart(nn.Module):
         return graph
 
 
-def is_partial(model) -> bool:
-    return isinstance(model, PartlyCaptured)
-
-
-def graphs_of(model) -> list[fx.Graph]:
-    """Every graph of an adapted model: its own, or one per captured part."""
-    if is_partial(model):
-        return [gm.graph for gm in model.parts().values()]
-    return [model.graph]
-
-
 def _copy_sharing_storage(model: nn.Module) -> nn.Module:
     """A deep copy whose parameters are new frozen Parameters on the user's storage."""
     memo = {}
@@ -268,7 +257,14 @@ def capture_parts(model: nn.Module, example_inputs=None, *, reason: str = "") ->
     modules = {path: f"{type(m).__module__}.{type(m).__qualname__}"
                for path, m in wrapper.model.named_modules() if path and _has_weights(m)}
     return Captured(wrapper, [s for _, _, sites in per_part for s in sites], modules, (args, kwargs),
-                    partial_reason=reason, parts=per_part)
+                    partial_reason=reason, parts=per_part,
+                    weight_names={s.path: _wrapper_name(path, s.weight_name) for path, _, sites in per_part
+                                  for s in sites})
+
+
+def _wrapper_name(part: str, name: str) -> str:
+    """A part graph's weight as the wrapper (and so the record) names it."""
+    return f"model.{part}.graph.{name}"
 
 
 def apply_to_parts(captured: Captured, plan) -> PartlyCaptured:
@@ -291,9 +287,9 @@ def apply_to_parts(captured: Captured, plan) -> PartlyCaptured:
         insert_planned(gm, sites, mine)
         for key, adapter in getattr(gm, ADAPTERS).items():
             container[key] = adapter
-        own = {s.path: (s.weight_name, s.transposed) for s in sites if s.path in mine}
+        own = {s.path: (s.weight_name, s.stored_in_out) for s in sites if s.path in mine}
         gm.meta[META] = make_record(plan, own, ((), {}), "")
-        weights.update({p: (f"model.{path}.graph.{w}", t) for p, (w, t) in own.items()})
+        weights.update({p: (captured.weight_names[p], t) for p, (_, t) in own.items()})
     wrapper.add_module(ADAPTERS, container)
     assert set(adapters_of(wrapper)) == set(plan.sites)
     wrapper.meta[META] = make_record(plan, weights, captured.example_inputs,

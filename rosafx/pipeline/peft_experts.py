@@ -15,17 +15,17 @@ from torch import fx
 from rosafx.passes.insert_experts import expert_nodes
 from rosafx.graph.rules import Key, Kind
 
-from rosafx.graph.adapted_graph import adapter_tensor_name, adapters_of
+from rosafx.graph.adapted_graph import EXPERT_GROUP, adapter_tensor_name, adapters_of
 from rosafx.errors import RosafxError
-from rosafx.pipeline.partial import graphs_of
+from rosafx.pipeline.adapted_model import adapted_model
 
 PREFIX = "base_model.model."
 
 
 def expert_groups(adapted: fx.GraphModule) -> dict[str, dict[int, str]]:
     """Adapted expert parameter -> {expert index: site path}."""
-    return {n.meta["rosafx_experts"]["weight_name"]: dict(n.meta["rosafx_experts"]["sites"])
-            for g in graphs_of(adapted) for n in expert_nodes(g)}
+    return {n.meta[EXPERT_GROUP]["weight_name"]: dict(n.meta[EXPERT_GROUP]["sites"])
+            for gm in adapted_model(adapted).graphs for n in expert_nodes(gm.graph)}
 
 
 def _tensor_prefix(gm: fx.GraphModule, weight_name: str, targeted: set[str]) -> str:

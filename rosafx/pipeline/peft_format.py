@@ -1,7 +1,8 @@
 """HF PEFT interop: write a directory ``PeftModel.from_pretrained`` loads, and read one.
 
-Tables, not branches: ``PEFT_WRITERS`` maps a rosafx method id to a function that gives
-PEFT's config fields and tensors; ``PEFT_READERS`` maps a PEFT ``peft_type`` to a function
+Tables, not branches: a method declares the PEFT type that holds it (``Method.peft_type``);
+``PEFT_WRITERS`` maps that type to a function that gives PEFT's config fields and tensors;
+``PEFT_READERS`` maps a PEFT ``peft_type`` to a function
 that gives the plan's site configs and the tensors to install. Loading captures the model
 once: capture -> sites -> plan (from the PEFT config and tensors) -> apply -> install.
 PEFT's ``target_modules`` and patterns go through rosafx's one matcher (rosafx/graph/rules.py):
@@ -25,6 +26,7 @@ from rosafx.io.outputs import check_output
 from rosafx.pipeline.peft_experts import expert_groups, experts_from_peft, experts_to_peft
 from rosafx.graph.plan import Plan
 from rosafx.graph.rules import Key, Kind, best_match, parse_key
+from rosafx.methods import REGISTRY, get_method
 from rosafx.pipeline.transform import apply, capture_sites
 
 PREFIX = "base_model.model."
@@ -53,11 +55,11 @@ def _lora_to_peft(adapted: fx.GraphModule, configs: dict) -> tuple[dict, dict]:
     target_parameters, tensors = experts_to_peft(adapted, configs, rank, alpha)
     rank_pattern = {p: v for p, v in rank_pattern.items() if p not in expert_paths}
     alpha_pattern = {p: v for p, v in alpha_pattern.items() if p not in expert_paths}
-    transposed = {p for p in configs if stored_in_out(adapted, p)}
+    in_out = {p for p in configs if stored_in_out(adapted, p)}
     config = {
         "peft_type": "LORA", "r": rank, "lora_alpha": alpha, "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern, "lora_dropout": first["dropout"], "use_rslora": first["rslora"],
-        "target_modules": sorted(set(configs) - expert_paths), "fan_in_fan_out": bool(transposed), "bias": "none",
+        "target_modules": sorted(set(configs) - expert_paths), "fan_in_fan_out": bool(in_out), "bias": "none",
         "init_lora_weights": True, "use_dora": False, "lora_bias": False,
     }
     if target_parameters:
@@ -93,18 +95,20 @@ def _vera_to_peft(adapted: fx.GraphModule, configs: dict) -> tuple[dict, dict]:
 
 
 PEFT_WRITERS: dict[str, Callable[[fx.GraphModule, dict], tuple[dict, dict]]] = {
-    "lora": _lora_to_peft,
-    "vera": _vera_to_peft,
+    "LORA": _lora_to_peft,
+    "VERA": _vera_to_peft,
 }
 
 
 def save_peft(adapted: fx.GraphModule, directory) -> None:
     plan = plan_of(adapted)
     methods = plan.methods()
-    if len(methods) != 1 or methods[0] not in PEFT_WRITERS:
-        raise RosafxError(f"format='peft' writes one method of {sorted(PEFT_WRITERS)} per directory; this model "
+    peft_type = get_method(methods[0]).peft_type if len(methods) == 1 else None
+    if peft_type not in PEFT_WRITERS:
+        writable = sorted(m.id for m in REGISTRY.values() if m.peft_type in PEFT_WRITERS)
+        raise RosafxError(f"format='peft' writes one method of {writable} per directory; this model "
                           f"uses {methods}. Save it with format='rosafx'.")
-    config, tensors = PEFT_WRITERS[methods[0]](adapted, plan.to_dict()["sites"])
+    config, tensors = PEFT_WRITERS[peft_type](adapted, plan.to_dict()["sites"])
     config.update({"task_type": None, "base_model_name_or_path": None, "revision": None,
                    "inference_mode": True, "modules_to_save": plan.full or None})
     for path in plan.full:
@@ -252,8 +256,7 @@ def load_peft(model: nn.Module, directory, *, example_inputs=None) -> fx.GraphMo
         if peft_type != "LORA":
             raise RosafxError(f"HF PEFT field 'target_parameters' is read for LORA adapters only, not {peft_type}.")
         expert_sites = [s for s in sites if s.expert is not None]
-        probe = captured.module if captured.partial_reason is None else None
-        expert_planned, expert_installs = experts_from_peft(config, tensors, probe, expert_sites)
+        expert_planned, expert_installs = experts_from_peft(config, tensors, captured.graph, expert_sites)
         planned.update(expert_planned)
         installs.update(expert_installs)
         owners = {s.weight_name.rpartition(".")[0] for s in expert_sites if s.path in expert_planned}

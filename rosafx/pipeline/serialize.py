@@ -113,9 +113,7 @@ def load(model: nn.Module, directory, *, example_inputs=None) -> fx.GraphModule:
 
 def _check_same_sites(saved: dict, captured, directory: Path) -> None:
     """Every site and module the record names exists in this model, on the same weight."""
-    weights = {s.path: s.weight_name for s in captured.sites}
-    if captured.partial_reason is not None:  # parts: the record names weights from the wrapper
-        weights = {s.path: f"model.{part}.graph.{s.weight_name}" for part, _, sites in captured.parts for s in sites}
+    weights = captured.weight_names
     missing = sorted(set(saved["sites"]) - set(weights)) + sorted(set(saved["full"]) - set(captured.modules))
     if missing:
         raise RosafxError(f"The adapter in {directory} names {missing[:4]}{' ...' if len(missing) > 4 else ''}, "

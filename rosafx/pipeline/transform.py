@@ -75,7 +75,7 @@ def apply(captured: Captured, plan: Plan) -> nn.Module:
     gm = insert_planned(gm, sites, plan.sites)                  # sites -> rosafx op nodes
     _follow_site_devices(gm, [s for s in sites if s.path in plan.sites])
     _make_trainable(gm, plan.full)                      # full modules: own copy, requires_grad
-    weights = {s.path: (s.weight_name, s.transposed) for s in sites if s.path in plan.sites}
+    weights = {s.path: (s.weight_name, s.stored_in_out) for s in sites if s.path in plan.sites}
     gm.meta[META] = make_record(plan, weights, captured.example_inputs,
                                 fingerprint(gm, [w for w, _ in weights.values()]))
     _install_ready_check(gm)

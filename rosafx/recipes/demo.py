@@ -37,7 +37,8 @@ def load_embedded_model():
 
 
 def main(argv=None) -> None:
-    from rosafx.recipes.data import SAMPLES, Batches, TaskMetrics, encode, examples_from, loss_for, model_inputs, read_table
+    from rosafx.recipes.data import (SAMPLES, Batches, TaskMetrics, encode, examples_from, loss_for, model_inputs,
+                                     read_table)
     from rosafx.recipes.data.examples import held_apart
     from rosafx.recipes.evaluation import onnx_scores
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
