@@ -12,10 +12,10 @@ from pathlib import Path
 
 from rosafx.recipes import recipe
 from rosafx.io.atomic import atomic_directory
+from rosafx.io.outputs import EXPORT_MARK, check_output
 from rosafx.errors import RosafxError
 from rosafx.training.runs import ADAPTER, read_run
 
-EXPORT_MARK = "rosafx_export.json"
 # how the run read its data: evaluate reads other files the same way
 READING_KEYS = ("text_column", "pair_column", "label_column", "max_length", "batch_size")
 ONNX_NAME = "model.onnx"
@@ -41,24 +41,16 @@ def open_run(run_dir):
     return adapted, tokenizer, record
 
 
-def check_output_dir(out: Path, inputs: list[Path]) -> None:
-    out = out.resolve()
-    for item in inputs:
-        item = Path(item).resolve()
-        if out == item or out in item.parents or item in out.parents:
-            raise RosafxError(f"-o {out} overlaps the input {item}: choose an output directory apart from them.")
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / EXPORT_MARK).exists())):
-        raise RosafxError(f"-o {out} exists and is not an earlier `rosafx export` of a run; choose a new directory.")
-
-
-def export_run(run_dir, out, *, merge: bool = True):
+def export_run(run_dir, out, *, merge: bool = True, overwrite: bool = False):
     import rosafx
     run_dir, out = Path(run_dir), Path(out)
     record = read_run(run_dir)
-    check_output_dir(out, [run_dir, Path(record["config"]["model"])])
+    inputs = [run_dir, record["config"]["model"]]
+    check_output(out, inputs=inputs, overwrite=overwrite)  # the rule every command follows
     if not merge:
         raise RosafxError("A run exports merged only (adapter ops have no ONNX form): use --merge.")
     adapted, tokenizer, record = open_run(run_dir)
+    check_output(out, inputs=inputs, overwrite=overwrite)  # again: it may have changed while the model loaded
     with atomic_directory(out) as tmp:
         report = rosafx.export_onnx(adapted, tmp / ONNX_NAME, merge=True)
         report.path = str(out / ONNX_NAME)
