@@ -2,7 +2,6 @@
 export (onnxruntime), with the same readers, tokenizer, label names and metrics."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -11,7 +10,7 @@ from rosafx.recipes import recipe
 from rosafx.recipes.data import Batches, encode, model_inputs, scores
 from rosafx.recipes.data.metrics import TaskMetrics
 from rosafx.errors import RosafxError
-from rosafx.recipes.run_model import EXPORT_MARK, ONNX_NAME, open_run
+from rosafx.recipes.run_model import ONNX_NAME, open_run, read_export_record
 from rosafx.training.runs import is_run
 
 
@@ -39,10 +38,7 @@ def _evaluate_run(run_dir: Path, data, progress: bool) -> dict:
 def _evaluate_onnx(onnx_file: Path, data) -> dict:
     from transformers import AutoTokenizer
     folder = onnx_file.parent
-    mark = folder / EXPORT_MARK
-    if not mark.exists():
-        raise RosafxError(f"{folder} has no {EXPORT_MARK}: evaluate reads ONNX written by `rosafx export RUN`.")
-    info = json.loads(mark.read_text())
+    info = read_export_record(folder)  # checked: a damaged record is a one-line error
     settings = {**recipe.DEFAULTS, **info.get("reading", {}), "task": info["task"]}
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     examples = recipe.read_examples(data, settings, info["label_names"])

@@ -41,6 +41,26 @@ def open_run(run_dir):
     return adapted, tokenizer, record
 
 
+def read_export_record(folder) -> dict:
+    """OUT/rosafx_export.json, checked: a damaged one is a one-line error, not a crash later."""
+    file = Path(folder) / EXPORT_MARK
+    if not file.is_file():
+        raise RosafxError(f"{folder} has no {EXPORT_MARK}: evaluate reads ONNX written by `rosafx export RUN`.")
+    try:
+        info = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise RosafxError(f"Cannot read {file}: {exc}. Export the run again (`rosafx export RUN -o OUT`).") from exc
+    names = info.get("label_names") if isinstance(info, dict) else None
+    problem = ("it is not a mapping" if not isinstance(info, dict) else
+               "'task' is not a string" if not isinstance(info.get("task"), str) else
+               "'reading' is not a mapping" if not isinstance(info.get("reading", {}), dict) else
+               "'label_names' is not a list of strings" if "label_names" not in info or names is not None and not (
+                   isinstance(names, list) and all(isinstance(n, str) for n in names)) else None)
+    if problem:
+        raise RosafxError(f"{file} is damaged ({problem}); export the run again (`rosafx export RUN -o OUT`).")
+    return info
+
+
 def export_run(run_dir, out, *, merge: bool = True, overwrite: bool = False):
     import rosafx
     run_dir, out = Path(run_dir), Path(out)

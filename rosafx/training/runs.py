@@ -7,23 +7,33 @@
     RUN/metrics.jsonl       one line per step (step, epoch, loss, lr, time) and per evaluation
     RUN/plot.png            loss and evaluation metrics against the step (needs matplotlib)
     RUN/checkpoints/step-N/ adapter + state.pt (optimizer, schedule, RNG, data position, method state)
+    RUN/cache/              the tokenized data (keyed by its contents)
+    RUN/.lock               flock'ed by the one process writing RUN (``run_lock``)
 
 Every directory is written under a temporary name and renamed when complete, so a kill -9
 at any moment leaves the last complete checkpoint usable; ``latest_checkpoint`` ignores the
-temporaries.
+temporaries. A RUN appears with its run.json (``begin_run`` swaps it in whole, once every
+option, input and the adapted model have been checked); run.json also records a
+fingerprint of the data files, which ``--resume`` compares.
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import os
 import re
-import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from rosafx.io.atomic import atomic_directory, atomic_file, remove_atomically
 from rosafx.errors import RosafxError
+from rosafx.io.atomic import (prepare_parent, atomic_directory, atomic_file, install, make_public, naming,
+                              remove_atomically, remove_path, temp_name)
+from rosafx.io.outputs import check_apart
+from rosafx.training.run_lock import LOCK, RunLock
 
 CHECKPOINTS, ADAPTER, BEST = "checkpoints", "adapter", "best"
 METRICS, PLOT, CONFIG, STATE = "metrics.jsonl", "plot.png", "run.json", "state.pt"
@@ -38,7 +48,7 @@ class Run:
     # metrics
     def log(self, record: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        with (self.path / METRICS).open("a") as handle:
+        with naming(self.path / METRICS), (self.path / METRICS).open("a") as handle:
             handle.write(json.dumps(record) + "\n")
 
     def records(self) -> list[dict]:
@@ -71,7 +81,8 @@ class Run:
         target = self.path / CHECKPOINTS / f"step-{step:08d}"
         with atomic_directory(target) as tmp:
             write_adapter(model, tmp)
-            torch.save(state, tmp / STATE)
+            with open(tmp / STATE, "wb") as handle:  # a file object: a full disk raises OSError(ENOSPC), not
+                torch.save(state, handle)            # the RuntimeError torch's own file writer gives
         for old in self.checkpoints()[:-self.keep_checkpoints]:
             remove_atomically(old)  # a kill mid-delete leaves a hidden leftover, never a half checkpoint
         return target
@@ -128,20 +139,78 @@ class Run:
 
 
 RUN_FORMAT = "rosafx-run"
+CACHE = "cache"
+_CACHE_FILE = re.compile(r"\.?tokens-[0-9a-f]+\.pt.*")  # the token cache (and its temporaries) an unfinished run left
 
 
 def is_run(path) -> bool:
     return (Path(path) / CONFIG).is_file()
 
 
+def is_unfinished_run(path) -> bool:
+    """A RUN an older rosafx created and then stopped in before writing run.json (killed or
+    failed while tokenizing or building the model): nothing in it but the token cache."""
+    path = Path(path)
+    if not path.is_dir() or is_run(path):
+        return False
+    names = {p.name for p in path.iterdir()} - {LOCK}
+    cache = path / CACHE
+    return names == {CACHE} and cache.is_dir() and all(_CACHE_FILE.fullmatch(p.name) for p in cache.iterdir())
+
+
+def run_state(path) -> str:
+    """missing | file | empty | run | unfinished | foreign (a directory of someone else's files)."""
+    path = Path(path)
+    if not (path.exists() or path.is_symlink()):
+        return "missing"
+    if not path.is_dir():
+        return "file"
+    if is_run(path):
+        return "run"
+    if not {p.name for p in path.iterdir()} - {LOCK}:
+        return "empty"
+    return "unfinished" if is_unfinished_run(path) else "foreign"
+
+
 def read_run(path) -> dict:
+    """RUN/run.json, checked: a damaged or foreign record is a one-line error, not a crash later."""
     path = Path(path)
     if not is_run(path):
+        if is_unfinished_run(path):
+            raise RosafxError(f"{path} is an unfinished run: it stopped before its {CONFIG} was written, so nothing "
+                              "was trained. Run the same `rosafx train` command without --resume to start it again.")
         raise RosafxError(f"{path} is not a rosafx run directory (no {CONFIG}); `rosafx train ... -o RUN` makes one.")
-    record = json.loads((path / CONFIG).read_text())
-    if record.get("format") != RUN_FORMAT:
-        raise RosafxError(f"{path / CONFIG} is not a rosafx run record.")
+    file = path / CONFIG
+    try:
+        record = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise RosafxError(f"Cannot read {file}: {exc}. The run record is damaged; start the run again with "
+                          "--overwrite.") from exc
+    if not isinstance(record, dict) or record.get("format") != RUN_FORMAT:
+        raise RosafxError(f"{file} is not a rosafx run record.")
+    problem = _record_problem(record)
+    if problem:
+        raise RosafxError(f"{file} is damaged ({problem}); start the run again with --overwrite.")
     return record
+
+
+def _record_problem(record: dict) -> str | None:
+    config = record.get("config")
+    if not isinstance(config, dict):
+        return "'config' is not a mapping"
+    for key in ("model", "data"):
+        if not isinstance(config.get(key), str):
+            return f"config.{key} is not a path"
+    if not isinstance(record.get("task"), str):
+        return "'task' is not a string"
+    names = record.get("label_names")
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        return "'label_names' is not a list of strings"
+    if not isinstance(record.get("pairs"), bool):
+        return "'pairs' is not true or false"
+    if not isinstance(record.get("distributed", {}), dict) or not isinstance(record.get("inputs", {}), dict):
+        return "'distributed' or 'inputs' is not a mapping"
+    return None
 
 
 def write_run(path, record: dict) -> None:
@@ -149,31 +218,117 @@ def write_run(path, record: dict) -> None:
         tmp.write_text(json.dumps({"format": RUN_FORMAT, "version": 1, **record}, indent=2, sort_keys=True))
 
 
+# the run directory's life: checked before anything is written, locked, swapped in when ready
+
 def check_run_dir(path, inputs: list, *, resume: bool, overwrite: bool) -> Path:
-    """Check RUN before anything is written: never an input, never a directory of someone
-    else's files; an earlier run only with --resume (continue) or --overwrite (start again)."""
-    path = Path(path).resolve()
-    for item in inputs:
-        item = Path(item).resolve()
-        if path == item or path in item.parents or item in path.parents:
-            raise RosafxError(f"-o {path} overlaps the input {item}: choose an output directory apart from the "
-                              "model and the data.")
+    """Check RUN before anything is written (returns it resolved): never an input or inside
+    one, never a directory of someone else's files; an earlier run only with --resume
+    (continue) or --overwrite (start again); an unfinished run (no run.json) is replaced by a
+    plain re-run; a RUN another process is writing is refused."""
+    path = check_apart(path, inputs)
+    _check_state(path, resume=resume, overwrite=overwrite)
+    if path.is_dir():
+        RunLock.check_free(path)
+    return path
+
+
+def _check_state(path: Path, *, resume: bool, overwrite: bool) -> str:
+    state = run_state(path)
     if resume:
-        read_run(path)
-        return path
-    if path.exists() and not path.is_dir():
+        if state != "run":
+            read_run(path)  # its message says what to do
+        return state
+    if state == "file":
         raise RosafxError(f"-o {path} is a file; RUN is a directory.")
-    if path.is_dir() and any(path.iterdir()):
-        if not is_run(path):
-            raise RosafxError(f"-o {path} is a directory that rosafx did not write; choose a new or empty directory.")
-        if not overwrite:
-            raise RosafxError(f"{path} holds an earlier run: --resume continues it, --overwrite starts it again.")
-    return path
+    if state == "foreign":
+        raise RosafxError(f"-o {path} is a directory that rosafx did not write; choose a new or empty directory.")
+    if state == "run" and not overwrite:
+        raise RosafxError(f"{path} holds an earlier run: --resume continues it (from its last checkpoint, or from "
+                          "the start if it has none), --overwrite replaces it.")
+    return state
 
 
-def start_run_dir(path: Path, *, resume: bool) -> Path:
-    """After ``check_run_dir`` and once the inputs have been read: clear an earlier run, create RUN."""
-    if not resume and is_run(path):
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def begin_run(path, record: dict | None, *, inputs: list, resume: bool, overwrite: bool) -> RunLock:
+    """Lock RUN for this process. A fresh run (``record``, its run.json) is built under a
+    temporary name beside RUN and swapped in whole, so an earlier run is replaced only now,
+    when everything has been checked, and a RUN never exists without its run.json. The
+    earlier run's token cache is carried over (it is keyed by its contents)."""
+    path = Path(path)
+    if resume:
+        lock = RunLock.take(path)
+        try:
+            _check_state(path, resume=True, overwrite=overwrite)  # again, now that no one else writes it
+        except BaseException:
+            lock.release()
+            raise
+        return lock
+    with naming(path):
+        prepare_parent(path)  # restores a swap a crash interrupted, removes dead processes' temporaries
+        staged = Path(tempfile.mkdtemp(prefix=temp_name(path), dir=path.parent))
+        lock, old_lock = RunLock.take(staged), None
+        try:
+            make_public(staged)
+            write_run(staged, record)
+            if path.exists() or path.is_symlink():
+                old_lock = RunLock.take(path)  # a second writer stops here
+                _check_state(path, resume=False, overwrite=overwrite)
+                if (path / CACHE).is_dir():
+                    os.rename(path / CACHE, staged / CACHE)
+                install(staged, path)  # the old run now sits at the staging name
+            else:
+                try:
+                    os.rename(staged, path)  # never over a directory another writer just filled
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                        raise
+                    raise RosafxError(f"{path} was created by another process while this run was being set up; "
+                                      "choose another -o.") from exc
+            return lock.moved_to(path)
+        except BaseException:
+            lock.release()
+            raise
+        finally:
+            if old_lock is not None:
+                old_lock.release()
+            if staged.exists():
+                remove_path(staged)  # the replaced run, or this run's staging if it failed
+
+
+def restart_run(path) -> None:
+    """--resume of a run that has no checkpoint yet: it starts again from step 0 with its
+    recorded options; what it logged before the first checkpoint goes."""
+    run = Run(path)
+    run.truncate_metrics(0)
+    for name in (BEST, ADAPTER, PLOT):
+        remove_atomically(run.path / name)
+
+
+# what the run read: resume checks it is still the same
+
+def input_fingerprint(paths: dict) -> dict:
+    """{name: {"bytes", "sha256"}} of each regular input file (``None`` paths left out)."""
+    found = {}
+    for name, file in paths.items():
+        if file is None or not Path(file).is_file():
+            continue
+        digest, size = hashlib.sha256(), 0
+        with open(file, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+                size += len(chunk)
+        found[name] = {"bytes": size, "sha256": digest.hexdigest()}
+    return found
+
+
+def check_same_inputs(path, record: dict, current: dict) -> None:
+    """Refuse to resume on data other than the run started with (runs recorded before the
+    fingerprint existed are not checked)."""
+    started = record.get("inputs")
+    if not started:
+        return
+    changed = [name for name in sorted(set(started) | set(current)) if started.get(name) != current.get(name)]
+    if changed:
+        files = ", ".join(f"--{name} {record['config'].get(name)}" for name in changed)
+        raise RosafxError(f"{path} was started on other data: {files} changed since (size or sha256 differ). "
+                          "--resume continues a run on the data it started with: restore it, or start a new run "
+                          "(--overwrite).")
