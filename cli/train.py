@@ -112,11 +112,11 @@ def train(
     new_record = None if resume else {
         "config": settings, "label_names": label_names, "task": settings["task"],
         "pairs": train_examples.pairs is not None, "distributed": batch_record(settings, here), "inputs": fingerprint}
-    lock = None
+    start = None
     try:
         with distributed.main_first():  # rank 0 sets RUN up and writes the token cache; the others then read them
             if here.is_main:
-                lock = begin_run(run_dir, new_record, inputs=inputs, resume=resume, overwrite=overwrite)
+                start = begin_run(run_dir, new_record, inputs=inputs, resume=resume, overwrite=overwrite)
                 if replacing == "unfinished":
                     echo(f"replacing the unfinished run in {run_dir} (it stopped before its run.json was written)")
             restart = resume and Run(run_dir).latest_checkpoint() is None
@@ -146,11 +146,19 @@ def train(
             resume=resume and not restart, best_metric=best, calibration_batches=settings["calibration_batches"],
             seed=settings["seed"], compile=bool(settings.get("compile")),
             grad_checkpoint=settings.get("grad_checkpoint") or False)
-    except KeyboardInterrupt:
-        raise Interrupted(interrupted_message(out, run_dir, lock is not None)) from None
+    except BaseException as exc:
+        # before the new run's first checkpoint nothing of it is worth more than the earlier run
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        try:
+            undone = start is not None and start.abandon(keep_new=interrupted)
+        except Exception:  # the first error is the one to report; RUN is then the new run, resumable
+            undone = False
+        if interrupted:
+            raise Interrupted(interrupted_message(out, run_dir, start is not None, undone)) from None
+        raise
     finally:
-        if lock is not None:
-            lock.release()
+        if start is not None:
+            start.close()
     distributed.leave()
     if history.compile_seconds is not None:
         echo(f"torch.compile: first step {history.compile_seconds:.1f} s more than a later step; "
@@ -181,9 +189,11 @@ def check_same_labels(out: Path, record: dict, task: str, label_names) -> None:
                           "start a new run.")
 
 
-def interrupted_message(out: Path, run_dir: Path, started: bool) -> str:
+def interrupted_message(out: Path, run_dir: Path, started: bool, undone: bool) -> str:
     if not started:
         return f"interrupted before {out} was written; nothing was changed there."
+    if undone:
+        return f"interrupted before the new run's first checkpoint; {out} holds the earlier run again, unchanged."
     last = Run(run_dir).latest_checkpoint()
     kept = f"its last checkpoint ({last.name}) is whole" if last else "it has no checkpoint yet (it starts from step 0)"
     return f"interrupted: `rosafx train -o {out} --resume` continues {out}; {kept}."

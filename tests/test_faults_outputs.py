@@ -186,11 +186,11 @@ import rosafx_light.io.atomic as atomic
 
 moment, out = sys.argv[2], sys.argv[3]
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
-real_replace, real_exchange = os.replace, atomic._exchange
+real_replace, real_exchange = os.replace, atomic.exchange
 if moment == "after exchange":
-    atomic._exchange = lambda a, b: real_exchange(a, b) and die()
+    atomic.exchange = lambda a, b: real_exchange(a, b) and die()
 if moment == "between renames":
-    atomic._exchange = lambda a, b: False
+    atomic.exchange = lambda a, b: False
     def replace(src, dst):
         real_replace(src, dst)
         if atomic.OLD_TAG in str(dst):

@@ -64,9 +64,11 @@ def without_lock(path) -> dict:
 
 
 # ---------------------------------------------------------------- data loss: --overwrite with a bad option
-@pytest.mark.parametrize("bad", [("--method", "no-such-method"), ("--rank", "1000"), ("--eval", "missing.tsv")])
+@pytest.mark.parametrize("bad", [("--method", "no-such-method"), ("--rank", "1000"), ("--eval", "missing.tsv"),
+                                 ("--warmup-ratio", "2"), ("--schedule", "nope")])  # the last two: found by fit
 def test_overwrite_with_an_invalid_option_keeps_the_old_run(bad, encoder, finished_run, tmp_path, capsys):
-    """issue 23: the old run was deleted before the new options proved invalid."""
+    """issue 23: the old run was deleted before the new options proved invalid. Options only
+    the training loop checks fail after the new run was swapped in: the old one goes back."""
     run = copy_run(finished_run, tmp_path)
     before = without_lock(run)
     options = {"--method": "lora", "--rank": "2", "--data": SST, **dict([bad])}
@@ -166,9 +168,24 @@ def test_resume_without_a_checkpoint_starts_again_and_a_plain_rerun_says_so(enco
     assert (run / "adapter" / "rosafx.json").exists()
 
 
-def test_a_failed_first_run_leaves_no_run_directory(encoder, tmp_path, capsys):
-    assert train(capsys, encoder, tmp_path / "run", "--method", "no-such-method").code == 2
+@pytest.mark.parametrize("bad", [("--method", "no-such-method"), ("--warmup-ratio", "2")])
+def test_a_failed_first_run_leaves_no_run_directory(bad, encoder, tmp_path, capsys):
+    assert train(capsys, encoder, tmp_path / "run", *bad).code == 2
     assert not (tmp_path / "run").exists() and leftovers(tmp_path) == []
+
+
+def test_ctrl_c_before_the_first_checkpoint_puts_the_old_run_back(encoder, finished_run, tmp_path, capsys,
+                                                                  monkeypatch):
+    from rosafx.training import distributed
+    run = copy_run(finished_run, tmp_path)
+    before = without_lock(run)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(distributed, "fit_distributed", interrupted)
+    result = train(capsys, encoder, run, "--overwrite", "--seed", "5")
+    assert result.code == 130 and "earlier run again" in result.message
+    assert without_lock(run) == before and leftovers(tmp_path) == []
 
 
 # ---------------------------------------------------------------- resume checks what it resumes

@@ -133,7 +133,7 @@ def temp_name(target: Path) -> str:
     return f".{target.name}.{TMP_TAG}-{os.getpid()}-"
 
 
-def _exchange(a: Path, b: Path) -> bool:
+def exchange(a: Path, b: Path) -> bool:
     """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)  # the running process's symbols, libc among them
@@ -221,7 +221,7 @@ def install(tmp: Path, directory: Path, attempts: int = 5) -> None:
     for attempt in range(attempts):
         try:
             if directory.exists() or directory.is_symlink():
-                if _exchange(tmp, directory):
+                if exchange(tmp, directory):
                     return
                 parked = directory.with_name(f".{directory.name}.{OLD_TAG}-{os.getpid()}")
                 os.replace(directory, parked)

@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file
 
 from rosafx.errors import RosafxError
-from rosafx.io.atomic import (prepare_parent, atomic_directory, atomic_file, install, make_public, naming,
+from rosafx.io.atomic import (OLD_TAG, atomic_directory, atomic_file, exchange, make_public, naming, prepare_parent,
                               remove_atomically, remove_path, temp_name)
 from rosafx.io.outputs import check_apart
 from rosafx.training.run_lock import LOCK, RunLock
@@ -248,11 +248,60 @@ def _check_state(path: Path, *, resume: bool, overwrite: bool) -> str:
     return state
 
 
-def begin_run(path, record: dict | None, *, inputs: list, resume: bool, overwrite: bool) -> RunLock:
+class RunStart:
+    """RUN set up for this process: its lock held, and the earlier run it replaced kept aside
+    (hidden beside RUN) until the new run is worth more: ``close`` drops it; ``abandon``
+    (a failure before the new run's first checkpoint) puts it back."""
+
+    def __init__(self, path: Path, lock: RunLock, old: Path | None = None, old_lock: RunLock | None = None,
+                 resumed: bool = False):
+        self.path, self.lock, self.old, self.old_lock, self.resumed = path, lock, old, old_lock, resumed
+
+    def abandon(self, keep_new: bool) -> bool:
+        """Undo this start if the new run has no checkpoint: the earlier run goes back into
+        RUN (True); without one, RUN goes unless ``keep_new``. False: nothing undone."""
+        if self.resumed or Run(self.path).checkpoints():
+            return False
+        if self.old is None:
+            if not keep_new:
+                remove_atomically(self.path)
+            return not keep_new
+        with naming(self.path):
+            if (self.path / CACHE).is_dir() and not (self.old / CACHE).exists():
+                os.rename(self.path / CACHE, self.old / CACHE)
+            if not exchange(self.old, self.path):
+                aside = self.path.with_name(f"{temp_name(self.path)}new")
+                os.replace(self.path, aside)
+                os.replace(self.old, self.path)
+                self.old = aside  # ``close`` removes the new run from there
+        return True
+
+    def close(self) -> None:
+        """Drop what is kept aside (the earlier run, or the new one after ``abandon``) and
+        release the locks."""
+        if self.old is not None and (self.old.exists() or self.old.is_symlink()):
+            remove_path(self.old)
+        for lock in (self.old_lock, self.lock):
+            if lock is not None:
+                lock.release()
+
+
+def _swap(new: Path, target: Path) -> Path:
+    """Put ``new`` in ``target``'s place; returns where the replaced ``target`` now is."""
+    if exchange(new, target):
+        return new
+    parked = target.with_name(f".{target.name}.{OLD_TAG}-{os.getpid()}")  # ``recover`` undoes a crash here
+    os.replace(target, parked)
+    os.replace(new, target)
+    return parked
+
+
+def begin_run(path, record: dict | None, *, inputs: list, resume: bool, overwrite: bool) -> RunStart:
     """Lock RUN for this process. A fresh run (``record``, its run.json) is built under a
-    temporary name beside RUN and swapped in whole, so an earlier run is replaced only now,
-    when everything has been checked, and a RUN never exists without its run.json. The
-    earlier run's token cache is carried over (it is keyed by its contents)."""
+    temporary name beside RUN and swapped in whole, once everything has been checked, so a
+    RUN never exists without its run.json; an earlier run is kept aside until the new one
+    ends or checkpoints (``RunStart``). The earlier run's token cache is carried over (it is
+    keyed by its contents)."""
     path = Path(path)
     if resume:
         lock = RunLock.take(path)
@@ -261,7 +310,7 @@ def begin_run(path, record: dict | None, *, inputs: list, resume: bool, overwrit
         except BaseException:
             lock.release()
             raise
-        return lock
+        return RunStart(path, lock, resumed=True)
     with naming(path):
         prepare_parent(path)  # restores a swap a crash interrupted, removes dead processes' temporaries
         staged = Path(tempfile.mkdtemp(prefix=temp_name(path), dir=path.parent))
@@ -274,24 +323,22 @@ def begin_run(path, record: dict | None, *, inputs: list, resume: bool, overwrit
                 _check_state(path, resume=False, overwrite=overwrite)
                 if (path / CACHE).is_dir():
                     os.rename(path / CACHE, staged / CACHE)
-                install(staged, path)  # the old run now sits at the staging name
-            else:
-                try:
-                    os.rename(staged, path)  # never over a directory another writer just filled
-                except OSError as exc:
-                    if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                        raise
-                    raise RosafxError(f"{path} was created by another process while this run was being set up; "
-                                      "choose another -o.") from exc
-            return lock.moved_to(path)
+                return RunStart(path, lock.moved_to(path), _swap(staged, path), old_lock)
+            try:
+                os.rename(staged, path)  # never over a directory another writer just filled
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                raise RosafxError(f"{path} was created by another process while this run was being set up; "
+                                  "choose another -o.") from exc
+            return RunStart(path, lock.moved_to(path))
         except BaseException:
-            lock.release()
-            raise
-        finally:
-            if old_lock is not None:
-                old_lock.release()
+            for held in (lock, old_lock):
+                if held is not None:
+                    held.release()
             if staged.exists():
-                remove_path(staged)  # the replaced run, or this run's staging if it failed
+                remove_path(staged)  # this run's staging
+            raise
 
 
 def restart_run(path) -> None:
