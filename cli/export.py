@@ -8,6 +8,7 @@ import typer
 
 import rosafx
 from rosafx.recipes.loading import open_model, read_source
+from rosafx.io.atomic import naming
 from rosafx.io.outputs import check_output
 from rosafx.recipes.run_model import export_run
 from rosafx.training.runs import is_run
@@ -33,5 +34,6 @@ def export(adapted: Annotated[Path, typer.Argument(help="Adapter directory writt
     check_output(out, inputs=[adapted, source.path], overwrite=overwrite, kind="file")  # before the slow work
     module, example_inputs = open_model(source, trust_pickle=trust_pickle)
     model = rosafx.load(module, adapted, example_inputs=example_inputs)
-    report = rosafx.export_onnx(model, out, merge=merge)
+    with naming(out):  # a full disk or a read-only folder is said of OUT, not of its hidden temporary
+        report = rosafx.export_onnx(model, out, merge=merge)
     typer.echo(str(report))

@@ -298,3 +298,27 @@ def test_a_damaged_export_record_is_one_line(text, tmp_path, capsys):
     (out / "model.onnx").write_bytes(b"not read before the record")
     (out / "rosafx_export.json").write_text(text)
     assert_user_error(cli(capsys, "evaluate", out / "model.onnx", "--data", SST), "rosafx_export.json")
+
+
+def test_full_disk_during_export_names_the_output(fault_models, tmp_path, capsys, monkeypatch):
+    import rosafx
+
+    def full(model, path, **kwargs):
+        hidden = Path(path).with_name(f".{Path(path).name}.rosafx-tmp-{os.getpid()}-x.onnx")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(hidden))  # as the ONNX writer would
+    monkeypatch.setattr(rosafx, "export_onnx", full)
+    out = tmp_path / "m.onnx"
+    message = assert_user_error(cli(capsys, "export", fault_models["adapter"], "-o", out), str(out), "disk is full")
+    assert "rosafx-tmp" not in message
+
+
+def test_a_killed_setup_leaves_a_temporary_the_next_run_removes(encoder, tmp_path, capsys):
+    """kill -9 while a fresh run was staged (or after the swap, before the old run was
+    removed) leaves a hidden directory with a dead pid; the next train on RUN removes it."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    staged = tmp_path / f".run.rosafx-tmp-{dead.pid}-abc"
+    staged.mkdir()
+    (staged / "run.json").write_text("{}")
+    assert train(capsys, encoder, tmp_path / "run").code == 0
+    assert leftovers(tmp_path) == []
