@@ -225,6 +225,29 @@ def test_ctrl_c_during_training_exits_130_and_says_resume(encoder, finished_run,
     assert cli(capsys, "train", "-o", run, "--resume").code == 0
 
 
+def test_a_real_sigint_during_training_exits_130(encoder, tmp_path):
+    """The signal itself, in a subprocess: nothing on the way (tqdm, torch, typer) swallows it."""
+    import time
+    run = tmp_path / "run"
+    argv = [sys.executable, "-m", "rosafx", "train", encoder, "--method", "lora", "--rank", "2", "--data", SST,
+            "--max-length", "16", "--batch-size", "4", "--max-steps", "100000", "--save-every", "1",
+            "--device", "cpu", "-o", run]
+    child = subprocess.Popen([str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    try:
+        deadline = time.monotonic() + 240
+        while not any((run / "checkpoints").glob("step-*")) and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 130, err[-2000:]
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "--resume" in errors[0] and "Traceback" not in err
+
+
 def test_ctrl_c_in_any_command_is_not_exit_0(fault_models, tmp_path, capsys, monkeypatch):
     import rosafx.cli.adapt as adapt_cli
 
