@@ -11,6 +11,8 @@ Crash safety (kill -9 at any moment): a reader finds the old or the new output w
   the kernel or file system lacks the exchange, two renames are used with the old
   directory parked as ``.NAME.rosafx-old-PID``; ``recover`` (run by every writer and by
   ``read_directory``) puts it back if a crash fell between the two renames.
+* A failure the user can fix (a full disk, a read-only folder, a link loop) leaves as an
+  ``OSError`` naming the target, not its hidden temporary (``naming``).
 """
 from __future__ import annotations
 
@@ -187,7 +189,7 @@ def naming(target):
     try:
         yield
     except Exception as exc:
-        code = user_errno(exc)
+        code = None if isinstance(exc, RosafxError) else user_errno(exc)  # a RosafxError already says it
         if code is None or (isinstance(exc, OSError) and exc.filename == str(target)):
             raise
         raise OSError(code, os.strerror(code), str(target)) from exc
