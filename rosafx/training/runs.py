@@ -274,6 +274,8 @@ class RunStart:
                 os.replace(self.path, aside)
                 os.replace(self.old, self.path)
                 self.old = aside  # ``close`` removes the new run from there
+        if run_state(self.path) == "empty":
+            (self.path / LOCK).unlink(missing_ok=True)  # the user's empty folder as it was
         return True
 
     def close(self) -> None:
