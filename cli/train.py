@@ -16,8 +16,8 @@ import typer
 from rosafx.training import distributed
 from rosafx.recipes import recipe
 from rosafx.errors import RosafxError
-from rosafx.training.runs import (CACHE, Run, begin_run, check_run_dir, check_same_inputs, input_fingerprint,
-                                  read_run, restart_run, run_state)
+from rosafx.training.run_dir import begin_run, check_run_dir, check_same_inputs, input_fingerprint, restart_run
+from rosafx.training.runs import CACHE, Run, read_run, run_state
 
 from rosafx.cli.errors import Interrupted
 from rosafx.cli.options import AlphaOpt, MethodOpt, OptionOpt, RankOpt, RulesOpt, TargetOpt

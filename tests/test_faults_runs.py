@@ -350,7 +350,7 @@ def test_a_killed_setup_leaves_a_temporary_the_next_run_removes(encoder, tmp_pat
 def test_two_fresh_runs_racing_for_a_new_run_directory(tmp_path, monkeypatch):
     """Both found RUN missing; the other one renamed its staged run in first: this one stops
     with a line naming RUN and removes its staging, the other's run untouched."""
-    import rosafx.training.runs as runs
+    import rosafx.training.run_dir as run_dir
     from rosafx.errors import RosafxError
     run, real_rename = tmp_path / "run", os.rename
 
@@ -359,17 +359,17 @@ def test_two_fresh_runs_racing_for_a_new_run_directory(tmp_path, monkeypatch):
             run.mkdir()
             (run / "run.json").write_text("theirs")
         return real_rename(src, dst)
-    monkeypatch.setattr(runs.os, "rename", the_other_writer_first)
+    monkeypatch.setattr(run_dir.os, "rename", the_other_writer_first)
     with pytest.raises(RosafxError, match=str(run)):
-        runs.begin_run(run, {"config": {}}, inputs=[], resume=False, overwrite=False)
+        run_dir.begin_run(run, {"config": {}}, inputs=[], resume=False, overwrite=False)
     assert (run / "run.json").read_text() == "theirs" and leftovers(tmp_path) == []
 
 
 def test_an_empty_run_directory_is_left_as_it_was_after_a_failure(tmp_path):
-    import rosafx.training.runs as runs
+    import rosafx.training.run_dir as run_dir
     run = tmp_path / "run"
     run.mkdir()
-    start = runs.begin_run(run, {"config": {}}, inputs=[], resume=False, overwrite=False)
+    start = run_dir.begin_run(run, {"config": {}}, inputs=[], resume=False, overwrite=False)
     assert (run / "run.json").exists()
     assert start.abandon(keep_new=False)
     start.close()
