@@ -16,6 +16,7 @@ import typer
 from rosafx.training import distributed
 from rosafx.recipes import recipe
 from rosafx.errors import RosafxError
+from rosafx.io.outputs import resolve
 from rosafx.training.run_dir import begin_run, check_run_dir, check_same_inputs, input_fingerprint, restart_run
 from rosafx.training.runs import CACHE, Run, read_run, run_state
 
@@ -92,7 +93,7 @@ def train(
         settings = recipe.resolve(flags, config)
     device = recipe.training_device(settings.get("device", "auto"), here)
     inputs = [p for p in (settings["model"], settings["data"], settings["eval"], settings["rules"]) if p]
-    run_dir = check_run_dir(out, inputs, resume=resume, overwrite=overwrite) if here.is_main else out.resolve()
+    run_dir = check_run_dir(out, inputs, resume=resume, overwrite=overwrite) if here.is_main else resolve(out)
     replacing = run_state(run_dir) if here.is_main and not resume else None
     spec = recipe.model_spec(settings["model"])
     tokenizer = recipe.open_tokenizer(spec.source)
