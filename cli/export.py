@@ -8,11 +8,12 @@ import typer
 
 import rosafx
 from rosafx.recipes.loading import open_model, read_source
+from rosafx.io.atomic import naming
 from rosafx.io.outputs import check_output
 from rosafx.recipes.run_model import export_run
 from rosafx.training.runs import is_run
 
-from rosafx.cli.options import TrustOpt
+from rosafx.cli.options import OverwriteOpt, TrustOpt
 
 
 def export(adapted: Annotated[Path, typer.Argument(help="Adapter directory written by `rosafx adapt`, or a RUN "
@@ -21,17 +22,18 @@ def export(adapted: Annotated[Path, typer.Argument(help="Adapter directory writt
                                              "model.onnx, tokenizer and config)")],
            merge: Annotated[bool, typer.Option("--merge/--no-merge", help="Fold adapters into the weights "
                                                "(required: adapter ops have no ONNX form)")] = True,
-           trust_pickle: TrustOpt = False) -> None:
+           trust_pickle: TrustOpt = False, overwrite: OverwriteOpt = False) -> None:
     """Merge the adapter into its base model and export ONNX, verified with onnxruntime.
 
     Example: rosafx export bert-lora --merge -o bert.onnx
     """
     if is_run(adapted):
-        typer.echo(str(export_run(adapted, out, merge=merge)))
+        typer.echo(str(export_run(adapted, out, merge=merge, overwrite=overwrite)))
         return
     source = read_source(adapted)  # untrusted: it names the model, the user's flags decide what may load
-    check_output(out, inputs=[adapted, source.path], kind="file")
+    check_output(out, inputs=[adapted, source.path], overwrite=overwrite, kind="file")  # before the slow work
     module, example_inputs = open_model(source, trust_pickle=trust_pickle)
     model = rosafx.load(module, adapted, example_inputs=example_inputs)
-    report = rosafx.export_onnx(model, out, merge=merge)
+    with naming(out):  # a full disk or a read-only folder is said of OUT, not of its hidden temporary
+        report = rosafx.export_onnx(model, out, merge=merge)
     typer.echo(str(report))

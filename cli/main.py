@@ -14,7 +14,7 @@ except ImportError:  # pragma: no cover - older typer uses click itself
 from rosafx.errors import RosafxError
 
 from rosafx.cli.adapt import EXAMPLES as ADAPT_EXAMPLES, adapt
-from rosafx.cli.errors import debug_enabled, fail
+from rosafx.cli.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, debug_enabled, describe_os_error, fail
 from rosafx.cli.evaluate import evaluate
 from rosafx.cli.export import export
 from rosafx.cli.inspect import inspect
@@ -38,12 +38,12 @@ app.command(help="List adapter methods (rosa = random subspace; rosa-robust = lo
 def main(argv: list[str] | None = None) -> None:
     try:
         # the raw arguments travel in obj: `train --nproc N` hands them to torchrun
-        app(args=argv, prog_name="rosafx", standalone_mode=False,
-            obj={"argv": list(sys.argv[1:] if argv is None else argv)})
+        code = app(args=argv, prog_name="rosafx", standalone_mode=False,
+                   obj={"argv": list(sys.argv[1:] if argv is None else argv)})
     except RosafxError as exc:
         if debug_enabled():
             raise
-        fail(str(exc))
+        fail(str(exc), getattr(exc, "exit_code", EXIT_USER_ERROR))
     except (click.exceptions.Abort, typer.Abort):
         fail("aborted")
     except (click.ClickException, TyperClickException) as exc:
@@ -54,7 +54,13 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # an internal error: still no traceback unless asked
         if debug_enabled():
             raise
-        fail(f"internal error: {type(exc).__name__}: {exc}", code=1)
+        fixable = describe_os_error(exc)  # a full disk, a read-only folder, a link loop: the user's to fix
+        fail(fixable or f"internal error: {type(exc).__name__}: {exc}", code=EXIT_USER_ERROR if fixable else 1)
+    # typer turns Ctrl-C (KeyboardInterrupt) into a returned 130 when not standalone: never exit 0 on it
+    if code == EXIT_INTERRUPTED:
+        fail("interrupted; nothing half-written was left (outputs are replaced whole or not at all).", code)
+    if isinstance(code, int) and code:
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,11 @@ import typer
 from rosafx.training import distributed
 from rosafx.recipes import recipe
 from rosafx.errors import RosafxError
-from rosafx.training.runs import check_run_dir, read_run, start_run_dir, write_run
+from rosafx.io.outputs import resolve
+from rosafx.training.run_dir import begin_run, check_run_dir, check_same_inputs, input_fingerprint, restart_run
+from rosafx.training.runs import CACHE, Run, read_run, run_state
 
+from rosafx.cli.errors import Interrupted
 from rosafx.cli.options import AlphaOpt, MethodOpt, OptionOpt, RankOpt, RulesOpt, TargetOpt
 
 EXAMPLES = """
@@ -78,59 +81,85 @@ def train(
     if nproc is not None:
         launch_torchrun(nproc, (ctx.obj or {}).get("argv"))
     here = distributed.init_from_torchrun()
+    # 1. everything is checked and built before RUN is touched: options, inputs, the adapted model
+    record = None
     if resume:
+        if here.is_main:
+            check_run_dir(out, [], resume=True, overwrite=overwrite)
         record = read_run(out)
-        asked = recipe.resolve({**record["config"], **{k: v for k, v in flags.items() if v is not None}})
-        given = [k for k, v in flags.items() if v is not None and asked[k] != record["config"].get(k)
-                 and k not in recipe.RESUMABLE_WITH_OTHER]
-        if given:
-            raise RosafxError(f"{out} was started with other options ({given}); --resume continues it as it "
-                              "was. Drop those flags, or start a new run.")
-        settings = {**record["config"], **{k: flags[k] for k in recipe.RESUMABLE_WITH_OTHER if flags.get(k)}}
+        settings = resumed_settings(out, record, flags, config)
         check_same_world(record, here)
     else:
         settings = recipe.resolve(flags, config)
-    device = recipe.training_device(settings.get("device", "auto"), here)    # checked before RUN is touched
-    inputs = [p for p in (settings["model"], settings["data"], settings["eval"]) if p]
-    with distributed.main_first():  # rank 0 checks and creates RUN and the token cache; the others then read them
-        run_dir = check_run_dir(out, inputs, resume=resume, overwrite=overwrite) if here.is_main else out.resolve()
-        spec = recipe.model_spec(settings["model"])
-        tokenizer = recipe.open_tokenizer(spec.source)
-        train_examples = recipe.read_examples(settings["data"], settings)
-        settings["task"] = train_examples.task
-        label_names = train_examples.label_names
-        eval_examples = recipe.read_examples(settings["eval"], settings, label_names) if settings["eval"] else None
-        recipe.check_head(settings, spec, label_names)
-        if here.is_main:
-            start_run_dir(run_dir, resume=resume)
-        cache = run_dir / "cache"
-        # every rank walks the global batches (per-process batch x world) and keeps its slice of rows
-        train_batches = recipe.batches_of(train_examples, tokenizer,
-                                          {**settings, "batch_size": settings["batch_size"] * here.size}, cache,
-                                          train=True)
-        eval_batches = (recipe.batches_of(eval_examples, tokenizer, settings, cache, train=False)
-                        if eval_examples and here.is_main else None)
-    inputs = recipe.example_inputs(tokenizer, settings, pairs=train_examples.pairs is not None)
-    adapted = recipe.on_device(recipe.build_adapted(settings, spec, label_names, inputs), device)
-    if not resume and here.is_main:
-        write_run(run_dir, {"config": settings, "label_names": label_names, "task": settings["task"],
-                            "pairs": train_examples.pairs is not None, "distributed": batch_record(settings, here)})
+    device = recipe.training_device(settings.get("device", "auto"), here)
+    inputs = [p for p in (settings["model"], settings["data"], settings["eval"], settings["rules"]) if p]
+    run_dir = check_run_dir(out, inputs, resume=resume, overwrite=overwrite) if here.is_main else resolve(out)
+    replacing = run_state(run_dir) if here.is_main and not resume else None
+    spec = recipe.model_spec(settings["model"])
+    tokenizer = recipe.open_tokenizer(spec.source)
+    train_examples = recipe.read_examples(settings["data"], settings)
+    settings["task"] = train_examples.task
+    label_names = train_examples.label_names
+    eval_examples = recipe.read_examples(settings["eval"], settings, label_names) if settings["eval"] else None
+    fingerprint = input_fingerprint({"data": settings["data"], "eval": settings["eval"]})
+    if resume:
+        check_same_inputs(out, record, fingerprint)
+        check_same_labels(out, record, settings["task"], label_names)
+    recipe.check_head(settings, spec, label_names)
+    inputs_example = recipe.example_inputs(tokenizer, settings, pairs=train_examples.pairs is not None)
+    adapted = recipe.on_device(recipe.build_adapted(settings, spec, label_names, inputs_example), device)
     echo = typer.echo if here.is_main else (lambda text: None)
-    echo(f"{len(train_examples)} training examples ({settings['task']}"
-         + (f", labels {label_names}" if label_names else "") + ")"
-         + (f", {len(eval_examples)} for evaluation" if eval_examples else "")
-         + (f"; {here.size} processes, global batch {batch_record(settings, here)['global_batch']}"
-            if here.size > 1 else ""))
-    loss, metrics = recipe.task_loss_and_metrics(settings["task"])
-    best = settings["best_metric"] or (recipe.best_metric_of(settings["task"]) if eval_examples else None)
-    history = distributed.fit_distributed(
-        adapted, train_batches, loss, eval_batches=eval_batches, metrics=metrics,
-        steps=settings["max_steps"], epochs=None if settings["max_steps"] else (settings["epochs"] or 1),
-        lr=settings["lr"], weight_decay=settings["weight_decay"], schedule=settings["schedule"],
-        warmup_ratio=settings["warmup_ratio"], grad_accum=settings["grad_accum"], precision=settings["precision"],
-        eval_every=settings["eval_every"], save_every=settings["save_every"], run=run_dir, resume=resume,
-        best_metric=best, calibration_batches=settings["calibration_batches"], seed=settings["seed"],
-        compile=bool(settings.get("compile")), grad_checkpoint=settings.get("grad_checkpoint") or False)
+    # 2. RUN: locked for this process; a fresh run is swapped in whole with its run.json
+    new_record = None if resume else {
+        "config": settings, "label_names": label_names, "task": settings["task"],
+        "pairs": train_examples.pairs is not None, "distributed": batch_record(settings, here), "inputs": fingerprint}
+    start = None
+    try:
+        with distributed.main_first():  # rank 0 sets RUN up and writes the token cache; the others then read them
+            if here.is_main:
+                start = begin_run(run_dir, new_record, inputs=inputs, resume=resume, overwrite=overwrite)
+                if replacing == "unfinished":
+                    echo(f"replacing the unfinished run in {run_dir} (it stopped before its run.json was written)")
+            restart = resume and Run(run_dir).latest_checkpoint() is None
+            if restart and here.is_main:
+                echo(f"{run_dir} has no checkpoint yet: starting it again from step 0 with its recorded options")
+                restart_run(run_dir)
+            cache = run_dir / CACHE
+            # every rank walks the global batches (per-process batch x world) and keeps its slice of rows
+            train_batches = recipe.batches_of(train_examples, tokenizer,
+                                              {**settings, "batch_size": settings["batch_size"] * here.size}, cache,
+                                              train=True)
+            eval_batches = (recipe.batches_of(eval_examples, tokenizer, settings, cache, train=False)
+                            if eval_examples and here.is_main else None)
+        echo(f"{len(train_examples)} training examples ({settings['task']}"
+             + (f", labels {label_names}" if label_names else "") + ")"
+             + (f", {len(eval_examples)} for evaluation" if eval_examples else "")
+             + (f"; {here.size} processes, global batch {batch_record(settings, here)['global_batch']}"
+                if here.size > 1 else ""))
+        loss, metrics = recipe.task_loss_and_metrics(settings["task"])
+        best = settings["best_metric"] or (recipe.best_metric_of(settings["task"]) if eval_examples else None)
+        history = distributed.fit_distributed(
+            adapted, train_batches, loss, eval_batches=eval_batches, metrics=metrics,
+            steps=settings["max_steps"], epochs=None if settings["max_steps"] else (settings["epochs"] or 1),
+            lr=settings["lr"], weight_decay=settings["weight_decay"], schedule=settings["schedule"],
+            warmup_ratio=settings["warmup_ratio"], grad_accum=settings["grad_accum"], precision=settings["precision"],
+            eval_every=settings["eval_every"], save_every=settings["save_every"], run=run_dir,
+            resume=resume and not restart, best_metric=best, calibration_batches=settings["calibration_batches"],
+            seed=settings["seed"], compile=bool(settings.get("compile")),
+            grad_checkpoint=settings.get("grad_checkpoint") or False)
+    except BaseException as exc:
+        # before the new run's first checkpoint nothing of it is worth more than the earlier run
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        try:
+            undone = start is not None and start.abandon(keep_new=interrupted)
+        except Exception:  # the first error is the one to report; RUN is then the new run, resumable
+            undone = False
+        if interrupted:
+            raise Interrupted(interrupted_message(out, run_dir, start is not None, undone)) from None
+        raise
+    finally:
+        if start is not None:
+            start.close()
     distributed.leave()
     if history.compile_seconds is not None:
         echo(f"torch.compile: first step {history.compile_seconds:.1f} s more than a later step; "
@@ -138,6 +167,37 @@ def train(
     last = history.evals[-1] if history.evals else history.steps[-1]
     echo("final: " + ", ".join(f"{k} {v:.4g}" for k, v in last.items() if isinstance(v, float)))
     echo(f"wrote {run_dir} (adapter in {run_dir / 'adapter'}; `rosafx export {out} --merge -o OUT`)")
+
+
+def resumed_settings(out: Path, record: dict, flags: dict, config_file: Optional[Path]) -> dict:
+    """The recorded options; every option given again (flags, --config) must equal them,
+    except where the run executes (``recipe.RESUMABLE_WITH_OTHER``)."""
+    given = dict(recipe.read_config_file(config_file)) if config_file is not None else {}
+    given.update({k: v for k, v in flags.items() if v is not None})
+    asked = recipe.resolve({**record["config"], **given})
+    differ = sorted(k for k in given if asked[k] != record["config"].get(k) and k not in recipe.RESUMABLE_WITH_OTHER)
+    if differ:
+        shown = ", ".join(f"{k}: {record['config'].get(k)!r} -> {asked[k]!r}" for k in differ)
+        raise RosafxError(f"{out} was started with other options ({shown}); --resume continues it as it was. Drop "
+                          "those options (flags or --config), or start a new run.")
+    return {**record["config"], **{k: asked[k] for k in recipe.RESUMABLE_WITH_OTHER if k in given}}
+
+
+def check_same_labels(out: Path, record: dict, task: str, label_names) -> None:
+    if task != record["task"] or label_names != record["label_names"]:
+        raise RosafxError(f"{out} was started on data with task {record['task']} and labels {record['label_names']}; "
+                          f"the data now gives {task} and {label_names}. Resume on the data it started with, or "
+                          "start a new run.")
+
+
+def interrupted_message(out: Path, run_dir: Path, started: bool, undone: bool) -> str:
+    if not started:
+        return f"interrupted before {out} was written; nothing was changed there."
+    if undone:
+        return f"interrupted before the new run's first checkpoint; {out} holds the earlier run again, unchanged."
+    last = Run(run_dir).latest_checkpoint()
+    kept = f"its last checkpoint ({last.name}) is whole" if last else "it has no checkpoint yet (it starts from step 0)"
+    return f"interrupted: `rosafx train -o {out} --resume` continues {out}; {kept}."
 
 
 def batch_record(settings: dict, here: distributed.World) -> dict:

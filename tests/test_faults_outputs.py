@@ -1,6 +1,7 @@
 """Fault matrix, outputs: no command destroys the input or data rosafx did not write, and
 after kill -9 at any moment the next run finds the old or the new output whole and
 removes its own leftovers."""
+import itertools
 import json
 import os
 import signal
@@ -78,6 +79,40 @@ def test_export_never_overwrites_inputs_or_directories(row, fault_models, tmp_pa
     assert snapshot(out) == before
 
 
+def test_export_to_a_file_inside_an_input_is_refused_even_with_overwrite(fault_models, tmp_path, capsys):
+    """issue 23: `export ADAPTER -o FILE` wrote over the adapter's own tensors and over the
+    base model's model.safetensors (a path inside an input)."""
+    bert = copy_tree(fault_models["hf"], tmp_path / "bert")
+    assert cli(capsys, "adapt", bert, "--method", "lora", "--target", "query", "--rank", "2",
+               "-o", tmp_path / "adapter").code == 0
+    adapter = tmp_path / "adapter"
+    for out, overwrite in itertools.product((adapter / "adapter.safetensors", bert / "model.safetensors",
+                                             bert / "new.onnx"), ((), ("--overwrite",))):
+        before = snapshot(tmp_path)
+        assert_user_error(cli(capsys, "export", adapter, "-o", out, *overwrite), str(out.parent.name), "input")
+        assert snapshot(tmp_path) == before
+
+
+def test_export_replaces_an_existing_file_only_with_overwrite(fault_models, tmp_path, capsys, monkeypatch):
+    """issue 23: a user's data file given as `-o` was silently replaced by the ONNX."""
+    monkeypatch.setattr(rosafx, "export_onnx", lambda model, path, **kw: Path(path).write_bytes(b"onnx"))  # fast
+    out = tmp_path / "results.csv"
+    out.write_text("years,of,work\n")
+    assert_user_error(cli(capsys, "export", fault_models["adapter"], "-o", out), str(out), "--overwrite")
+    assert out.read_text() == "years,of,work\n"
+    assert cli(capsys, "export", fault_models["adapter"], "-o", out, "--overwrite").code == 0
+    assert out.read_bytes() == b"onnx"
+
+
+def test_a_directory_output_inside_an_input_is_refused(fault_models, tmp_path, capsys):
+    bert = copy_tree(fault_models["hf"], tmp_path / "bert")
+    before = snapshot(bert)
+    for extra in ((), ("--overwrite",)):
+        assert_user_error(cli(capsys, "adapt", bert, "--method", "lora", "--target", "query", "-o", bert / "lora",
+                              *extra), "inside the input")
+    assert snapshot(bert) == before
+
+
 def test_api_save_refuses_foreign_directory(fault_models, tmp_path):
     import torch
     from models import functional_linear
@@ -151,11 +186,11 @@ import rosafx_light.io.atomic as atomic
 
 moment, out = sys.argv[2], sys.argv[3]
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
-real_replace, real_exchange = os.replace, atomic._exchange
+real_replace, real_exchange = os.replace, atomic.exchange
 if moment == "after exchange":
-    atomic._exchange = lambda a, b: real_exchange(a, b) and die()
+    atomic.exchange = lambda a, b: real_exchange(a, b) and die()
 if moment == "between renames":
-    atomic._exchange = lambda a, b: False
+    atomic.exchange = lambda a, b: False
     def replace(src, dst):
         real_replace(src, dst)
         if atomic.OLD_TAG in str(dst):
@@ -287,7 +322,7 @@ def test_kill_during_adapt_and_export(fault_models, tmp_path, capsys):
     runs = [subprocess.Popen([sys.executable, "-c", CLI_KILLER, *map(str, argv)], stderr=subprocess.PIPE, text=True,
                              env=env)
             for argv in (["adapt writing", "adapt", fault_models["pt2"], *ADAPT[:-1], "3", "-o", out],
-                         ["onnx written", "export", fault_models["adapter"], "-o", previous])]
+                         ["onnx written", "export", fault_models["adapter"], "-o", previous, "--overwrite"])]
     for run in runs:
         _assert_killed(run)
     assert snapshot(out) == old_adapter

@@ -2,7 +2,6 @@
 export (onnxruntime), with the same readers, tokenizer, label names and metrics."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +11,7 @@ from rosafx.recipes import recipe
 from rosafx.recipes.data import Batches, encode, model_inputs, scores
 from rosafx.recipes.data.metrics import TaskMetrics
 from rosafx.errors import RosafxError
-from rosafx.io.reading import read_json
-from rosafx.recipes.data.examples import TASKS
-from rosafx.recipes.run_model import EXPORT_MARK, ONNX_NAME, READING_KEYS, open_run
+from rosafx.recipes.run_model import ONNX_NAME, open_run, read_export_record
 from rosafx.training.runs import is_run
 
 
@@ -42,10 +39,7 @@ def _evaluate_run(run_dir: Path, data, progress: bool) -> dict:
 def _evaluate_onnx(onnx_file: Path, data) -> dict:
     from transformers import AutoTokenizer
     folder = onnx_file.parent
-    mark = folder / EXPORT_MARK
-    if not mark.exists():
-        raise RosafxError(f"{folder} has no {EXPORT_MARK}: evaluate reads ONNX written by `rosafx export RUN`.")
-    info = export_record(mark)
+    info = read_export_record(folder)  # checked: a damaged record is a one-line error
     settings = {**recipe.DEFAULTS, **info.get("reading", {}), "task": info["task"]}
     session = onnx_session(onnx_file)  # before the data is read: a file that is not a model fails fast
     try:
@@ -57,31 +51,6 @@ def _evaluate_onnx(onnx_file: Path, data) -> dict:
     batches = Batches(encode(examples, tokenizer, settings["max_length"]), settings["batch_size"])
     classes = len(info["label_names"]) if info["task"] == "classification" else None
     return {"examples": len(examples), **onnx_scores(session, batches, info["task"], classes)}
-
-
-def export_record(mark: Path) -> dict:
-    """``rosafx_export.json``, checked before its values are used (it is a file anyone can edit)."""
-    info = read_json(mark, "the export record")
-    task, names, reading = info.get("task"), info.get("label_names"), info.get("reading", {})
-    bad = None
-    if task not in TASKS:
-        bad = f"'task' is {task!r}, not one of {TASKS}"
-    elif task == "classification" and not (isinstance(names, list) and len(names) >= 2
-                                           and all(isinstance(n, str) for n in names)):
-        bad = "'label_names' must list the run's class names"
-    elif not isinstance(reading, dict) or not set(reading) <= set(READING_KEYS):
-        bad = f"'reading' must be an object with keys among {READING_KEYS}"
-    elif not all(isinstance(reading.get(k), (str, type(None))) for k in ("text_column", "pair_column", "label_column")):
-        bad = "'reading' column names must be strings"
-    elif not all(_positive_int(reading.get(k, 1)) for k in ("max_length", "batch_size")):
-        bad = "'reading' max_length and batch_size must be positive integers"
-    if bad:
-        raise RosafxError(f"{mark} is not a valid rosafx export record: {bad}. Export the run again.")
-    return info
-
-
-def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 # the integer types an exported model may take token ids and masks as (the batches hold int64)

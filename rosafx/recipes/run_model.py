@@ -12,10 +12,12 @@ from pathlib import Path
 
 from rosafx.recipes import recipe
 from rosafx.io.atomic import atomic_directory
+from rosafx.io.outputs import EXPORT_MARK, check_output
 from rosafx.errors import RosafxError
+from rosafx.io.reading import read_json
+from rosafx.recipes.data.examples import TASKS
 from rosafx.training.runs import ADAPTER, read_run
 
-EXPORT_MARK = "rosafx_export.json"
 # how the run read its data: evaluate reads other files the same way
 READING_KEYS = ("text_column", "pair_column", "label_column", "max_length", "batch_size")
 ONNX_NAME = "model.onnx"
@@ -41,24 +43,45 @@ def open_run(run_dir):
     return adapted, tokenizer, record
 
 
-def check_output_dir(out: Path, inputs: list[Path]) -> None:
-    out = out.resolve()
-    for item in inputs:
-        item = Path(item).resolve()
-        if out == item or out in item.parents or item in out.parents:
-            raise RosafxError(f"-o {out} overlaps the input {item}: choose an output directory apart from them.")
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / EXPORT_MARK).exists())):
-        raise RosafxError(f"-o {out} exists and is not an earlier `rosafx export` of a run; choose a new directory.")
+def read_export_record(folder) -> dict:
+    """OUT/rosafx_export.json, checked before its values are used (it is a file anyone can edit):
+    a damaged one is a one-line error, not a crash later."""
+    mark = Path(folder) / EXPORT_MARK
+    if not mark.is_file():
+        raise RosafxError(f"{folder} has no {EXPORT_MARK}: evaluate reads ONNX written by `rosafx export RUN`.")
+    info = read_json(mark, "the export record")
+    task, names, reading = info.get("task"), info.get("label_names"), info.get("reading", {})
+    bad = None
+    if task not in TASKS:
+        bad = f"'task' is {task!r}, not one of {TASKS}"
+    elif task == "classification" and not (isinstance(names, list) and len(names) >= 2
+                                           and all(isinstance(n, str) for n in names)):
+        bad = "'label_names' must list the run's class names"
+    elif not isinstance(reading, dict) or not set(reading) <= set(READING_KEYS):
+        bad = f"'reading' must be an object with keys among {READING_KEYS}"
+    elif not all(isinstance(reading.get(k), (str, type(None))) for k in ("text_column", "pair_column", "label_column")):
+        bad = "'reading' column names must be strings"
+    elif not all(_positive_int(reading.get(k, 1)) for k in ("max_length", "batch_size")):
+        bad = "'reading' max_length and batch_size must be positive integers"
+    if bad:
+        raise RosafxError(f"{mark} is damaged: {bad}. Export the run again (`rosafx export RUN -o OUT`).")
+    return info
 
 
-def export_run(run_dir, out, *, merge: bool = True):
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def export_run(run_dir, out, *, merge: bool = True, overwrite: bool = False):
     import rosafx
     run_dir, out = Path(run_dir), Path(out)
     record = read_run(run_dir)
-    check_output_dir(out, [run_dir, Path(record["config"]["model"])])
+    inputs = [run_dir, record["config"]["model"]]
+    check_output(out, inputs=inputs, overwrite=overwrite)  # the rule every command follows
     if not merge:
         raise RosafxError("A run exports merged only (adapter ops have no ONNX form): use --merge.")
     adapted, tokenizer, record = open_run(run_dir)
+    check_output(out, inputs=inputs, overwrite=overwrite)  # again: it may have changed while the model loaded
     with atomic_directory(out) as tmp:
         report = rosafx.export_onnx(adapted, tmp / ONNX_NAME, merge=True)
         report.path = str(out / ONNX_NAME)

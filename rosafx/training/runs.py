@@ -7,23 +7,25 @@
     RUN/metrics.jsonl       one line per step (step, epoch, loss, lr, time) and per evaluation
     RUN/plot.png            loss and evaluation metrics against the step (needs matplotlib)
     RUN/checkpoints/step-N/ adapter + state.pt (optimizer, schedule, RNG, data position, method state)
+    RUN/cache/              the tokenized data (keyed by its contents)
+    RUN/.lock               flock'ed by the one process writing RUN (``run_lock``)
 
 Every directory is written under a temporary name and renamed when complete, so a kill -9
 at any moment leaves the last complete checkpoint usable; ``latest_checkpoint`` ignores the
-temporaries.
+temporaries. How a RUN is checked, locked, swapped in and resumed: ``run_dir``.
 """
 from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from rosafx.io.atomic import atomic_directory, atomic_file, remove_atomically
 from rosafx.errors import RosafxError
+from rosafx.io.atomic import atomic_directory, atomic_file, naming, remove_atomically
+from rosafx.training.run_lock import LOCK
 
 CHECKPOINTS, ADAPTER, BEST = "checkpoints", "adapter", "best"
 METRICS, PLOT, CONFIG, STATE = "metrics.jsonl", "plot.png", "run.json", "state.pt"
@@ -38,7 +40,7 @@ class Run:
     # metrics
     def log(self, record: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        with (self.path / METRICS).open("a") as handle:
+        with naming(self.path / METRICS), (self.path / METRICS).open("a") as handle:
             handle.write(json.dumps(record) + "\n")
 
     def records(self) -> list[dict]:
@@ -71,7 +73,8 @@ class Run:
         target = self.path / CHECKPOINTS / f"step-{step:08d}"
         with atomic_directory(target) as tmp:
             write_adapter(model, tmp)
-            torch.save(state, tmp / STATE)
+            with open(tmp / STATE, "wb") as handle:  # a file object: a full disk raises OSError(ENOSPC), not
+                torch.save(state, handle)            # the RuntimeError torch's own file writer gives
         for old in self.checkpoints()[:-self.keep_checkpoints]:
             remove_atomically(old)  # a kill mid-delete leaves a hidden leftover, never a half checkpoint
         return target
@@ -128,52 +131,80 @@ class Run:
 
 
 RUN_FORMAT = "rosafx-run"
+CACHE = "cache"
+_CACHE_FILE = re.compile(r"\.?tokens-[0-9a-f]+\.pt.*")  # the token cache (and its temporaries) an unfinished run left
 
 
 def is_run(path) -> bool:
     return (Path(path) / CONFIG).is_file()
 
 
+def is_unfinished_run(path) -> bool:
+    """A RUN an older rosafx created and then stopped in before writing run.json (killed or
+    failed while tokenizing or building the model): nothing in it but the token cache."""
+    path = Path(path)
+    if not path.is_dir() or is_run(path):
+        return False
+    names = {p.name for p in path.iterdir()} - {LOCK}
+    cache = path / CACHE
+    return names == {CACHE} and cache.is_dir() and all(_CACHE_FILE.fullmatch(p.name) for p in cache.iterdir())
+
+
+def run_state(path) -> str:
+    """missing | file | empty | run | unfinished | foreign (a directory of someone else's files)."""
+    path = Path(path)
+    if not (path.exists() or path.is_symlink()):
+        return "missing"
+    if not path.is_dir():
+        return "file"
+    if is_run(path):
+        return "run"
+    if not {p.name for p in path.iterdir()} - {LOCK}:
+        return "empty"
+    return "unfinished" if is_unfinished_run(path) else "foreign"
+
+
 def read_run(path) -> dict:
+    """RUN/run.json, checked: a damaged or foreign record is a one-line error, not a crash later."""
     path = Path(path)
     if not is_run(path):
+        if is_unfinished_run(path):
+            raise RosafxError(f"{path} is an unfinished run: it stopped before its {CONFIG} was written, so nothing "
+                              "was trained. Run the same `rosafx train` command without --resume to start it again.")
         raise RosafxError(f"{path} is not a rosafx run directory (no {CONFIG}); `rosafx train ... -o RUN` makes one.")
-    record = json.loads((path / CONFIG).read_text())
-    if record.get("format") != RUN_FORMAT:
-        raise RosafxError(f"{path / CONFIG} is not a rosafx run record.")
+    file = path / CONFIG
+    try:
+        record = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise RosafxError(f"Cannot read {file}: {exc}. The run record is damaged; start the run again with "
+                          "--overwrite.") from exc
+    if not isinstance(record, dict) or record.get("format") != RUN_FORMAT:
+        raise RosafxError(f"{file} is not a rosafx run record.")
+    problem = _record_problem(record)
+    if problem:
+        raise RosafxError(f"{file} is damaged ({problem}); start the run again with --overwrite.")
     return record
+
+
+def _record_problem(record: dict) -> str | None:
+    config = record.get("config")
+    if not isinstance(config, dict):
+        return "'config' is not a mapping"
+    for key in ("model", "data"):
+        if not isinstance(config.get(key), str):
+            return f"config.{key} is not a path"
+    if not isinstance(record.get("task"), str):
+        return "'task' is not a string"
+    names = record.get("label_names")
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        return "'label_names' is not a list of strings"
+    if not isinstance(record.get("pairs"), bool):
+        return "'pairs' is not true or false"
+    if not isinstance(record.get("distributed", {}), dict) or not isinstance(record.get("inputs", {}), dict):
+        return "'distributed' or 'inputs' is not a mapping"
+    return None
 
 
 def write_run(path, record: dict) -> None:
     with atomic_file(Path(path) / CONFIG) as tmp:
         tmp.write_text(json.dumps({"format": RUN_FORMAT, "version": 1, **record}, indent=2, sort_keys=True))
-
-
-def check_run_dir(path, inputs: list, *, resume: bool, overwrite: bool) -> Path:
-    """Check RUN before anything is written: never an input, never a directory of someone
-    else's files; an earlier run only with --resume (continue) or --overwrite (start again)."""
-    path = Path(path).resolve()
-    for item in inputs:
-        item = Path(item).resolve()
-        if path == item or path in item.parents or item in path.parents:
-            raise RosafxError(f"-o {path} overlaps the input {item}: choose an output directory apart from the "
-                              "model and the data.")
-    if resume:
-        read_run(path)
-        return path
-    if path.exists() and not path.is_dir():
-        raise RosafxError(f"-o {path} is a file; RUN is a directory.")
-    if path.is_dir() and any(path.iterdir()):
-        if not is_run(path):
-            raise RosafxError(f"-o {path} is a directory that rosafx did not write; choose a new or empty directory.")
-        if not overwrite:
-            raise RosafxError(f"{path} holds an earlier run: --resume continues it, --overwrite starts it again.")
-    return path
-
-
-def start_run_dir(path: Path, *, resume: bool) -> Path:
-    """After ``check_run_dir`` and once the inputs have been read: clear an earlier run, create RUN."""
-    if not resume and is_run(path):
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
