@@ -105,8 +105,8 @@ def encode(examples: Examples, tokenizer, max_length: int, cache_dir=None) -> En
     encoded = Encoded(examples.task, torch.cat(ids) if ids else torch.zeros(0, dtype=torch.int32), offsets,
                       torch.cat(types) if types else None, labels, pad_id_of(tokenizer))
     if path is not None:
-        with atomic_file(path) as tmp:
-            torch.save(encoded.to_dict(), tmp)
+        with atomic_file(path) as tmp, open(tmp, "wb") as handle:  # a file object: a full disk is
+            torch.save(encoded.to_dict(), handle)                     # OSError(ENOSPC), a one-line error
     return encoded
 
 
