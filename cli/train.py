@@ -80,7 +80,7 @@ def train(
     here = distributed.init_from_torchrun()
     if resume:
         record = read_run(out)
-        asked = recipe.resolve({**record["config"], **{k: v for k, v in flags.items() if v is not None}})
+        asked = recipe.resolve(flags, run_config=record["config"])
         given = [k for k, v in flags.items() if v is not None and asked[k] != record["config"].get(k)
                  and k not in recipe.RESUMABLE_WITH_OTHER]
         if given:

@@ -64,6 +64,8 @@ def identify(path) -> ModelSource:
         if not (path / "config.json").exists():
             raise RosafxError(f"{path} is a directory without config.json: not a Hugging Face model directory.")
         return ModelSource(str(path.resolve()), "hf")
+    from rosafx.io.reading import check_regular_file
+    check_regular_file(path, "MODEL: a Hugging Face model directory, a .pt2 file or a pickled .pt")
     if path.suffix == ".pt2":
         return ModelSource(str(path.resolve()), "pt2")
     if path.suffix in PICKLE_SUFFIXES:
