@@ -131,3 +131,12 @@ def test_train_flags_are_the_options_table():
         base = typing.get_args(hint)[0]  # Annotated[Optional[T], Option] -> Optional[T]
         assert typing.get_args(base)[0] == python_type[OPTIONS[name].kind], name
 
+
+@pytest.mark.parametrize("rules", [["--target", "TYPO"], ["--target", "query", "--target", "TYPO"]])
+def test_a_target_that_matches_nothing_is_an_error_in_train_as_in_adapt(rules, model_dir, tmp_path, capsys):
+    """train adds a `full` rule for its new head, so the rules as a whole always matched
+    something: each rule must select something by itself."""
+    words = ["TYPO", "matches no linear site"]
+    assert_user_error(train(capsys, model_dir, tmp_path / "run", *rules), *words)
+    assert_user_error(cli(capsys, "adapt", model_dir, "--method", "lora", *rules, "-o", tmp_path / "a"), *words)
+    assert not (tmp_path / "a").exists()
