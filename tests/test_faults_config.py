@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from faults_common import assert_user_error, cli
+from faults_common import assert_user_error, cli, copy_tree, snapshot
 
 GLUE = Path(__file__).parent / "data" / "glue"
 SST = GLUE / "SST-2" / "train.tsv"
@@ -140,3 +140,78 @@ def test_a_target_that_matches_nothing_is_an_error_in_train_as_in_adapt(rules, m
     assert_user_error(train(capsys, model_dir, tmp_path / "run", *rules), *words)
     assert_user_error(cli(capsys, "adapt", model_dir, "--method", "lora", *rules, "-o", tmp_path / "a"), *words)
     assert not (tmp_path / "a").exists()
+
+
+# ---------------------------------------------------------------- the model folder train opens
+def _no_weights(model):
+    (model / "model.safetensors").unlink()
+
+
+def _truncated_weights(model):
+    data = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+def _unknown_type(model):
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "model_type": "nosuchmodel"}))
+
+
+def _no_tokenizer(model):
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        (model / name).unlink(missing_ok=True)
+
+
+MODEL_ROWS = {
+    "no weights": (_no_weights, ["no model weights"]),
+    "truncated weights": (_truncated_weights, ["model.safetensors", "damaged"]),
+    "unknown model type": (_unknown_type, ["nosuchmodel"]),
+    "no tokenizer files": (_no_tokenizer, ["no tokenizer files"]),
+}
+
+
+@pytest.mark.parametrize("row", list(MODEL_ROWS))
+def test_damaged_model_folder_is_refused_before_run_is_created(row, model_dir, tmp_path, capsys):
+    damage, words = MODEL_ROWS[row]
+    model = copy_tree(model_dir, tmp_path / "bert")
+    damage(model)
+    before = snapshot(model)
+    assert_user_error(train(capsys, model, tmp_path / "run"), "bert", *words)
+    assert snapshot(model) == before and not (tmp_path / "run").exists()
+
+
+def test_train_does_not_unpickle_pytorch_model_bin(model_dir, tmp_path, capsys):
+    """docs/security.md: a folder with only pickled weights is refused; train takes no --trust-pickle."""
+    import hostile
+    model = copy_tree(model_dir, tmp_path / "bert")
+    (model / "model.safetensors").unlink()
+    marker = tmp_path / "marker"
+    (model / "pytorch_model.bin").write_bytes(hostile.torch_pickle_payload(marker))
+    assert_user_error(train(capsys, model, tmp_path / "run"), "pytorch_model.bin", "safetensors")
+    assert not marker.exists() and not (tmp_path / "run").exists()
+
+
+def test_causal_lm_on_a_bidirectional_encoder_is_refused(model_dir, tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text("a first line of text\nand a second one\n")
+    result = cli(capsys, "train", model_dir, "--task", "causal-lm", "--data", text, *FAST, "-o", tmp_path / "run")
+    assert_user_error(result, "bert", "bidirectional", "is_decoder")
+
+
+@pytest.mark.parametrize("decoder", [False, True])
+def test_the_future_check_tells_an_encoder_from_a_decoder(decoder):
+    """Reference: transformers' own is_decoder switch turns BERT's attention causal."""
+    from transformers import BertConfig, BertLMHeadModel, GPT2Config, GPT2LMHeadModel
+
+    from rosafx.errors import RosafxError
+    from rosafx.recipes.heads import check_sees_no_future
+    torch.manual_seed(0)
+    bert = BertLMHeadModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=24, is_decoder=decoder)).eval()
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2)).eval()
+    check_sees_no_future(gpt2, "gpt2")
+    if decoder:
+        check_sees_no_future(bert, "bert")
+    else:
+        with pytest.raises(RosafxError, match="bidirectional"):
+            check_sees_no_future(bert, "bert")

@@ -14,7 +14,7 @@ from rosafx.errors import RosafxError
 from rosafx.io.reading import check_regular_file, read_json_or_yaml
 from rosafx.recipes import options
 from rosafx.recipes.heads import new_head_paths, open_task_model
-from rosafx.recipes.loading import ModelSource, identify, read_source
+from rosafx.recipes.loading import ModelSource, check_hf_weights, hf_config, identify, read_source
 from rosafx.recipes.rule_flags import build_rules
 
 # Every key `rosafx train` takes (flags, --config file, run.json), with its default: rosafx/recipes/options.py.
@@ -104,12 +104,32 @@ def model_spec(model_path) -> ModelSpec:
     return ModelSpec(identify(path), None)
 
 
+# A file that holds a tokenizer's vocabulary, in one of the forms transformers saves.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "tokenizer.model",
+                   "sentencepiece.bpe.model", "sentencepiece.model", "vocab.model", "spm.model")
+
+
 def open_tokenizer(source: ModelSource):
     if source.kind != "hf":
         raise RosafxError(f"{source.path} is a {source.kind} file: training on text needs a Hugging Face model "
                           "directory (its tokenizer and config). Export the HF model directory instead.")
+    directory = Path(source.path)
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        # AutoTokenizer would build a tokenizer of the special tokens alone (5 for BERT): every word unknown
+        raise RosafxError(f"{directory} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): save the "
+                          "model's tokenizer there with tokenizer.save_pretrained(DIR).")
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(source.path, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
+    except Exception as exc:  # a damaged or foreign tokenizer file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise RosafxError(f"Cannot load the tokenizer in {directory}: {first}. Save it again with "
+                          "tokenizer.save_pretrained(DIR).") from exc
+    embedded = getattr(hf_config(directory), "vocab_size", None)
+    if isinstance(embedded, int) and len(tokenizer) > embedded:
+        raise RosafxError(f"The tokenizer in {directory} has {len(tokenizer)} tokens, but the model embeds "
+                          f"{embedded} (vocab_size): they are not a pair. Save the model's own tokenizer there.")
+    return tokenizer
 
 
 def read_examples(path, config: dict, label_names: list[str] | None = None) -> Examples:
@@ -137,6 +157,7 @@ def check_head(config: dict, spec: ModelSpec, label_names) -> None:
         return
     hf_config, kind = check_task_fits(spec.source.path, config["task"], label_names)
     check_max_length(config["max_length"], hf_config, spec.source.path)
+    check_hf_weights(spec.source.path)  # no weights, truncated or pickled ones: before RUN is written
     if spec.adapter_dir is not None and kind is None:
         raise RosafxError(f"{spec.adapter_dir} was adapted on {spec.source.path}, which has no {config['task']} "
                           "head; adapt the model with its task head, or train from the base model with --method.")
