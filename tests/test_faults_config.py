@@ -115,8 +115,8 @@ def test_damaged_run_json_value_names_run_json(model_dir, tmp_path, capsys):
 
 
 def test_train_flags_are_the_options_table():
-    """The command line and the options table name the same options (a few are for --config
-    files only), with the same types."""
+    """`rosafx train` has a flag for each option of the table that has one (a few are for
+    --config files only), of the table's type, and no other option that reaches run.json."""
     import inspect
 
     from rosafx.cli.train import train as command

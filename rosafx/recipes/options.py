@@ -4,8 +4,8 @@ The command line, a ``--config`` file (YAML or JSON) and ``RUN/run.json`` hold t
 and every value from any of them goes through ``checked`` against this table: a string where a
 list is expected, ``NaN`` epochs, a zero batch, a learning rate that overflows or a nested
 mapping is a one-line error naming the option and where it came from, before anything runs.
-``cli/train.py`` takes each flag's help text from here; ``tests/test_faults_config.py`` checks
-that its flags and this table name the same options with the same types.
+``rosafx train``'s flags are made from this table (``cli/options.flag``: type and help), and
+``tests/test_faults_config.py`` checks that the command names every option that has a flag.
 """
 from __future__ import annotations
 
@@ -160,7 +160,3 @@ def checked(values: dict, where: str | None = None) -> dict:
         source = "the command line" if where is None else where
         raise RosafxError(f"{source}: unknown option(s) {unknown[:8]}. Known: {sorted(OPTIONS)}.")
     return {key: OPTIONS[key].check(value, where) for key, value in values.items()}
-
-
-def help_of(name: str) -> str:
-    return OPTIONS[name].help
