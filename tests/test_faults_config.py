@@ -87,6 +87,9 @@ ALIAS_BOMB = "a: &a [xxxxxxxx, xxxxxxxx]\n" + "".join(
     ("c.yaml", "target: " + "[" * 50 + "]" * 50 + "\n", ["c.yaml", "target", "list"]),
     ("c.yaml", ALIAS_BOMB, ["c.yaml", "aliases"]),
     ("c.yaml", "x: !!python/object/apply:os.system [echo hi]\n", ["c.yaml", "YAML"]),
+    ("c.yaml", "seed: " + "1" * 5000 + "\n", ["c.yaml", "YAML"]),
+    ("c.yaml", "lr: !!float fast\n", ["c.yaml", "YAML"]),
+    ("c.yaml", "data: 2001-02-30\n", ["c.yaml", "YAML"]),
     ("c.json", '{"lr": NaN}', ["c.json", "NaN"]),
     ("c.json", '{"target": "query"}', ["c.json", "target", "list"]),
     ("c.json", '{"rank": ' + "[" * 100000 + "]" * 100000 + "}", ["c.json"]),
@@ -110,8 +113,10 @@ def test_damaged_run_json_value_names_run_json(model_dir, tmp_path, capsys):
     config = {"model": str(model_dir), "data": str(SST), "lr": "fast"}
     (run / "run.json").write_text(json.dumps({"format": "rosafx-run", "version": 1, "config": config}))
     before = (run / "run.json").read_text()
-    assert_user_error(cli(capsys, "train", "-o", run, "--resume"), "run.json", "lr", "'fast'")
-    assert (run / "run.json").read_text() == before
+    for argv in (["train", "-o", run, "--resume"], ["evaluate", run, "--data", SST],
+                 ["export", run, "--merge", "-o", tmp_path / "out"]):
+        assert_user_error(cli(capsys, *argv), "run.json", "lr", "'fast'")
+    assert (run / "run.json").read_text() == before and not (tmp_path / "out").exists()
 
 
 def test_train_flags_are_the_options_table():

@@ -115,7 +115,7 @@ def read_yaml(path, what: str, expect: type = dict, limit: int = SMALL_FILE_LIMI
     text = read_text(path, what, limit)
     try:
         value = yaml.load(text, Loader=_no_alias_loader())  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError) as exc:  # a bad date, a 5000-digit int, !!float x
         first = " ".join(str(exc).split())[:200]
         raise RosafxError(f"{path} ({what}) is not valid YAML: {first}. Fix the file.") from None
     except RecursionError:

@@ -155,6 +155,8 @@ DEFAULTS: dict[str, Any] = {option.name: option.default for option in TABLE}
 def checked(values: dict, where: str | None = None) -> dict:
     """Every value checked against its option; an unknown key is an error. ``where``: the
     file the values came from (None: the command line)."""
+    if not isinstance(values, dict):
+        raise RosafxError(f"{where or 'the options'} must map option names to values, got {_shown(values)}.")
     unknown = sorted(repr(k) if not isinstance(k, str) else k for k in values if k not in OPTIONS)
     if unknown:
         source = "the command line" if where is None else where

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rosafx.recipes import recipe
+from rosafx.recipes import options, recipe
 from rosafx.io.atomic import atomic_directory
 from rosafx.errors import RosafxError
 from rosafx.training.runs import ADAPTER, read_run
@@ -26,7 +26,8 @@ def open_run(run_dir):
     import rosafx
     run_dir = Path(run_dir)
     record = read_run(run_dir)
-    config = record["config"]
+    # run.json is a file like any other: its options go through the same table as flags do
+    config = record["config"] = options.checked(record.get("config"), where=str(run_dir / "run.json"))
     if not (run_dir / ADAPTER / "rosafx.json").exists():
         raise RosafxError(f"{run_dir} has no trained adapter yet (the run did not finish): `rosafx train ... "
                           f"-o {run_dir} --resume` completes it.")
