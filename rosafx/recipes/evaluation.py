@@ -2,12 +2,12 @@
 export (onnxruntime), with the same readers, tokenizer, label names and metrics."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from rosafx.recipes import recipe
+from rosafx.io.reading import read_json
+from rosafx.recipes import options, recipe
 from rosafx.recipes.data import Batches, encode, model_inputs, scores
 from rosafx.recipes.data.metrics import TaskMetrics
 from rosafx.errors import RosafxError
@@ -42,8 +42,9 @@ def _evaluate_onnx(onnx_file: Path, data) -> dict:
     mark = folder / EXPORT_MARK
     if not mark.exists():
         raise RosafxError(f"{folder} has no {EXPORT_MARK}: evaluate reads ONNX written by `rosafx export RUN`.")
-    info = json.loads(mark.read_text())
-    settings = {**recipe.DEFAULTS, **info.get("reading", {}), "task": info["task"]}
+    info = read_json(mark, "what rosafx export wrote")
+    # its reading options go through the options table, as run.json's do
+    settings = {**recipe.DEFAULTS, **options.checked(info.get("reading", {}), where=str(mark)), "task": info["task"]}
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     examples = recipe.read_examples(data, settings, info["label_names"])
     batches = Batches(encode(examples, tokenizer, settings["max_length"]), settings["batch_size"])

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 
 from rosafx.io.atomic import atomic_directory, atomic_file, remove_atomically
 from rosafx.errors import RosafxError
+from rosafx.io.reading import read_json
 
 CHECKPOINTS, ADAPTER, BEST = "checkpoints", "adapter", "best"
 METRICS, PLOT, CONFIG, STATE = "metrics.jsonl", "plot.png", "run.json", "state.pt"
@@ -138,7 +139,7 @@ def read_run(path) -> dict:
     path = Path(path)
     if not is_run(path):
         raise RosafxError(f"{path} is not a rosafx run directory (no {CONFIG}); `rosafx train ... -o RUN` makes one.")
-    record = json.loads((path / CONFIG).read_text())
+    record = read_json(path / CONFIG, "the run record")  # a damaged file: one line naming it
     if record.get("format") != RUN_FORMAT:
         raise RosafxError(f"{path / CONFIG} is not a rosafx run record.")
     return record
