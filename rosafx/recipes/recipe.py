@@ -155,8 +155,8 @@ def check_head(config: dict, spec: ModelSpec, label_names) -> None:
     from rosafx.recipes.heads import check_task_fits
     if spec.source.kind != "hf":
         return
-    hf_config, kind = check_task_fits(spec.source.path, config["task"], label_names)
-    check_max_length(config["max_length"], hf_config, spec.source.path)
+    model_config, kind = check_task_fits(spec.source.path, config["task"], label_names)
+    check_max_length(config["max_length"], model_config, spec.source.path)
     check_hf_weights(spec.source.path)  # no weights, truncated or pickled ones: before RUN is written
     if spec.adapter_dir is not None and kind is None:
         raise RosafxError(f"{spec.adapter_dir} was adapted on {spec.source.path}, which has no {config['task']} "
