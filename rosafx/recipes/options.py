@@ -70,7 +70,7 @@ class Option:
         if self.kind == "texts":
             ok = (isinstance(value, (list, tuple)) and len(value) <= LIST_LIMIT
                   and all(isinstance(v, str) and 0 < len(v) <= TEXT_LIMIT for v in value))
-            return None if ok else "a list of texts (in YAML: [a, b])"
+            return None if ok else f"a list of up to {LIST_LIMIT} texts of 1 to {TEXT_LIMIT} characters ([a, b])"
         if self.kind == "int":
             return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
         if self.kind == "float":
