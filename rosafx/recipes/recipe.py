@@ -104,20 +104,11 @@ def model_spec(model_path) -> ModelSpec:
     return ModelSpec(identify(path), None)
 
 
-# A file that holds a tokenizer's vocabulary, in one of the forms transformers saves.
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "tokenizer.model",
-                   "sentencepiece.bpe.model", "sentencepiece.model", "vocab.model", "spm.model")
-
-
 def open_tokenizer(source: ModelSource):
     if source.kind != "hf":
         raise RosafxError(f"{source.path} is a {source.kind} file: training on text needs a Hugging Face model "
                           "directory (its tokenizer and config). Export the HF model directory instead.")
     directory = Path(source.path)
-    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
-        # AutoTokenizer would build a tokenizer of the special tokens alone (5 for BERT): every word unknown
-        raise RosafxError(f"{directory} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): save the "
-                          "model's tokenizer there with tokenizer.save_pretrained(DIR).")
     from transformers import AutoTokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
@@ -125,6 +116,12 @@ def open_tokenizer(source: ModelSource):
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise RosafxError(f"Cannot load the tokenizer in {directory}: {first}. Save it again with "
                           "tokenizer.save_pretrained(DIR).") from exc
+    special = len(set(tokenizer.all_special_tokens))
+    if len(tokenizer) <= special:
+        # without its files AutoTokenizer builds one of the special tokens alone (5 for BERT): every word unknown
+        raise RosafxError(f"{directory} has no tokenizer files with a vocabulary (its tokenizer holds only its "
+                          f"{special} special tokens): save the model's tokenizer there with "
+                          "tokenizer.save_pretrained(DIR).")
     embedded = getattr(hf_config(directory), "vocab_size", None)
     if isinstance(embedded, int) and len(tokenizer) > embedded:
         raise RosafxError(f"The tokenizer in {directory} has {len(tokenizer)} tokens, but the model embeds "
