@@ -1,4 +1,5 @@
-"""Options shared by several commands (typer annotations); `rosafx.recipes.rule_flags` makes rules of them."""
+"""Options shared by several commands (typer annotations); `rosafx.recipes.rule_flags` makes rules of them,
+and `flag` makes a `rosafx train` flag of an entry in the options table."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,18 +7,29 @@ from typing import Annotated, Optional
 
 import typer
 
+from rosafx.recipes.options import OPTIONS
 from rosafx.recipes.rule_flags import build_rules  # noqa: F401  (the commands' one way from flags to rules)
 
 ModelArg = Annotated[Path, typer.Argument(help="HF model directory, .pt2 (torch.export.save) or pickled .pt")]
-MethodOpt = Annotated[Optional[str], typer.Option("--method", "-m", help="Adapter method id (see `rosafx methods`)")]
-TargetOpt = Annotated[Optional[list[str]], typer.Option("--target", "-t", help="Site pattern: exact path, "
-                      "dot-suffix or regex; repeatable. Default: every linear site except output heads")]
-RankOpt = Annotated[Optional[int], typer.Option("--rank", "-r", help="Adapter rank")]
-AlphaOpt = Annotated[Optional[float], typer.Option("--alpha", help="Scaling numerator (lora, lora-ga, rosa-robust)")]
-OptionOpt = Annotated[Optional[list[str]], typer.Option("--option", "-O", help="Extra method option KEY=VALUE "
-                      "(e.g. density=0.01); repeatable")]
-RulesOpt = Annotated[Optional[Path], typer.Option("--rules", help="JSON file {pattern: config}; overrides the "
-                     "options above")]
+PYTHON_TYPES = {"path": Path, "text": str, "texts": list[str], "int": int, "float": float, "bool": bool,
+                "choice": str, "bool-or-choice": bool}
+
+
+def flag(name: str, *declarations: str):
+    """The typer annotation of an option in the options table (rosafx/recipes/options.py): its
+    type and help come from there; ``declarations`` are the flag's spellings when not the
+    default (``--grad-checkpoint/--no-grad-checkpoint``, a short ``-t``). Unset is None, so
+    that a --config file or run.json can give the value; the table checks it."""
+    option = OPTIONS[name]
+    return Annotated[Optional[PYTHON_TYPES[option.kind]], typer.Option(*declarations, help=option.help)]
+
+
+MethodOpt = flag("method", "--method", "-m")
+TargetOpt = flag("target", "--target", "-t")
+RankOpt = flag("rank", "--rank", "-r")
+AlphaOpt = flag("alpha", "--alpha")
+OptionOpt = flag("option", "--option", "-O")
+RulesOpt = flag("rules", "--rules")
 TrustOpt = Annotated[bool, typer.Option("--trust-pickle", help="Allow unpickling: a pickled .pt, or a .pt2 with "
                      "pickled entries (runs code from the file; see docs/security.md)")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace OUT even if it holds files rosafx did not "

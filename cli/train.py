@@ -21,7 +21,7 @@ from rosafx.training.run_dir import begin_run, check_run_dir, check_same_inputs,
 from rosafx.training.runs import CACHE, Run, read_run, run_state
 
 from rosafx.cli.errors import Interrupted
-from rosafx.cli.options import AlphaOpt, MethodOpt, OptionOpt, RankOpt, RulesOpt, TargetOpt
+from rosafx.cli.options import AlphaOpt, MethodOpt, OptionOpt, RankOpt, RulesOpt, TargetOpt, flag
 
 EXAMPLES = """
 Examples:
@@ -42,35 +42,29 @@ def train(
     out: Annotated[Path, Opt("--out", "-o", help="Run directory (RUN)")] = ...,
     method: MethodOpt = None, target: TargetOpt = None, rank: RankOpt = None, alpha: AlphaOpt = None,
     option: OptionOpt = None, rules: RulesOpt = None,
-    data: Annotated[Optional[Path], Opt(help="Training data: .tsv (GLUE layouts), .csv, .jsonl, .txt")] = None,
-    eval: Annotated[Optional[Path], Opt("--eval", help="Evaluation data, same layout")] = None,
-    task: Annotated[Optional[str], Opt(help="classification | regression | causal-lm (default: from the layout)")] = None,
-    text_column: Annotated[Optional[str], Opt(help="Column with the text")] = None,
-    pair_column: Annotated[Optional[str], Opt(help="Column with the second text of a pair")] = None,
-    label_column: Annotated[Optional[str], Opt(help="Column with the label or score")] = None,
-    max_length: Annotated[Optional[int], Opt(help="Tokens per example (default 128)")] = None,
-    epochs: Annotated[Optional[float], Opt(help="Passes over the data")] = None,
-    max_steps: Annotated[Optional[int], Opt(help="Optimizer steps (instead of --epochs)")] = None,
-    batch_size: Annotated[Optional[int], Opt(help="Examples per batch and process (default 32)")] = None,
-    grad_accum: Annotated[Optional[int], Opt(help="Batches per optimizer step (default 1)")] = None,
-    lr: Annotated[Optional[float], Opt(help="Peak learning rate (default 5e-4)")] = None,
-    warmup_ratio: Annotated[Optional[float], Opt(help="Fraction of steps of linear warm-up")] = None,
-    schedule: Annotated[Optional[str], Opt(help="linear | cosine | constant")] = None,
-    weight_decay: Annotated[Optional[float], Opt(help="AdamW weight decay")] = None,
-    eval_every: Annotated[Optional[int], Opt(help="Evaluate every N steps (and at the end)")] = None,
-    save_every: Annotated[Optional[int], Opt(help="Checkpoint every N steps (and at the end)")] = None,
-    best_metric: Annotated[Optional[str], Opt(help="Keep RUN/best by this metric (default: the task's)")] = None,
-    seed: Annotated[Optional[int], Opt(help="Seed for the head, adapters, shuffling, dropout")] = None,
-    precision: Annotated[Optional[str], Opt(help="fp32 | bf16 (autocast)")] = None,
-    compile: Annotated[Optional[bool], Opt("--compile/--no-compile",
-                                           help="Fuse sibling adapters and train through torch.compile "
-                                                "(compile time reported apart)")] = None,
-    grad_checkpoint: Annotated[Optional[bool], Opt("--grad-checkpoint/--no-grad-checkpoint",
-                                                   help="Recompute each layer's activations in the backward "
-                                                        "(less memory, more time; a --config file may name "
-                                                        "the mode: full, attention)")] = None,
-    device: Annotated[Optional[str], Opt(help="auto | cpu | cuda | cuda:N (default auto: a GPU when there "
-                                              "is one, its adapter ops on the Triton kernels)")] = None,
+    data: flag("data") = None,
+    eval: flag("eval", "--eval") = None,
+    task: flag("task") = None,
+    text_column: flag("text_column") = None,
+    pair_column: flag("pair_column") = None,
+    label_column: flag("label_column") = None,
+    max_length: flag("max_length") = None,
+    epochs: flag("epochs") = None,
+    max_steps: flag("max_steps") = None,
+    batch_size: flag("batch_size") = None,
+    grad_accum: flag("grad_accum") = None,
+    lr: flag("lr") = None,
+    warmup_ratio: flag("warmup_ratio") = None,
+    schedule: flag("schedule") = None,
+    weight_decay: flag("weight_decay") = None,
+    eval_every: flag("eval_every") = None,
+    save_every: flag("save_every") = None,
+    best_metric: flag("best_metric") = None,
+    seed: flag("seed") = None,
+    precision: flag("precision") = None,
+    compile: flag("compile", "--compile/--no-compile") = None,
+    grad_checkpoint: flag("grad_checkpoint", "--grad-checkpoint/--no-grad-checkpoint") = None,
+    device: flag("device") = None,
     config: Annotated[Optional[Path], Opt(help="YAML or JSON file with these options (flags override it)")] = None,
     resume: Annotated[bool, Opt("--resume", help="Continue RUN from its last checkpoint")] = False,
     overwrite: Annotated[bool, Opt("--overwrite", help="Replace an earlier run in RUN")] = False,

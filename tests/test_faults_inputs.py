@@ -32,6 +32,9 @@ def test_mistyped_command_prints_usage(capsys):
     ("rules match nothing", ["adapt", "{pt2}", "--method", "lora", "--target", "nonexistent"], ["nonexistent"]),
     ("alpha nan", ["adapt", "{pt2}", *ADAPT, "--alpha", "nan"], ["alpha", "finite"]),
     ("alpha inf", ["adapt", "{pt2}", *ADAPT, "--alpha", "inf"], ["alpha", "finite"]),
+    ("alpha overflows float32", ["adapt", "{pt2}", *ADAPT, "--alpha", "1e308"], ["--alpha", "1e+308"]),
+    ("rules match nothing beside one that matches", ["adapt", "{pt2}", *ADAPT, "--target", "nonexistent"],
+     ["nonexistent", "matches no linear site"]),
     ("option NaN", ["adapt", "{pt2}", *ADAPT, "-O", "dropout=NaN"], ["NaN", "finite"]),
     ("option overflow", ["adapt", "{pt2}", *ADAPT, "-O", "alpha=1e999"], ["1e999", "finite"]),
     ("option wrong type", ["adapt", "{pt2}", *ADAPT, "-O", "rslora=maybe"], ["rslora"]),
@@ -216,3 +219,51 @@ def test_peft_missing_lora_alpha_uses_peft_default(peft_dir, tmp_path):
     ours = rosafx.load(model, path)(ids).last_hidden_state
     theirs = PeftModel.from_pretrained(tiny_bert()[0], path).eval()(ids).last_hidden_state
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- what is read: regular files, bounded sizes
+def _special(kind, tmp_path, name):
+    """A path named ``name`` that is not a regular file: a FIFO, /dev/zero behind a link, a directory."""
+    import os
+    path = tmp_path / name
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "device":
+        path.symlink_to("/dev/zero")
+    else:
+        path.mkdir()
+    return path
+
+
+@pytest.mark.parametrize("kind,said", [("fifo", "named pipe"), ("device", "device"), ("directory", "directory")])
+@pytest.mark.parametrize("role", ["pt2", "rules", "data", "config"])
+def test_a_path_that_is_not_a_file_is_named_not_read(kind, said, role, fault_models, tmp_path, capsys):
+    """/dev/zero would be read until memory runs out and a FIFO blocks forever: both, and a
+    directory, are refused by what they are before any read."""
+    name = {"pt2": "model.pt2", "rules": "rules.json", "data": "train.tsv", "config": "c.yaml"}[role]
+    special = _special(kind, tmp_path, name)
+    data = tmp_path / "sst.tsv"
+    data.write_text("sentence\tlabel\ngood\t1\nbad\t0\n")
+    argv = {"pt2": ["inspect", special],
+            "rules": ["adapt", fault_models["pt2"], "--rules", special, "-o", tmp_path / "out"],
+            "data": ["train", fault_models["hf"], "--method", "lora", "--data", special, "-o", tmp_path / "out"],
+            "config": ["train", fault_models["hf"], "--data", data, "--config", special, "-o", tmp_path / "out"]}[role]
+    if role == "pt2" and kind == "directory":
+        said = "config.json"  # a directory MODEL is read as a Hugging Face directory
+    assert_user_error(cli(capsys, *argv), name, said)
+    assert not (tmp_path / "out").exists()
+
+
+def test_load_pt2_refuses_a_fifo_without_opening_it(tmp_path):
+    fifo = _special("fifo", tmp_path, "model.pt2")
+    from rosafx.io.pt2 import load_pt2
+    with pytest.raises(RosafxError, match="named pipe"):
+        load_pt2(fifo)  # opening a FIFO for reading would block until a writer comes
+
+
+def test_rules_file_over_the_size_limit_is_not_read(fault_models, tmp_path, capsys):
+    rules = tmp_path / "rules.json"
+    rules.write_text('{"proj": {"method": "lora"}' + " " * (1 << 20) + "}")
+    assert_user_error(cli(capsys, "adapt", fault_models["pt2"], "--rules", rules, "-o", tmp_path / "out"),
+                      "rules.json", "bytes")
+    assert not (tmp_path / "out").exists()

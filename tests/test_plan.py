@@ -58,12 +58,12 @@ def test_explicit_exact_path_beats_everything_and_is_not_a_suffix():
     assert chosen == {"encoder.layer.0.output.dense": "exact"}
 
 
-def test_full_modules_use_the_same_rules_none_excludes_and_typos_warn():
+def test_full_modules_use_the_same_rules_none_excludes_and_typos_are_errors():
     model = Net()
     adapted = rosafx.transform(model, {"query": LORA, "re:head\\.\\d": {"method": "full"}, "head.1": None},
                                example_inputs=EXAMPLE)
     assert plan_of(adapted).full == ["head.0"] and set(plan_of(adapted).sites) == {"encoder.query"}
-    with pytest.warns(UserWarning, match="matches no module"):
+    with pytest.raises(RosafxError, match="'haed' .*matches no module"):  # issue 23: an error everywhere
         rosafx.transform(model, {"query": LORA, "haed": {"method": "full"}}, example_inputs=EXAMPLE)
     with pytest.raises(RosafxError, match="both adapted and inside a 'full' module"):
         rosafx.transform(model, {nn.Linear: LORA, "head": {"method": "full"}}, example_inputs=EXAMPLE)

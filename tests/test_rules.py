@@ -69,7 +69,9 @@ def test_config_object_is_accepted():
     assert adapted.meta["rosafx"]["plan"].sites["encoder.layer.0.attention.self.query"].rank == 2
 
 
-def test_a_key_that_matches_nothing_warns():
+def test_a_key_that_matches_nothing_is_an_error():
+    """Even beside a key that matches (issue 23: `train --target TYPO` trained only its new head)."""
     model, _ = tiny_bert()
-    with pytest.warns(UserWarning, match="matches no linear site"):
+    with pytest.raises(RosafxError, match="matches no linear site") as caught:
         rosafx.transform(model, {"query": {"method": "lora"}, r"bert\.encoder\..*": {"method": "lora"}})
+    assert r"'bert\.encoder\..*'" in str(caught.value)

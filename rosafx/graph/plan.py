@@ -7,7 +7,6 @@ from the PEFT config. Applying a plan to a captured graph is rosafx/pipeline/tra
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 from rosafx.errors import RosafxError
@@ -48,9 +47,11 @@ class Plan:
                 found = best_match(keys, path, modules[path])
                 if found is not None and found[1] is FULL and not any(path.startswith(m + ".") for m in plan.full):
                     plan.full.append(path)
+        if not sites and not plan.full:
+            raise no_match_error(rules, sites)  # the model has none: say so, not "no rule matches"
+        _check_every_key_selects(rules, keys, sites, modules)
         if not plan.sites and not plan.full:
-            raise no_match_error(rules, sites)
-        _warn_unused_keys(rules, keys, sites, modules)
+            raise no_match_error(rules, sites)  # only exclusions
         return plan
 
     def methods(self) -> list[str]:
@@ -71,19 +72,23 @@ class Plan:
         check_ranks(sites, self.sites)
 
 
-def _warn_unused_keys(rules: dict, keys: list, sites: list[Site], modules: dict[str, str]) -> None:
+def _check_every_key_selects(rules: dict, keys: list, sites: list[Site], modules: dict[str, str]) -> None:
     """A key that selects nothing is usually a typo or a path prefix the model lacks
-    (``encoder.`` vs ``bert.encoder.``): say so rather than train less than asked."""
+    (``encoder.`` vs ``bert.encoder.``): an error, whatever else the rules select, so that
+    ``train --target TYPO`` (whose rules also train the new head in full) fails as ``adapt``
+    does rather than train less than asked. An exclusion (``None``) may select nothing."""
     for raw, (key, config) in zip(rules, keys):
         if config is None:
             continue
         if config is FULL:
             if not any(key.selects(p, t) for p, t in modules.items()):
                 near = ", ".join(nearest_paths([raw], sorted(modules), n=3))
-                warnings.warn(f"rosafx: rule {raw!r} matches no module (nearest: {near}).", stacklevel=4)
+                raise RosafxError(f"The rule '{raw}' (method 'full') matches no module; nearest: {near}. "
+                                  "Run `rosafx inspect MODEL` to list the model's paths.")
         elif not any(key.selects(s.path, s.module_type) for s in sites):
             near = ", ".join(nearest_paths([raw], [s.path for s in sites], n=3))
-            warnings.warn(f"rosafx: rule {raw!r} matches no linear site (nearest: {near}).", stacklevel=4)
+            raise RosafxError(f"The rule '{raw}' matches no linear site; nearest: {near}. "
+                              "Run `rosafx inspect MODEL` to list every site.")
 
 
 def check_ranks(sites: list[Site], adapted: dict[str, MethodConfig]) -> None:

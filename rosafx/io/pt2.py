@@ -35,6 +35,7 @@ from typing import Any, Iterator
 import torch
 
 from rosafx.errors import RosafxError
+from rosafx.io.reading import read_bytes
 
 MODEL_NAME = "model"
 TRUST_HINT = ("If you trust the file (unpickling runs code from it), pass --trust-pickle "
@@ -75,10 +76,8 @@ HF_OUTPUT_MODULE = re.compile(r"transformers\.(?:modeling_outputs|models\.[a-z0-
 def load_pt2(path, *, trust_pickle: bool = False) -> torch.export.ExportedProgram:
     """The ``ExportedProgram`` in ``path``; see the module docstring for what is checked."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise RosafxError(f"Cannot read {path}: {exc.strerror or exc}.") from exc
+    # a regular file only: /dev/zero would be read until memory runs out, a FIFO blocks
+    data = read_bytes(path, "a torch.export archive (.pt2)")
     try:
         return _load(path, data, trust_pickle)
     except RosafxError:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rosafx.errors import RosafxError
+from rosafx.recipes.loading import hf_config, hf_pretrained
 
 HEAD_SUFFIXES = {"ForSequenceClassification": "sequence", "ForCausalLM": "causal", "LMHeadModel": "causal"}
 PRETRAINING_SUFFIXES = ("ForMaskedLM", "ForPreTraining", "Model")
@@ -25,8 +26,7 @@ def head_kind(architecture: str) -> str | None:
 
 def check_task_fits(directory, task: str, label_names: list[str] | None):
     """The model's config and head kind, or a RosafxError saying why the task does not fit."""
-    import transformers
-    config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+    config = hf_config(directory)
     architecture = (getattr(config, "architectures", None) or [""])[0]
     kind = head_kind(architecture)
     num_labels = 1 if task == "regression" else len(label_names or [])
@@ -49,7 +49,9 @@ def open_task_model(directory, task: str, label_names: list[str] | None):
     config, kind = check_task_fits(directory, task, label_names)
     num_labels = 1 if task == "regression" else len(label_names or [])
     if task == "causal-lm":
-        return _load(transformers.AutoModelForCausalLM, directory), kind is None
+        model = _load(transformers.AutoModelForCausalLM, directory)
+        check_sees_no_future(model, directory)
+        return model, kind is None
     if kind == "sequence":
         return _load(transformers.AutoModelForSequenceClassification, directory), False
     id2label = {i: name for i, name in enumerate(label_names)} if label_names else {0: "score"}
@@ -61,15 +63,30 @@ def open_task_model(directory, task: str, label_names: list[str] | None):
 
 
 def _load(auto_class, directory: Path, **extra):
+    """Through loading.hf_pretrained, the checks adapt and inspect use: safetensors only (train,
+    evaluate and export of a RUN take no --trust-pickle), clear errors for damaged weights."""
     import transformers
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # "newly initialised head" is what we asked for
     try:
-        return auto_class.from_pretrained(directory, local_files_only=True, **extra).eval()
-    except ValueError as exc:
-        raise RosafxError(f"{directory}: transformers cannot build this task's head for it ({exc}).") from exc
+        return hf_pretrained(auto_class, directory, **extra)
     finally:
         transformers.logging.set_verbosity(verbosity)
+
+
+def check_sees_no_future(model, directory) -> None:
+    """A causal LM predicts each token from the ones before it. A bidirectional encoder (BERT
+    without ``is_decoder``) given a causal LM head sees the token it predicts and learns
+    nothing useful: refuse it. Asked of the model itself, whatever its type: the first
+    positions' logits must not change when only the last token does."""
+    import torch
+    ids = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 5]]) % int(model.config.vocab_size)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float()
+    if not torch.allclose(logits[0, :3], logits[1, :3], rtol=1e-4, atol=1e-4):
+        raise RosafxError(f"{directory} holds a bidirectional model ({type(model).__name__}): each position sees "
+                          "the tokens after it, so it cannot train the causal-lm task. Use a decoder (e.g. GPT-2, "
+                          "Llama), or an encoder that has a decoder mode with \"is_decoder\": true in its config.json.")
 
 
 def new_head_paths(model) -> list[str]:

@@ -64,6 +64,8 @@ def identify(path) -> ModelSource:
         if not (path / "config.json").exists():
             raise RosafxError(f"{path} is a directory without config.json: not a Hugging Face model directory.")
         return ModelSource(str(path.resolve()), "hf")
+    from rosafx.io.reading import check_regular_file
+    check_regular_file(path, "MODEL: a Hugging Face model directory, a .pt2 file or a pickled .pt")
     if path.suffix == ".pt2":
         return ModelSource(str(path.resolve()), "pt2")
     if path.suffix in PICKLE_SUFFIXES:
@@ -96,24 +98,76 @@ def open_model(source: ModelSource, *, trust_pickle: bool = False):
 
 
 def _open_hf(directory: Path, trust_pickle: bool = False):
-    """transformers reads safetensors weights without unpickling; a directory with only a
-    pickled ``pytorch_model.bin`` needs --trust-pickle."""
+    """The model class its config names (else AutoModel), through ``hf_pretrained``."""
+    import transformers
+    config = hf_config(directory)
+    names = getattr(config, "architectures", None) or []
+    model_class = getattr(transformers, names[0], None) if names and isinstance(names[0], str) else None
+    if not (isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel)):
+        model_class = transformers.AutoModel
+    return hf_pretrained(model_class, directory, trust_pickle=trust_pickle)
+
+
+# The one way every command opens a Hugging Face directory: its config (hf_config) and its
+# weights (hf_pretrained), with one set of checks and messages for adapt, inspect, train,
+# evaluate and export alike.
+PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
+LOAD_HINT = "Check that it holds config.json and model.safetensors written by save_pretrained."
+
+
+def hf_config(directory):
+    """The directory's transformers config; a corrupt file or an unknown model type is a
+    RosafxError naming the directory."""
     import transformers
     from rosafx.io.reading import read_json
+    directory = Path(directory)
     read_json(directory / "config.json", "the Hugging Face model config")  # a clear message for a corrupt file
-    if not trust_pickle and not any(directory.glob("*.safetensors")):
-        raise RosafxError(f"{directory} has no .safetensors weights; its pickled weights (pytorch_model.bin) "
-                          "run code when loaded. Pass --trust-pickle if you trust them, or re-save the model with "
-                          "save_pretrained (safetensors).")
     try:
-        config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
-        names = getattr(config, "architectures", None) or []
-        model_class = getattr(transformers, names[0], None) if names and isinstance(names[0], str) else None
-        if not (isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel)):
-            model_class = transformers.AutoModel
-        return model_class.from_pretrained(directory, local_files_only=True, use_safetensors=None if trust_pickle else True,
-                                           trust_remote_code=False).eval()
+        return transformers.AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
+    except Exception as exc:  # an unknown model_type, a field of the wrong type, a remote-code model
+        raise RosafxError(f"Cannot read the Hugging Face config in {directory}: {_first_line(exc)}. "
+                          "rosafx opens model types this transformers knows, without remote code.") from exc
+
+
+def check_hf_weights(directory, trust_pickle: bool = False) -> None:
+    """Safetensors weights, or pickled ones only with --trust-pickle (they run code when loaded)."""
+    directory = Path(directory)
+    safetensors = sorted(directory.glob("*.safetensors"))
+    for path in safetensors:  # the header and the file's length: a truncated file is found before any work
+        _check_safetensors_header(path)
+    if safetensors:
+        return
+    pickled = [name for name in PICKLED_WEIGHTS if (directory / name).exists()]
+    if not pickled:
+        raise RosafxError(f"{directory} holds no model weights (model.safetensors): save the model there with "
+                          "save_pretrained.")
+    if not trust_pickle:
+        raise RosafxError(f"{directory} has no .safetensors weights; its pickled weights ({pickled[0]}) run code "
+                          "when loaded. Re-save the model with save_pretrained (safetensors), or, if you trust the "
+                          "file, pass --trust-pickle (adapt, inspect and export take it; train does not).")
+
+
+def _check_safetensors_header(path: Path) -> None:
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            handle.keys()
+    except Exception as exc:  # SafetensorError: truncated, empty, not safetensors
+        raise RosafxError(f"{path} is damaged or not a safetensors file ({_first_line(exc)}). {LOAD_HINT}") from exc
+
+
+def hf_pretrained(model_class, directory, *, trust_pickle: bool = False, **extra):
+    """``model_class.from_pretrained(directory)`` in eval mode, after ``check_hf_weights``;
+    truncated weights or a missing file are a RosafxError naming the directory."""
+    directory = Path(directory)
+    check_hf_weights(directory, trust_pickle)
+    try:
+        return model_class.from_pretrained(directory, local_files_only=True, trust_remote_code=False,
+                                           use_safetensors=None if trust_pickle else True, **extra).eval()
     except Exception as exc:  # corrupt config fields, truncated weights, missing files
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:240]
-        raise RosafxError(f"Cannot load the Hugging Face model in {directory}: {first}. Check that it holds "
-                          "config.json and model.safetensors written by save_pretrained.") from exc
+        raise RosafxError(f"Cannot load the Hugging Face model in {directory}: {_first_line(exc)}. {LOAD_HINT}") \
+            from exc
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:240].rstrip(".")

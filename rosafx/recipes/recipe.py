@@ -4,7 +4,6 @@ adapters, the tokenizer, the batches, the loss and the metrics. ``rosafx train``
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
@@ -12,59 +11,50 @@ import torch
 from rosafx.recipes.data import Batches, TaskMetrics, best_metric_of, encode, examples_from, loss_for, model_inputs, read_table
 from rosafx.recipes.data.examples import Examples
 from rosafx.errors import RosafxError
+from rosafx.io.reading import check_regular_file, read_json_or_yaml
+from rosafx.recipes import options
 from rosafx.recipes.heads import new_head_paths, open_task_model
-from rosafx.recipes.loading import ModelSource, identify, read_source
+from rosafx.recipes.loading import ModelSource, check_hf_weights, hf_config, identify, read_source
 from rosafx.recipes.rule_flags import build_rules
 
-# Every key `rosafx train` takes (flags, --config file, run.json), with its default.
-DEFAULTS = {
-    "model": None, "method": None, "target": None, "rank": None, "alpha": None, "option": None, "rules": None,
-    "data": None, "eval": None, "task": None, "text_column": None, "pair_column": None, "label_column": None,
-    "max_length": 128, "epochs": None, "max_steps": None, "batch_size": 32, "grad_accum": 1, "lr": 5e-4,
-    "warmup_ratio": 0.0, "schedule": "linear", "weight_decay": 0.0, "eval_every": None, "save_every": None,
-    "seed": 0, "precision": "fp32", "best_metric": None, "calibration_batches": 8, "compile": False,
-    "grad_checkpoint": False, "device": "auto",
-}
+# Every key `rosafx train` takes (flags, --config file, run.json), with its default: rosafx/recipes/options.py.
+DEFAULTS = options.DEFAULTS
 # Keys a resumed run may change: where it runs, not what it computes.
 RESUMABLE_WITH_OTHER = ("device",)
 SOURCE_JSON, ADAPTER_JSON = "source.json", "rosafx.json"
+CONFIG_FILE = "a --config options file"
+DATA_FILE = "a data file: .tsv, .csv, .jsonl or .txt"
+INPUT_FILES = {"data": f"--data: {DATA_FILE}", "eval": f"--eval: {DATA_FILE}", "rules": "--rules: a JSON rules file"}
 
 
 def read_config_file(path) -> dict:
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-        raw = json.loads(text) if path.suffix == ".json" else _yaml(text)
-    except (OSError, ValueError) as exc:
-        raise RosafxError(f"Cannot read the config file {path}: {exc}.") from exc
-    if not isinstance(raw, dict):
-        raise RosafxError(f"{path} must hold a mapping of option names to values.")
-    raw = {k.replace("-", "_"): v for k, v in raw.items()}
-    unknown = sorted(set(raw) - set(DEFAULTS))
-    if unknown:
-        raise RosafxError(f"{path}: unknown option(s) {unknown}. Known: {sorted(DEFAULTS)}.")
-    return raw
+    """A --config file's options, each checked against the options table."""
+    raw = read_json_or_yaml(path, CONFIG_FILE, dict)
+    names = {}
+    for key in raw:
+        if not isinstance(key, str):
+            raise RosafxError(f"{path}: option names are texts, got {key!r}. Known: {sorted(DEFAULTS)}.")
+        names[key.replace("-", "_")] = raw[key]
+    return options.checked(names, where=str(path))
 
 
-def _yaml(text: str):
-    import yaml
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ValueError(str(exc)) from exc
-
-
-def resolve(flags: dict, config_file=None) -> dict:
-    """Defaults < the config file < flags given on the command line (not None)."""
+def resolve(flags: dict, config_file=None, run_config: dict | None = None) -> dict:
+    """Defaults < a run's recorded options (``run_config``, resuming) < the config file < flags
+    given on the command line (not None). Every value is checked against the options table."""
     config = dict(DEFAULTS)
+    if run_config is not None:
+        config.update(options.checked(run_config, where="run.json"))
     if config_file is not None:
         config.update(read_config_file(config_file))
-    config.update({k: v for k, v in flags.items() if v is not None})
+    config.update(options.checked({k: v for k, v in flags.items() if v is not None}))
+    if config["model"] is None or config["data"] is None:
+        raise RosafxError("rosafx train needs MODEL and --data (on the command line or in --config).")
+    for key, what in INPUT_FILES.items():  # before the model is opened: a FIFO or a directory, said as such
+        if config[key] is not None:
+            check_regular_file(config[key], what)
     for key in ("model", "data", "eval", "rules"):
         if config[key] is not None:
             config[key] = str(Path(config[key]).resolve())
-    if config["model"] is None or config["data"] is None:
-        raise RosafxError("rosafx train needs MODEL and --data (on the command line or in --config).")
     return config
 
 
@@ -118,11 +108,29 @@ def open_tokenizer(source: ModelSource):
     if source.kind != "hf":
         raise RosafxError(f"{source.path} is a {source.kind} file: training on text needs a Hugging Face model "
                           "directory (its tokenizer and config). Export the HF model directory instead.")
+    directory = Path(source.path)
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(source.path, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
+    except Exception as exc:  # a damaged or foreign tokenizer file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise RosafxError(f"Cannot load the tokenizer in {directory}: {first}. Save it again with "
+                          "tokenizer.save_pretrained(DIR).") from exc
+    special = len(set(tokenizer.all_special_tokens))
+    if len(tokenizer) <= special:
+        # without its files AutoTokenizer builds one of the special tokens alone (5 for BERT): every word unknown
+        raise RosafxError(f"{directory} has no tokenizer files with a vocabulary (its tokenizer holds only its "
+                          f"{special} special tokens): save the model's tokenizer there with "
+                          "tokenizer.save_pretrained(DIR).")
+    embedded = getattr(hf_config(directory), "vocab_size", None)
+    if isinstance(embedded, int) and len(tokenizer) > embedded:
+        raise RosafxError(f"The tokenizer in {directory} has {len(tokenizer)} tokens, but the model embeds "
+                          f"{embedded} (vocab_size): they are not a pair. Save the model's own tokenizer there.")
+    return tokenizer
 
 
 def read_examples(path, config: dict, label_names: list[str] | None = None) -> Examples:
+    check_regular_file(path, DATA_FILE)  # a FIFO or a directory is named as such, not "does not exist"
     return examples_from(read_table(path), config["task"], text_column=config["text_column"],
                          pair_column=config["pair_column"], label_column=config["label_column"],
                          label_names=label_names)
@@ -144,10 +152,28 @@ def check_head(config: dict, spec: ModelSpec, label_names) -> None:
     from rosafx.recipes.heads import check_task_fits
     if spec.source.kind != "hf":
         return
-    _, kind = check_task_fits(spec.source.path, config["task"], label_names)
+    model_config, kind = check_task_fits(spec.source.path, config["task"], label_names)
+    check_max_length(config["max_length"], model_config, spec.source.path)
+    check_hf_weights(spec.source.path)  # no weights, truncated or pickled ones: before RUN is written
     if spec.adapter_dir is not None and kind is None:
         raise RosafxError(f"{spec.adapter_dir} was adapted on {spec.source.path}, which has no {config['task']} "
                           "head; adapt the model with its task head, or train from the base model with --method.")
+
+
+# Where HF configs keep how many positions the model embeds.
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def check_max_length(max_length: int, hf_config, model_path) -> None:
+    """A longer --max-length than the model has positions fails at the first long batch (or
+    indexes past the position table): refuse it before anything is written."""
+    for key in POSITION_KEYS:
+        positions = getattr(hf_config, key, None)
+        if isinstance(positions, int) and not isinstance(positions, bool) and positions > 0:
+            if max_length > positions:
+                raise RosafxError(f"--max-length {max_length} is more than the {positions} positions of {model_path} "
+                                  f"({key}); use --max-length {positions} or less.")
+            return
 
 
 def build_adapted(config: dict, spec: ModelSpec, label_names, inputs: dict):

@@ -7,7 +7,8 @@ import math
 from pathlib import Path
 
 from rosafx.errors import RosafxError
-from rosafx.io.reading import read_json
+from rosafx.io.reading import SMALL_FILE_LIMIT, read_json
+from rosafx.recipes.options import OPTIONS
 
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls", "pooler")
 DEFAULT_TARGET = r"(?!(?:.*\.)?(?:" + "|".join(HEAD_NAMES) + r")(?:\.|$)).*"
@@ -35,17 +36,18 @@ def _float_or_none(text: str):
 def build_rules(method: str | None, targets: list[str] | None, rank: int | None, alpha: float | None,
                 options: list[str] | None, rules_file: Path | None) -> dict:
     if rules_file is not None:
-        rules = read_json(rules_file, 'rules: a JSON object {"pattern": {"method": "lora", "rank": 8}}')
+        rules = read_json(rules_file, 'rules: a JSON object {"pattern": {"method": "lora", "rank": 8}}',
+                          limit=SMALL_FILE_LIMIT)
         if not rules:
             raise RosafxError(f"{rules_file} holds no rules; add {{\"pattern\": {{\"method\": \"lora\"}}}}.")
         return rules
     if method is None:
         raise RosafxError("Say which adapter to insert: --method lora (see `rosafx methods`) or --rules FILE.")
     config: dict = {"method": method}
-    if rank is not None:
-        config["rank"] = rank
+    if rank is not None:  # the one check of --rank and --alpha, for adapt, inspect and train alike
+        config["rank"] = OPTIONS["rank"].check(rank)
     if alpha is not None:
-        config["alpha"] = alpha
+        config["alpha"] = OPTIONS["alpha"].check(alpha)
     for item in options or []:
         if "=" not in item:
             raise RosafxError(f"--option takes KEY=VALUE, got '{item}'.")

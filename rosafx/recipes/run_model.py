@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rosafx.recipes import recipe
+from rosafx.recipes import options, recipe
 from rosafx.io.atomic import atomic_directory
 from rosafx.io.outputs import EXPORT_MARK, check_output
 from rosafx.errors import RosafxError
@@ -28,7 +28,8 @@ def open_run(run_dir):
     import rosafx
     run_dir = Path(run_dir)
     record = read_run(run_dir)
-    config = record["config"]
+    # run.json is a file like any other: its options go through the same table as flags do
+    config = record["config"] = options.checked(record.get("config"), where=str(run_dir / "run.json"))
     if not (run_dir / ADAPTER / "rosafx.json").exists():
         raise RosafxError(f"{run_dir} has no trained adapter yet (the run did not finish): `rosafx train ... "
                           f"-o {run_dir} --resume` completes it.")
@@ -59,17 +60,11 @@ def read_export_record(folder) -> dict:
         bad = "'label_names' must list the run's class names"
     elif not isinstance(reading, dict) or not set(reading) <= set(READING_KEYS):
         bad = f"'reading' must be an object with keys among {READING_KEYS}"
-    elif not all(isinstance(reading.get(k), (str, type(None))) for k in ("text_column", "pair_column", "label_column")):
-        bad = "'reading' column names must be strings"
-    elif not all(_positive_int(reading.get(k, 1)) for k in ("max_length", "batch_size")):
-        bad = "'reading' max_length and batch_size must be positive integers"
     if bad:
         raise RosafxError(f"{mark} is damaged: {bad}. Export the run again (`rosafx export RUN -o OUT`).")
+    # its reading options go through the options table, as run.json's do
+    info["reading"] = options.checked(reading, where=f"{mark}: reading")
     return info
-
-
-def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def export_run(run_dir, out, *, merge: bool = True, overwrite: bool = False):

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 
 from rosafx.errors import RosafxError
 from rosafx.io.atomic import atomic_directory, atomic_file, naming, remove_atomically
+from rosafx.io.reading import read_json
 from rosafx.training.run_lock import LOCK
 
 CHECKPOINTS, ADAPTER, BEST = "checkpoints", "adapter", "best"
@@ -173,12 +174,8 @@ def read_run(path) -> dict:
                               "was trained. Run the same `rosafx train` command without --resume to start it again.")
         raise RosafxError(f"{path} is not a rosafx run directory (no {CONFIG}); `rosafx train ... -o RUN` makes one.")
     file = path / CONFIG
-    try:
-        record = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise RosafxError(f"Cannot read {file}: {exc}. The run record is damaged; start the run again with "
-                          "--overwrite.") from exc
-    if not isinstance(record, dict) or record.get("format") != RUN_FORMAT:
+    record = read_json(file, "the run record")  # a damaged file: one line naming it
+    if record.get("format") != RUN_FORMAT:
         raise RosafxError(f"{file} is not a rosafx run record.")
     problem = _record_problem(record)
     if problem:
