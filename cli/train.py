@@ -168,7 +168,7 @@ def resumed_settings(out: Path, record: dict, flags: dict, config_file: Optional
     except where the run executes (``recipe.RESUMABLE_WITH_OTHER``)."""
     given = dict(recipe.read_config_file(config_file)) if config_file is not None else {}
     given.update({k: v for k, v in flags.items() if v is not None})
-    asked = recipe.resolve({**record["config"], **given})
+    asked = recipe.resolve(given, run_config=record["config"])  # run.json's values checked as run.json's
     differ = sorted(k for k in given if asked[k] != record["config"].get(k) and k not in recipe.RESUMABLE_WITH_OTHER)
     if differ:
         shown = ", ".join(f"{k}: {record['config'].get(k)!r} -> {asked[k]!r}" for k in differ)

@@ -111,7 +111,9 @@ def test_damaged_run_json_value_names_run_json(model_dir, tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     config = {"model": str(model_dir), "data": str(SST), "lr": "fast"}
-    (run / "run.json").write_text(json.dumps({"format": "rosafx-run", "version": 1, "config": config}))
+    record = {"format": "rosafx-run", "version": 1, "config": config, "task": "classification",
+              "label_names": ["0", "1"], "pairs": False}  # whole but for the one bad value
+    (run / "run.json").write_text(json.dumps(record))
     before = (run / "run.json").read_text()
     for argv in (["train", "-o", run, "--resume"], ["evaluate", run, "--data", SST],
                  ["export", run, "--merge", "-o", tmp_path / "out"]):
@@ -220,3 +222,14 @@ def test_the_future_check_tells_an_encoder_from_a_decoder(decoder):
     else:
         with pytest.raises(RosafxError, match="bidirectional"):
             check_sees_no_future(bert, "bert")
+
+
+@pytest.mark.parametrize("alpha", [1e308, 1.5e6, -2])
+def test_alpha_out_of_range_in_a_rule_is_refused_where_every_rule_goes(alpha):
+    """The bound the options table puts on --alpha holds for rules files, -O and the API too
+    (MethodConfig): alpha=1e308 made train fail inside the step."""
+    from rosafx.errors import RosafxError
+    from rosafx.methods import parse_config
+    with pytest.raises(RosafxError, match=r"alpha must be in \[0, 1e\+06\]"):
+        parse_config({"method": "lora", "rank": 2, "alpha": alpha})
+    assert parse_config({"method": "lora", "rank": 2, "alpha": 1e6}).alpha == 1e6

@@ -38,6 +38,9 @@ from rosafx.errors import RosafxError
 from rosafx.graph.sites import Site
 
 
+MAX_ALPHA = 1e6  # the options table's bound for --alpha, for every source (rules files, -O, the API)
+
+
 @dataclasses.dataclass
 class MethodConfig:
     method: ClassVar[str] = ""
@@ -67,6 +70,8 @@ class MethodConfig:
                 raise RosafxError(f"{self.method}: rank must be a non-negative integer, got {value!r}.")
             if f.name == "dropout" and not (0.0 <= float(value) < 1.0):
                 raise RosafxError(f"{self.method}: dropout must be in [0, 1), got {value!r}.")
+            if f.name == "alpha" and not (0.0 <= float(value) <= MAX_ALPHA):  # 1e308 / r overflows the update
+                raise RosafxError(f"{self.method}: alpha must be in [0, {MAX_ALPHA:g}], got {value!r}.")
 
 
 def _typed(method: str, name: str, value: Any, annotation: Any) -> Any:
