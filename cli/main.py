@@ -32,7 +32,7 @@ app.command(help="Merge an adapter directory or a RUN into its base model and ex
             "onnxruntime).", epilog="Example: rosafx export run --merge -o out   (out/model.onnx + tokenizer + config)")(export)
 app.command(help="List MODEL's linear sites; with rule options, what each would get.",
             epilog="Example: rosafx inspect ./bert --method lora --target query --target value")(inspect)
-app.command(help="List adapter methods (rosa = random subspace; rosa-robust = low-rank + sparse).")(methods)
+app.command(help="List the adapter methods, each with what it is (from the method registry).")(methods)
 
 
 def main(argv: list[str] | None = None) -> None:

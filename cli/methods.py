@@ -7,8 +7,7 @@ from rosafx.methods import FULL, REGISTRY
 
 
 def methods() -> None:
-    """List the adapter methods. Note: `rosa` is random subspace adaptation (Hameed et al.);
-    `rosa-robust` is robust low-rank + sparse adaptation (Nikdan et al.)."""
+    """List the adapter methods, each with its registry description."""
     for method_id in sorted(REGISTRY):
         typer.echo(f"{method_id:<12} {REGISTRY[method_id].description}")
     typer.echo(f"{FULL:<12} train a whole module as is (HF PEFT's modules_to_save), e.g. a new task head")

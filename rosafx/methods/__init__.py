@@ -1,6 +1,8 @@
 """The method registry: one line per method. ``full`` is handled by the transform itself."""
 from __future__ import annotations
 
+import dataclasses
+
 from rosafx.errors import RosafxError
 from rosafx.methods.base import Adapter, Method, MethodConfig
 from rosafx.methods.lora import Lora
@@ -31,6 +33,11 @@ def methods_that(capability: str) -> list[str]:
     return sorted(m.id for m in REGISTRY.values() if getattr(m, capability))
 
 
+def methods_with_option(name: str) -> list[str]:
+    """Ids of the registered methods whose config has the option ``name`` (e.g. ``alpha``)."""
+    return sorted(m.id for m in REGISTRY.values() if name in {f.name for f in dataclasses.fields(m.Config)})
+
+
 def parse_config(raw) -> MethodConfig | str:
     """A rule value -> a method config object (or FULL)."""
     if isinstance(raw, MethodConfig):
@@ -50,4 +57,4 @@ def parse_config(raw) -> MethodConfig | str:
     return get_method(raw["method"]).Config.from_dict(raw)
 
 
-__all__ = ["REGISTRY", "FULL", "get_method", "methods_that", "parse_config", "Adapter", "Method", "MethodConfig"]
+__all__ = ["REGISTRY", "FULL", "get_method", "methods_that", "methods_with_option", "parse_config", "Adapter", "Method", "MethodConfig"]

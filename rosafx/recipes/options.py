@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from rosafx.errors import RosafxError
+from rosafx.methods import methods_with_option
+from rosafx.methods.base import MAX_ALPHA
 from rosafx.recipes.data.examples import TASKS
 from rosafx.training.optim import SCHEDULES
 
@@ -112,8 +114,8 @@ TABLE = (
     Option("target", "texts", None, "Site pattern: exact path, dot-suffix or regex; repeatable. "
            "Default: every linear site except output heads"),
     Option("rank", "int", None, "Adapter rank", low=1, high=BIG),
-    Option("alpha", "float", None, "Scaling numerator (lora, lora-ga, rosa-robust)", low=0, high=1e6,
-           low_open=True),
+    Option("alpha", "float", None, f"Scaling numerator ({', '.join(methods_with_option('alpha'))})", low=0,
+           high=MAX_ALPHA, low_open=True),
     Option("option", "texts", None, "Extra method option KEY=VALUE (e.g. density=0.01); repeatable"),
     Option("rules", "path", None, "JSON file {pattern: config}; overrides the options above"),
     Option("data", "path", None, "Training data: .tsv (GLUE layouts), .csv, .jsonl, .txt"),
@@ -138,7 +140,7 @@ TABLE = (
     Option("seed", "int", 0, "Seed for the head, adapters, shuffling, dropout", low=0, high=2**32 - 1),
     Option("precision", "choice", "fp32", "fp32 | bf16 (autocast)", choices=PRECISIONS),
     Option("best_metric", "text", None, "Keep RUN/best by this metric (default: the task's)"),
-    Option("calibration_batches", "int", 8, "Batches a method's calibration reads (lora-ga, rosa-robust)",
+    Option("calibration_batches", "int", 8, "Batches a method's calibration reads (see `rosafx methods`)",
            low=1, high=BIG, has_flag=False),
     Option("compile", "bool", False, "Fuse sibling adapters and train through torch.compile "
            "(compile time reported apart)"),
