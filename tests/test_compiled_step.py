@@ -7,6 +7,8 @@ a dispatch mode sees every op and no C++ build is needed on this CPU). CUDA grap
 (``mode="reduce-overhead"``) and capturable AdamW need a GPU: not run here."""
 from __future__ import annotations
 
+from typing import Optional
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,22 +24,22 @@ VOCAB = 97
 ROWS = 4
 
 
-def tiny_bert64():
+def tiny_bert64(dtype=torch.float64):
     from transformers import BertConfig, BertForSequenceClassification
     torch.manual_seed(0)
     config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=48, max_position_embeddings=128, num_labels=3,
                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return BertForSequenceClassification(config).double().eval()
+    return BertForSequenceClassification(config).to(dtype).eval()
 
 
-def adapted64(method="lora"):
-    model = tiny_bert64()
+def adapted64(method="lora", dtype=torch.float64):
+    model = tiny_bert64(dtype)
     example = {"input_ids": torch.randint(0, VOCAB, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
     torch.manual_seed(1)
     adapted = rosafx.transform(model, {"query": {"method": method, "rank": 4}, "value": {"method": method, "rank": 4},
                                        "classifier": {"method": "full"}}, example_inputs=example)
-    adapted.double()                           # the adapters too (fp32 by default)
+    adapted.to(dtype)                          # the adapters too (fp32 by default)
     with torch.no_grad():                      # B = 0 at init: give the adapters a nonzero update path
         for name, p in adapted.named_parameters():
             if p.requires_grad and "lora_B" in name:
@@ -61,7 +63,8 @@ def loss_fn(model, b):
 
 
 def rel(a, b):
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
 # ---------------------------------------------------------------- static shapes
@@ -235,3 +238,59 @@ def test_lowered_graph_compiles_whole():
     assert rel(got_loss, want_loss) < 1e-12
     for got, want in zip(got_grads, want_grads):
         assert rel(got, want) < 1e-10
+
+
+# ---------------------------------------------------------------- Triton ops visible to torch.compile
+
+def lowrank_linear_visible_check(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                                 A: torch.Tensor, B: torch.Tensor, scale: float,
+                                 x_a: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A stand-in for rosafx::lowrank_linear's stub (same signature), so the test registers its
+    own op name and leaves the registry alone."""
+
+
+def test_the_triton_op_registration_gives_the_float64_reference_eagerly():
+    """OpSpec.implement_visible (what a GPU registers: torch.library.triton_op over the lowrank
+    kernels, the spec's autograd wiring) runs forward and backward eagerly; under the
+    interpreter here. That torch.compile traces into it needs a GPU (next test)."""
+    import sys
+
+    import rosafx.kernels  # noqa: F401  (the kernel modules)
+    from kernel_checks import DEVICE, N_IN, N_OUT, RANK, randn
+    from rosafx.ops.spec import OpSpec
+    kernels = sys.modules["rosafx.kernels.lowrank_linear"]
+    op = OpSpec(lowrank_linear_visible_check).implement_visible("triton", kernels.lowrank_forward,
+                                                                kernels.lowrank_backward)
+    gen = torch.Generator().manual_seed(0)
+    x, A, B = randn(5, N_IN, gen=gen), randn(RANK, N_IN, gen=gen), randn(N_OUT, RANK, gen=gen)
+    weight, bias = randn(N_OUT, N_IN, gen=gen, grad=False), randn(N_OUT, gen=gen, grad=False)
+    dy = torch.randn(5, N_OUT, generator=gen, dtype=torch.float64).to(DEVICE)
+    y = op(x, weight, bias, A, B, 2.0, None)
+    got = (y, *torch.autograd.grad(y, (x, A, B), dy.float()))
+    exact = [t.detach().double().requires_grad_() for t in (x, A, B)]
+    y64 = F.linear(exact[0], weight.double(), bias.double()) + 2.0 * (exact[0] @ exact[1].t()) @ exact[2].t()
+    want = (y64, *torch.autograd.grad(y64, exact, dy))
+    for mine, truth in zip(got, want):
+        assert rel(mine, truth) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: under TRITON_INTERPRET the Triton ops "
+                                                          "stay opaque custom ops (tracing a triton_op hands the "
+                                                          "interpreter fake tensors)")
+def test_lowered_triton_graph_compiles_whole_on_cuda():
+    """On a GPU the lowered graph's Triton ops are triton_ops: fullgraph=True holds and the
+    compiled forward and backward give the eager ones."""
+    adapted = rosafx.to_device(adapted64(dtype=torch.float32), "cuda")
+    rosafx.lower(adapted, "triton")
+    b = {k: v.cuda() for k, v in batch(16, seed=3).items()}
+    params = [p for p in adapted.parameters() if p.requires_grad]
+
+    def run(model):
+        loss = loss_fn(model, b)
+        return loss.detach(), torch.autograd.grad(loss, params)
+
+    want_loss, want_grads = run(adapted)
+    got_loss, got_grads = run(torch.compile(adapted, fullgraph=True, dynamic=False))
+    assert rel(got_loss, want_loss) < 1e-4
+    for got, want in zip(got_grads, want_grads):
+        assert rel(got, want) < 1e-3
