@@ -60,8 +60,9 @@ def train(
     seed: Annotated[Optional[int], Opt(help="Seed for the head, adapters, shuffling, dropout")] = None,
     precision: Annotated[Optional[str], Opt(help="fp32 | bf16 (autocast)")] = None,
     compile: Annotated[Optional[bool], Opt("--compile/--no-compile",
-                                           help="Fuse sibling adapters and train through torch.compile "
-                                                "(compile time reported apart)")] = None,
+                                           help="Train through a compiled step without host syncs: batches "
+                                                "padded to power-of-two lengths, CUDA graphs on a GPU (compile "
+                                                "time reported apart; on a CPU leave it off)")] = None,
     grad_checkpoint: Annotated[Optional[bool], Opt("--grad-checkpoint/--no-grad-checkpoint",
                                                    help="Recompute each layer's activations in the backward "
                                                         "(less memory, more time; a --config file may name "
@@ -130,7 +131,8 @@ def train(
         warmup_ratio=settings["warmup_ratio"], grad_accum=settings["grad_accum"], precision=settings["precision"],
         eval_every=settings["eval_every"], save_every=settings["save_every"], run=run_dir, resume=resume,
         best_metric=best, calibration_batches=settings["calibration_batches"], seed=settings["seed"],
-        compile=bool(settings.get("compile")), grad_checkpoint=settings.get("grad_checkpoint") or False)
+        compile=bool(settings.get("compile")), max_length=settings["max_length"],
+        grad_checkpoint=settings.get("grad_checkpoint") or False)
     distributed.leave()
     if history.compile_seconds is not None:
         echo(f"torch.compile: first step {history.compile_seconds:.1f} s more than a later step; "
