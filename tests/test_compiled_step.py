@@ -326,3 +326,30 @@ def test_train_compile_pads_token_labels_and_logs_every_step(tmp_path, monkeypat
         losses[flag] = [r["loss"] for r in records if "loss" in r]
     assert len(losses["--compile"]) == 3
     assert losses["--compile"] == pytest.approx(losses["--no-compile"], rel=1e-4)
+
+
+def test_a_compiled_run_resumes_exactly(tmp_path, float64_default):
+    """Checkpoints hold the rates as floats; a compiled run stopped after its step-2 checkpoint
+    and resumed (its optimizer rebuilt with a tensor rate, a fresh compile) repeats the
+    uninterrupted one, linear schedule included."""
+    class StopAtThird(list):
+        """The batches, raising when the third is asked for (a run killed after step 2)."""
+        def __iter__(self):
+            for i, item in enumerate(super().__iter__()):
+                if i == 2:
+                    raise KeyboardInterrupt
+                yield item
+
+    batches = [batch(n, seed=i) for i, n in enumerate([13, 7, 30, 21])]
+    options = dict(steps=4, lr=5e-3, schedule="linear", seed=0, compile="aot_eager", progress=False, save_every=2)
+    whole = adapted64()
+    h_whole = rosafx.fit(whole, batches, loss_fn, run=tmp_path / "whole", **options)
+    with pytest.raises(KeyboardInterrupt):
+        rosafx.fit(adapted64(), StopAtThird(batches), loss_fn, run=tmp_path / "part", **options)
+    resumed = adapted64()
+    h_resumed = rosafx.fit(resumed, batches, loss_fn, run=tmp_path / "part", resume=True, **options)
+    assert [r["loss"] for r in h_resumed.steps] == pytest.approx([r["loss"] for r in h_whole.steps], rel=1e-12)
+    assert [r["lr"] for r in h_resumed.steps] == [r["lr"] for r in h_whole.steps]
+    want, got = adapter_tensors(whole), adapter_tensors(resumed)
+    for name in want:
+        assert rel(got[name], want[name]) < 1e-12, name
