@@ -353,3 +353,28 @@ def test_a_compiled_run_resumes_exactly(tmp_path, float64_default):
     want, got = adapter_tensors(whole), adapter_tensors(resumed)
     for name in want:
         assert rel(got[name], want[name]) < 1e-12, name
+
+
+@pytest.mark.parametrize("rule", [{"method": "rosa", "rank": 2, "resample_every": 2},
+                                  {"method": "rosa-robust", "rank": 2, "density": 0.05, "mask_warmup_steps": 1},
+                                  {"method": "lora-ga", "rank": 2}], ids=lambda r: r["method"])
+def test_life_cycles_run_under_the_compiled_step(rule, float64_default):
+    """rosa resamples (new Parameters, rebuilt optimizer), rosa-robust builds its masks after a
+    warm-up step, lora-ga calibrates before training: compiled runs give the eager ones' losses
+    and adapter tensors."""
+    import copy
+    model = tiny_bert64()
+    example = {"input_ids": torch.randint(0, VOCAB, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    torch.manual_seed(1)
+    adapted = rosafx.transform(model, {"query": rule, "value": rule, "classifier": {"method": "full"}},
+                               example_inputs=example).to(torch.float64)
+    eager, compiled = copy.deepcopy(adapted), copy.deepcopy(adapted)
+    batches = [batch(n, seed=i) for i, n in enumerate([13, 7, 30, 21])]
+    options = dict(steps=4, lr=5e-3, seed=0, progress=False, calibration_batches=2)
+    h_eager = rosafx.fit(eager, batches, loss_fn, **options)
+    h_compiled = rosafx.fit(compiled, batches, loss_fn, compile="aot_eager", **options)
+    assert [r["loss"] for r in h_compiled.steps] == pytest.approx([r["loss"] for r in h_eager.steps], rel=1e-10)
+    want, got = adapter_tensors(eager), adapter_tensors(compiled)
+    assert want.keys() == got.keys()
+    for name in want:
+        assert rel(got[name], want[name]) < 1e-9, name
