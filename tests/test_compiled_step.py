@@ -378,3 +378,12 @@ def test_life_cycles_run_under_the_compiled_step(rule, float64_default):
     assert want.keys() == got.keys()
     for name in want:
         assert rel(got[name], want[name]) < 1e-9, name
+
+
+def test_compile_under_ddp_is_refused_up_front():
+    from rosafx.errors import RosafxError
+    from rosafx.training.distributed import DistributedLoss
+    adapted = adapted64()
+    with pytest.raises(RosafxError, match="DDP"):
+        rosafx.fit(adapted, [batch(8)], DistributedLoss(adapted, loss_fn, torch.device("cpu")), steps=1,
+                   compile="aot_eager", progress=False)
