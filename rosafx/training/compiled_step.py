@@ -52,8 +52,8 @@ class CompiledStep:
     def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], torch.Tensor],
                  optimization: Optimization, options: dict, *, max_grad_norm: float | None = None,
                  autocast=contextlib.nullcontext, static_shapes: StaticShapes | None = None):
-        from rosafx.training.distributed import DistributedLoss
-        if isinstance(loss_fn, DistributedLoss):
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
             # DDP's gradient hooks inside a compiled (and CUDA-graphed) step: not built or tested yet
             raise RosafxError("compile=True is not supported with several processes (DDP) yet: train without "
                               "--compile under torchrun / --nproc.")
