@@ -139,7 +139,7 @@ def train(
             warmup_ratio=settings["warmup_ratio"], grad_accum=settings["grad_accum"], precision=settings["precision"],
             eval_every=settings["eval_every"], save_every=settings["save_every"], run=run_dir,
             resume=resume and not restart, best_metric=best, calibration_batches=settings["calibration_batches"],
-            seed=settings["seed"], compile=bool(settings.get("compile")),
+            seed=settings["seed"], compile=bool(settings.get("compile")), max_length=settings["max_length"],
             grad_checkpoint=settings.get("grad_checkpoint") or False)
     except BaseException as exc:
         # before the new run's first checkpoint nothing of it is worth more than the earlier run

@@ -18,7 +18,7 @@ from torch import Tensor
 from rosafx.ops.lowrank import lowrank_linear as LOWRANK_LINEAR
 from rosafx.ops.spec import rows
 
-from rosafx.kernels.matmul import matmul
+from rosafx.kernels.matmul import compile_visible, matmul
 
 
 def _check(x: Tensor, weight: Tensor, A: Tensor, B: Tensor, x_a: Optional[Tensor]) -> None:
@@ -70,8 +70,10 @@ def lowrank_backward(dy: Tensor, needs: tuple[bool, ...], x: Tensor, weight: Ten
     return dx, dW, db, dA, dB, None, dx_a
 
 
-lowrank_linear_triton = LOWRANK_LINEAR.implement("triton", lowrank_forward, lowrank_backward,
-                                                       opaque_backward=True)
+# on a GPU torch.compile sees the kernels (triton_op); under the interpreter the op stays opaque
+lowrank_linear_triton = (LOWRANK_LINEAR.implement_visible("triton", lowrank_forward, lowrank_backward)
+                         if compile_visible() else
+                         LOWRANK_LINEAR.implement("triton", lowrank_forward, lowrank_backward, opaque_backward=True))
 
 
 def lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor,

@@ -17,12 +17,20 @@ vector are linear, so they apply to each partial).
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+
+def compile_visible() -> bool:
+    """Whether the Triton ops register as ``torch.library.triton_op`` (torch.compile traces
+    into their kernels; ``OpSpec.implement_visible``) rather than as opaque custom ops: on a
+    GPU, not under TRITON_INTERPRET=1, where tracing hands the interpreter fake tensors."""
+    return os.environ.get("TRITON_INTERPRET") != "1"
 
 
 @triton.jit
@@ -141,7 +149,10 @@ def matmul(a: Tensor, b: Tensor, *, alpha: float = 1.0, out: Optional[Tensor] = 
         else:
             target = torch.zeros((M, N), dtype=torch.float32, device=out.device)
     grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N), split)
-    _matmul_kernel[grid](
+    # while torch.compile traces (a triton_op's forward or backward), the launch becomes a node
+    # it can see and schedule; at run time the kernel is called directly (no extra dispatch)
+    kernel = torch.library.wrap_triton(_matmul_kernel) if torch.compiler.is_compiling() else _matmul_kernel
+    kernel[grid](
         a, b, target, col_scale if col_scale is not None else target,
         M, N, K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), target.stride(0), target.stride(1),

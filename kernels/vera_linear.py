@@ -20,7 +20,7 @@ from torch import Tensor
 from rosafx.ops.spec import rows
 from rosafx.ops.vera import vera_linear as VERA_LINEAR
 
-from rosafx.kernels.matmul import matmul
+from rosafx.kernels.matmul import compile_visible, matmul
 
 
 def site_slices(weight: Tensor, A_shared: Tensor, B_shared: Tensor, d: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -92,7 +92,9 @@ def vera_backward(dy, needs, x, weight, bias, A_shared, B_shared, d, b, x_a=None
     return dx, dW, dbias, dA, dB, dd, db, dx_a
 
 
-vera_linear_triton = VERA_LINEAR.implement("triton", vera_forward, vera_backward, opaque_backward=True)
+# on a GPU torch.compile sees the kernels (triton_op); under the interpreter the op stays opaque
+vera_linear_triton = (VERA_LINEAR.implement_visible("triton", vera_forward, vera_backward) if compile_visible() else
+                      VERA_LINEAR.implement("triton", vera_forward, vera_backward, opaque_backward=True))
 
 
 def vera_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, d: Tensor,

@@ -281,13 +281,16 @@ def test_bf16_autocast_tracks_fp32():
 
 def test_compile_trains_like_eager_and_reports_compile_time():
     """compile=True: sibling fusion + torch.compile (aot_eager here: the autograd formulas are
-    traced, no C++ build) gives the eager loop's losses and adapter; compile time apart."""
+    traced, no C++ build) gives the eager loop's losses and adapter; compile time apart. The
+    compiled AdamW computes its bias corrections from its float32 step-count tensor (eager reads
+    it into a Python float), 1e-5 off at step 1, hence rel 1e-4 here; in float64 the two agree
+    to 1e-9 (tests/test_compiled_step.py)."""
     config = {"method": "lora", "rank": 4}
     batches = make_batches(4)
     eager, compiled = adapt(config), adapt(config)
     h0 = rosafx.fit(eager, batches, loss_fn, steps=3, lr=1e-2, seed=0, progress=False)
     h1 = rosafx.fit(compiled, batches, loss_fn, steps=3, lr=1e-2, seed=0, compile="aot_eager", progress=False)
-    assert [r["loss"] for r in h1.steps] == pytest.approx([r["loss"] for r in h0.steps], rel=1e-5)
-    tensors_close(adapter_tensors(compiled), adapter_tensors(eager), rel=1e-5)
+    assert [r["loss"] for r in h1.steps] == pytest.approx([r["loss"] for r in h0.steps], rel=1e-4)
+    tensors_close(adapter_tensors(compiled), adapter_tensors(eager), rel=1e-4)
     assert any(n.meta.get("rosafx_fused") for n in compiled.graph.nodes)   # query and value share x·Aᵀ
     assert h0.compile_seconds is None and h1.compile_seconds is not None and h1.step_seconds > 0

@@ -109,6 +109,7 @@ class OpSpec:
         self.doc = inspect.getdoc(stub) or ""
         self.schema = torch.library.infer_schema(stub, mutates_args=())
         self.n_args = len(inspect.signature(stub).parameters)
+        self.signature = inspect.signature(stub)  # for implement_visible's triton_op (schema from a signature)
         self.fake = fake
         self.ops: dict[str, torch._ops.OpOverload] = {}  # backend -> registered op (.default)
 
@@ -136,6 +137,28 @@ class OpSpec:
         op.register_fake(self.fake)
         traced = self._opaque_backward(name, backward) if opaque_backward else None
         op.register_autograd(self._backward(backward, traced), setup_context=self._setup)
+        self.ops[backend] = getattr(torch.ops.rosafx, name).default
+        return self.ops[backend]
+
+    def implement_visible(self, backend: str, forward: Callable, backward: Callable):
+        """Register ``forward`` / ``backward`` as a ``torch.library.triton_op`` (CUDA Triton
+        implementations, rosafx/kernels): torch.compile traces into ``forward`` and sees its
+        kernels (launched through ``torch.library.wrap_triton`` while compiling) instead of one
+        opaque node, so inductor can schedule them and CUDA graphs capture them. The backward
+        is the spec's wiring, traced as well (no opaque backward op). Eager calls run the
+        kernels directly. Not for TRITON_INTERPRET=1: tracing would hand the interpreter fake
+        tensors (docs/kernels.md), so there the opaque ``implement(..., opaque_backward=True)``
+        stays."""
+        name = self.op_name(backend)
+        if backend in self.ops:
+            return self.ops[backend]
+
+        def kernel(*args, **kwargs):
+            return forward(*args, **kwargs)
+        kernel.__name__, kernel.__doc__ = forward.__name__, forward.__doc__
+        kernel.__signature__ = self.signature          # triton_op infers the op's schema from it
+        op = torch.library.triton_op(f"rosafx::{name}", kernel, mutates_args=())
+        op.register_autograd(self._backward(backward), setup_context=self._setup)
         self.ops[backend] = getattr(torch.ops.rosafx, name).default
         return self.ops[backend]
 

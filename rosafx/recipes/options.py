@@ -142,8 +142,8 @@ TABLE = (
     Option("best_metric", "text", None, "Keep RUN/best by this metric (default: the task's)"),
     Option("calibration_batches", "int", 8, "Batches a method's calibration reads (see `rosafx methods`)",
            low=1, high=BIG, has_flag=False),
-    Option("compile", "bool", False, "Fuse sibling adapters and train through torch.compile "
-           "(compile time reported apart)"),
+    Option("compile", "bool", False, "Train through a compiled step without host syncs: batches padded to "
+           "power-of-two lengths, CUDA graphs on a GPU (compile time reported apart; on a CPU leave it off)"),
     Option("grad_checkpoint", "bool-or-choice", False, "Recompute each layer's activations in the backward "
            "(less memory, more time; a --config file may name the mode: full, attention)",
            choices=CHECKPOINT_MODES),

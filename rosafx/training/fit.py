@@ -33,6 +33,7 @@ from rosafx.training.optim import Optimization, adamw, lr_factor, trainable_para
 from rosafx.training.runs import Run
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
+LOG_EVERY_COMPILED = 10   # compiled steps between loss reads (each read waits for the device)
 Metrics = Callable[[nn.Module, Iterable], dict]
 
 
@@ -53,7 +54,8 @@ def fit(adapted: fx.GraphModule, train_batches: Iterable, loss_fn: LossFn, *,
         grad_accum: int = 1, max_grad_norm: float | None = None, precision: str = "fp32",
         eval_every: int | None = None, save_every: int | None = None, run=None, resume: bool = False,
         best_metric: str | None = None, calibration_batches: int = 8, seed: int | None = None,
-        compile: bool | str = False, grad_checkpoint: bool | str = False, progress: bool = True) -> History:
+        compile: bool | str | Callable = False, grad_checkpoint: bool | str = False, log_every: int | None = None,
+        max_length: int | None = None, progress: bool = True) -> History:
     """Train ``adapted`` for ``steps`` optimizer steps (or ``epochs`` passes over
     ``train_batches``); ``loss_fn(model, batch)`` returns a scalar. ``optimizer`` builds
     one from a parameter list (default AdamW(lr, weight_decay)); the LR follows
@@ -63,17 +65,26 @@ def fit(adapted: fx.GraphModule, train_batches: Iterable, loss_fn: LossFn, *,
     ``save_every`` steps and at the end, keeps the adapter (and the best by ``best_metric``),
     and ``resume=True`` continues exactly from its last checkpoint. Each method's life
     cycle (calibration, resampling, masks) runs at its own events. ``compile=True`` fuses
-    sibling adapters (``rosafx.fuse_siblings``, in place) and trains through
-    ``torch.compile`` (a string names its backend, e.g. ``"aot_eager"``); the first step's
-    compilation is reported apart from the step time (``History.compile_seconds``,
-    ``History.step_seconds``). ``grad_checkpoint=True`` recomputes each layer's activations in
+    sibling adapters (``rosafx.fuse_siblings``, in place) and trains through a step with no
+    host synchronisation in it (rosafx/training/compiled_step.py): ``loss_fn`` and the
+    optimizer update compiled with static shapes (dict batches with an ``attention_mask``
+    padded to power-of-two lengths up to ``max_length``, rosafx/training/static_shapes.py),
+    AdamW with a tensor learning rate (capturable on CUDA), and CUDA graphs on CUDA
+    (``mode="reduce-overhead"``); a string or callable names another torch.compile backend
+    (e.g. ``"aot_eager"``). Losses stay on the device and are read every ``log_every`` steps
+    (default 1 eager, 10 compiled) and before each evaluation and checkpoint: ``History.steps``
+    still has every step's loss. The first step's compilation is reported apart from the step
+    time (``History.compile_seconds``, ``History.step_seconds``). ``grad_checkpoint=True`` recomputes each layer's activations in
     the backward instead of keeping them (``rosafx.training.activation_checkpointing``; training steps only;
     ``"attention"`` keeps the attention kernels' outputs)."""
     total = total_steps(train_batches, steps, epochs, grad_accum)
     _check_options(grad_accum, precision, warmup_ratio, calibration_batches)
+    if log_every is not None and (not isinstance(log_every, int) or log_every < 1):
+        raise RosafxError(f"log_every must be a positive integer, got {log_every!r}.")
     run = Run(run) if run is not None and not isinstance(run, Run) else run
     device = next(iter(trainable_parameters(adapted)), torch.empty(0)).device
-    optimization = Optimization(optimizer or adamw(lr, weight_decay),
+    log_every = log_every or (LOG_EVERY_COMPILED if compile else 1)
+    optimization = Optimization(optimizer or adamw(lr, weight_decay, static=device if compile else None),
                                 lr_factor(schedule, total, int(warmup_ratio * total)))
     lifecycles = Lifecycles(adapted)
     loop = {"step": 0, "epoch": 0, "position": 0, "time": 0.0, "best": None}
@@ -101,11 +112,28 @@ def fit(adapted: fx.GraphModule, train_batches: Iterable, loss_fn: LossFn, *,
     adapted.train()
     checkpointed = _grad_checkpointed(adapted, compile, grad_checkpoint)  # before calibration: fail early
     lifecycles.before_training(ctx)
-    step_model = (checkpointed if checkpointed is not None else
-                  _compiled(adapted, compile if isinstance(compile, str) else "inductor") if compile else adapted)
-    step_walls: list[float] = []
-    stream = BatchStream(train_batches, loop["epoch"], loop["position"])
     autocast = _autocast(precision, device)
+    step_model = checkpointed if checkpointed is not None else adapted
+    compiled_step = (_compiled_step(adapted, loss_fn, optimization, compile, device, max_grad_norm, autocast,
+                                    max_length) if compile else None)
+    step_walls: list[float] = []
+    unread: list[dict] = []   # records whose loss is still a device tensor
+
+    def read_losses() -> None:
+        """One host read for every unread step's loss, then log them in order."""
+        if not unread:
+            return
+        losses = _read([r["loss"] for r in unread])
+        for record, loss in zip(unread, losses):
+            record["loss"] = loss
+            _check_finite(loss, record["step"])
+            history.steps.append(record)
+            if run is not None:
+                run.log(record)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{unread[-1]['lr']:.2e}", refresh=False)
+        unread.clear()
+
+    stream = BatchStream(train_batches, loop["epoch"], loop["position"])
     started = time.perf_counter() - loop["time"]
     bar = tqdm(total=total, initial=loop["step"], desc="rosafx train", unit="step", disable=not progress)
     try:
@@ -113,28 +141,31 @@ def fit(adapted: fx.GraphModule, train_batches: Iterable, loss_fn: LossFn, *,
             batches = stream.take(grad_accum, device)
             epoch = stream.taken_epoch
             step_started = time.perf_counter()
-            loss = train_step(step_model, batches, loss_fn, optimization, max_grad_norm, autocast)
+            if compiled_step is not None:
+                loss = compiled_step(batches)      # a device tensor: read at the next logging point
+            else:
+                loss = train_step(step_model, batches, loss_fn, optimization, max_grad_norm, autocast)
             step_walls.append(time.perf_counter() - step_started)
             loop["step"] += 1
             ctx.step = loop["step"]
             lifecycles.after_step(ctx)
             loop.update(epoch=stream.epoch, position=stream.position, time=time.perf_counter() - started)
-            record = {"step": loop["step"], "epoch": epoch, "loss": loss, "lr": optimization.lr(),
-                      "time": round(loop["time"], 3)}
-            _check_finite(loss, loop["step"])
-            history.steps.append(record)
-            if run is not None:
-                run.log(record)
+            unread.append({"step": loop["step"], "epoch": epoch, "loss": loss, "lr": optimization.lr(),
+                           "time": round(loop["time"], 3)})
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
             last = loop["step"] == total
-            if eval_batches is not None and (last or (eval_every and loop["step"] % eval_every == 0)):
+            evaluating = eval_batches is not None and (last or (eval_every and loop["step"] % eval_every == 0))
+            saving = run is not None and (last or (save_every and loop["step"] % save_every == 0))
+            if evaluating or saving or loop["step"] % log_every == 0:
+                read_losses()
+            if evaluating:
                 _evaluate_and_keep(adapted, eval_batches, loss_fn, metrics, loop, history, run, best_metric,
                                    progress, device)
-            if run is not None and (last or (save_every and loop["step"] % save_every == 0)):
+            if saving:
                 run.save_checkpoint(loop["step"], adapted, capture_state(loop, optimization, lifecycles))
     finally:
         bar.close()
+    read_losses()
     if run is not None:
         run.save_adapter(adapted)
         run.plot()
@@ -156,13 +187,17 @@ def _grad_checkpointed(adapted: fx.GraphModule, compile: bool | str, grad_checkp
     return grad_checkpointed(adapted, grad_checkpoint)
 
 
-def _compiled(adapted: fx.GraphModule, backend: str) -> nn.Module:
-    """Sibling fusion, then torch.compile of the whole forward (the adapter ops stay opaque
-    nodes with their own backward). Lifecycle events that change the graph or swap
-    parameters (resample, masks) make torch.compile recompile on the next step."""
+def _compiled_step(adapted: fx.GraphModule, loss_fn, optimization, compile, device, max_grad_norm, autocast,
+                   max_length):
+    """Sibling fusion, then the step of rosafx/training/compiled_step.py. Lifecycle events that
+    change the graph or swap parameters (resample, masks) make torch.compile recompile on the
+    next step."""
     from rosafx.api import fuse_siblings
+    from rosafx.training.compiled_step import CompiledStep, compile_options
+    from rosafx.training.static_shapes import StaticShapes
     fuse_siblings(adapted)
-    return torch.compile(adapted, backend=backend)
+    return CompiledStep(adapted, loss_fn, optimization, compile_options(compile, device),
+                        max_grad_norm=max_grad_norm, autocast=autocast, static_shapes=StaticShapes(max_length=max_length))
 
 
 def total_steps(train_batches, steps: int | None, epochs: float | None, grad_accum: int = 1) -> int:
@@ -338,6 +373,15 @@ def _check_options(grad_accum, precision, warmup_ratio, calibration_batches) -> 
         raise RosafxError(f"warmup_ratio must be in [0, 1), got {warmup_ratio!r}.")
     if calibration_batches < 1:
         raise RosafxError(f"calibration_batches must be at least 1, got {calibration_batches!r}.")
+
+
+def _read(losses: list) -> list[float]:
+    """Floats as they are; device tensors moved to the host together (one wait for the device)."""
+    tensors = [loss for loss in losses if isinstance(loss, torch.Tensor)]
+    if not tensors:
+        return list(losses)
+    read = iter(torch.stack([t.detach().to(torch.float64) for t in tensors]).cpu().tolist())
+    return [next(read) if isinstance(loss, torch.Tensor) else loss for loss in losses]
 
 
 def _check_finite(loss: float, step: int) -> None:

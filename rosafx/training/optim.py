@@ -19,8 +19,19 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def adamw(lr: float, weight_decay: float = 0.0) -> OptimizerFactory:
-    return lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+def adamw(lr: float, weight_decay: float = 0.0, *, static: torch.device | None = None) -> OptimizerFactory:
+    """AdamW(lr, weight_decay). ``static`` (the training device) builds it for a captured step
+    (rosafx/training/compiled_step.py): the rate a 0-dim float64 tensor on the host that the
+    schedule fills in place, so a compiled step sees new data, not a new constant to recompile
+    for (float64: the same rates as the eager schedule's Python floats); on CUDA also
+    ``capturable=True`` (step count and bias corrections stay on the device, no host read) with
+    the foreach kernels. Off CUDA capturable is refused by torch and foreach does not take a
+    tensor rate, so there it is the single-tensor AdamW."""
+    if static is None:
+        return lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    on_cuda = torch.device(static).type == "cuda"
+    return lambda params: torch.optim.AdamW(params, lr=torch.tensor(lr, dtype=torch.float64),
+                                            weight_decay=weight_decay, capturable=on_cuda, foreach=on_cuda)
 
 
 def lr_factor(schedule: str, total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -69,11 +80,32 @@ class Optimization:
             group["lr"] = lr
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        """Rates as Python floats, so a checkpoint of a compiled run (tensor rates) resumes
+        eagerly and the other way round."""
+        optimizer, scheduler = self.optimizer.state_dict(), self.scheduler.state_dict()
+        optimizer["param_groups"] = [{k: _number(v) if k in RATES else v for k, v in group.items()}
+                                     for group in optimizer["param_groups"]]
+        scheduler = {k: ([_number(v) for v in value] if k in ("base_lrs", "_last_lr") else value)
+                     for k, value in scheduler.items()}
+        return {"optimizer": optimizer, "scheduler": scheduler}
 
     def load_state_dict(self, state: dict) -> None:
+        """Loads ``state``; rates this optimizer holds as tensors stay those tensors (filled)."""
+        tensors = [{k: v for k, v in group.items() if k in RATES and isinstance(v, torch.Tensor)}
+                   for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        for group, kept in zip(self.optimizer.param_groups, tensors):
+            for key, tensor in kept.items():
+                tensor.fill_(_number(group[key]))
+                group[key] = tensor
 
     def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        return _number(self.optimizer.param_groups[0]["lr"])
+
+
+RATES = ("lr", "initial_lr")
+
+
+def _number(value) -> float:
+    return float(value) if isinstance(value, torch.Tensor) else value
