@@ -25,8 +25,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# bench/kernels.py would shadow the `kernels` package transformers imports: this script needs no sibling
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 WORDS = ("the film a movie good bad great plot actor scene story slow funny dull bright warm cold long short "
          "music end start best worst fine odd").split()
 

@@ -7,7 +7,7 @@ warm-up; the figure is the median. Achieved FLOP rate counts the useful products
 x·Wᵀ and dx = dy·W, plus the adapter's), bandwidth the bytes of x, W, y, dy, dx read or
 written once; both are set against the device's peak where the device is in PEAKS.
 
-    python bench/kernels.py [--tokens 8192] [--features 4096] [--rank 16] [--density 0.01] [--iters 20]
+    python bench/adapter_kernels.py [--tokens 8192] [--features 4096] [--rank 16] [--density 0.01] [--iters 20]
 
 Without a CUDA device it says so and exits 0 (the kernels run on CPU only in the Triton
 interpreter, which is for tests, not timing).
@@ -170,7 +170,7 @@ def main():
     if args.cpu_smoke:
         args.tokens, args.features, args.rank, args.density = 40, 48, 4, 0.1
     elif not torch.cuda.is_available():
-        print("bench/kernels.py: no CUDA device here; the Triton kernels are timed only on a GPU "
+        print("bench/adapter_kernels.py: no CUDA device here; the Triton kernels are timed only on a GPU "
               "(on CPU they run in the interpreter, for tests). Nothing measured.")
         return 0
 
