@@ -382,7 +382,8 @@ def test_life_cycles_run_under_the_compiled_step(rule, float64_default):
 
 def test_compile_under_ddp_is_refused_up_front(monkeypatch):
     from rosafx.errors import RosafxError
+    adapted = adapted64()  # captured first: export itself asks torch.distributed
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)   # as in a 2-process group
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
     with pytest.raises(RosafxError, match="DDP"):
-        rosafx.fit(adapted64(), [batch(8)], loss_fn, steps=1, compile="aot_eager", progress=False)
+        rosafx.fit(adapted, [batch(8)], loss_fn, steps=1, compile="aot_eager", progress=False)
