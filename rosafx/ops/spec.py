@@ -217,8 +217,9 @@ def implement_routed(spec: OpSpec, backend: str, forward: Callable, backward: Ca
       an autograd.Function with the implementation's own backward, one op under dispatch).
 
     ``choose(*args)`` picks per call (from shapes and dtypes): the composite to run, or None for
-    the opaque op; every route must give the same values and gradients. The router is the op's CompositeImplicitAutograd kernel, so the
-    graph keeps one node per site whose target is ``rosafx::<name>`` (passes see it as before),
+    the opaque op; every route must give the same values and gradients. The router is the
+    op's CompositeImplicitAutograd kernel, so the graph keeps one node per site whose target
+    is ``rosafx::<name>`` (passes see it as before),
     and under torch.compile or export the node decomposes into the route it picks. The op's
     arguments after the last one given are absent from the call when they hold their default
     (the dispatcher drops them): both routes take them as optional parameters."""
