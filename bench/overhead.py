@@ -13,7 +13,8 @@ Variants of a row: ``floor`` (frozen base, input gradients only), ``graph-floor`
 same on the captured graph before any adapter), ``peft`` (HF PEFT LoRA),
 ``rosafx`` (the module ``rosafx.transform`` returns, as is), and A/Bs of one rosafx code
 path: ``rosafx-opaque`` (every lowrank_linear site forced onto the custom op with its Python
-backward, the route before issue 22) and ``rosafx-asserts`` (the export leftovers kept). Each
+backward, the route before issue 22), ``rosafx-asserts`` (export's asserts kept) and, on
+minilm, ``rosafx-before`` (both: each node calling the custom op directly, asserts kept). Each
 trains eagerly with AdamW in a plain loop. Variants are interleaved repeat after repeat (order
 reversed on odd repeats); each figure is the median over repeats, each ratio the median of
 the per-repeat ratios, both with their 25th–75th percentile.
@@ -135,6 +136,26 @@ def minilm(name):
     return lambda base, ids: MINILM_VARIANTS[name](base, ids, False)
 
 
+def minilm_before(base, ids):
+    """MiniLM LoRA as rosafx ran it before issue 22: export's asserts kept and every site's node
+    calling the custom op itself (no router): the A/B of this change on the compute-bound row."""
+    from common import ENCODER_LINEARS
+    from train_step import LORA
+    from rosafx.graph.adapted_graph import adapter_nodes
+    from rosafx.pipeline import transform as pipeline
+    original = pipeline.drop_export_asserts
+    pipeline.drop_export_asserts = lambda gm: gm
+    try:
+        adapted = rosafx.transform(base, {ENCODER_LINEARS: LORA})
+    finally:
+        pipeline.drop_export_asserts = original
+    for node in adapter_nodes(adapted):
+        if node.target is torch.ops.rosafx.lowrank_linear.default:
+            node.target = torch.ops.rosafx.lowrank_linear_opaque.default
+    adapted.recompile()
+    return training_step(adapted, lambda: adapted(ids))
+
+
 ROWS = {
     "llama": {"load": tiny_llama, "ids": (1, 16), "sites": 154,
               "variants": {"floor": llama_floor, "graph-floor": llama_graph_floor, "peft": llama_peft,
@@ -143,9 +164,10 @@ ROWS = {
                            "rosafx-asserts": lambda base, ids: llama_rosafx(base, ids, keep_asserts=True)}},
     "minilm": {"load": load_minilm, "ids": (32, 64), "sites": 36,
                "variants": {"floor": minilm("floor"), "peft": minilm("peft-lora"), "rosafx": minilm("lora"),
-                            "rosafx-opaque": forced_opaque(minilm("lora"))}},
+                            "rosafx-before": minilm_before}},
 }
-DEFAULT_VARIANTS = {"llama": "floor,graph-floor,peft,rosafx,rosafx-opaque,rosafx-asserts", "minilm": "floor,peft,rosafx"}
+DEFAULT_VARIANTS = {"llama": "floor,graph-floor,peft,rosafx,rosafx-opaque,rosafx-asserts",
+                    "minilm": "floor,peft,rosafx,rosafx-before"}
 
 
 class OpCounter(TorchDispatchMode):
