@@ -1,4 +1,8 @@
-"""Registered adapter ops (``torch.library``): one opaque node each under torch.export.
+"""Registered adapter ops (``torch.library``): one node per site in the adapted graph.
+
+``rosafx::lowrank_linear`` routes each call (``rosafx.ops.spec.implement_routed``): small sites
+as aten ops, larger ones as the custom op ``rosafx::lowrank_linear_opaque``; the other ops are
+custom ops, one opaque node each under torch.export.
 
 Each op is declared once with ``rosafx.ops.spec.op_spec`` (schema from a typed stub whose
 docstring holds the gradients, a fake for export, the autograd wiring); its torch

@@ -3,7 +3,15 @@
 The spec (schema, fake, gradients) is declared once below; this file also holds the torch
 implementation, the reference on any device. The Triton one is kernels/lowrank_linear.py.
 
-How the torch implementation runs, and why: the adapter's products are skinny (rank r
+The torch implementation is a router (``choose_route``, issue 22): a small site (its dense
+product N·in·out at most ``COMPOSITE_MACS``) runs as plain aten ops that autograd
+differentiates in C++ (``composite_merged``: x·(W + scale·B·A)ᵀ + b; ``composite_unmerged``
+when the adapter has its own input or dtypes differ), because there the Python around an
+autograd.Function and its backward costs more than the arithmetic; a larger site runs the
+custom op ``rosafx::lowrank_linear_opaque`` below. The graph holds ``rosafx::lowrank_linear``
+either way (one node per site).
+
+How the opaque op runs, and why: the adapter's products are skinny (rank r
 against thousands of rows), so on CPU they cost what it takes to stream their N-row
 operand, not their flops. When the adapter reads x itself, the weights share a dtype and
 the weight is small against the activations (``_merge_pays``), the forward and dx run
@@ -21,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rosafx.ops.spec import kept_for_backward, op_spec, rows
+from rosafx.ops.spec import implement_routed, kept_for_backward, op_spec, rows
 
 
 @op_spec
@@ -130,4 +138,51 @@ def backward(dy, needs, x, weight, bias, A, B, scale, x_a=None, saved=None):
     return dx, dW, db, dA, dB, None, dx_a
 
 
-lowrank_linear.implement("torch", forward, backward, forward_saving=forward_saving)
+# ---------------------------------------------------------------- routes (issue 22)
+# A site whose products are small costs what the Python around it costs: the opaque op's
+# autograd.Function, its setup_context and its Python backward, per site and step. There the
+# same math in plain aten ops, which autograd differentiates in C++, is cheaper; where the
+# products are large, the opaque op's merged weight and skinny-product layouts pay.
+COMPOSITE_MACS = 1 << 22
+"""The largest N·in·out (the site's dense product, multiply-adds) run as aten ops. The merged
+composite's backward forms dW' = dyᵀ·x, one such product more than the frozen site; 4.2 M
+multiply-adds is 0.1–0.2 ms of one core here, about what the opaque op's Python costs per site
+and step. Timed per site (forward + backward over the frozen linear, 1 thread, loaded 2-core
+machine): at 16 x 64 -> 128 composite 75–130 µs, opaque 300–370 µs; at 64 x 256 -> 256 (4.2 M)
+composite 280–360, opaque 350–420; at 128 x 256 -> 256 (8.4 M) composite 440–690, opaque
+320–590 (docs/performance.md)."""
+
+
+def composite_merged(x, weight, bias, A, B, scale, x_a=None):
+    """y = x·(W + scale·B·A)ᵀ + b in two aten ops. Autograd gives dx = dy·(W + scale·B·A),
+    dW' = dyᵀ·x (one dense out x in product: why only small sites take this route), then
+    dB = scale·dW'·Aᵀ and dA = scale·Bᵀ·dW' through addmm's backward; dW and db when asked."""
+    return F.linear(x, torch.addmm(weight, B, A, alpha=scale), bias)
+
+
+def composite_unmerged(x, weight, bias, A, B, scale, x_a=None):
+    """y = x·Wᵀ + b + (x_a·Aᵀ)·(scale·B)ᵀ in aten ops (a separate adapter input, or dtypes
+    that a merged weight would round): scale rides on B (out x r), not on an N-row tensor."""
+    y = F.linear(x, weight, bias)
+    adapter_in = x if x_a is None else x_a
+    if adapter_in.dtype != A.dtype:
+        adapter_in = adapter_in.to(A.dtype)
+    update = F.linear(F.linear(adapter_in, A), B * scale)
+    return y + (update if update.dtype == y.dtype else update.to(y.dtype))
+
+
+def choose_route(x, weight, bias, A, B, scale, x_a=None):
+    """The composite for this call, or None for the opaque op: aten ops when the site's dense
+    product is at most ``COMPOSITE_MACS`` (merged when the adapter reads x itself and one
+    dtype holds, else unmerged), the opaque op otherwise and under autocast (whose casts would
+    round a merged weight and change the opaque op's dtypes). Runs once per site and call, so
+    it reads shapes only (the any-device autocast flag: 0.1 µs against 2 µs per device)."""
+    out_f, in_f = weight.shape
+    if x.numel() * out_f > COMPOSITE_MACS or torch._C._is_any_autocast_enabled():
+        return None
+    if x_a is None and x.dtype == weight.dtype == A.dtype == B.dtype:
+        return composite_merged
+    return composite_unmerged
+
+
+implement_routed(lowrank_linear, "torch", forward, backward, forward_saving=forward_saving, choose=choose_route)

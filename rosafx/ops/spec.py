@@ -226,6 +226,41 @@ class OpSpec:
         return wired
 
 
+OPAQUE = "opaque"  # the backend name of a routed op's custom op (``implement_routed``)
+_ROUTED_LIBRARY = torch.library.Library("rosafx", "FRAGMENT")  # the routed ops' definitions
+
+
+def implement_routed(spec: OpSpec, backend: str, forward: Callable, backward: Callable, *,
+                     choose: Callable, **options):
+    """Register ``spec``'s ``backend`` op as a router between two ways to run the same math:
+
+    * a composite ``f(*args) -> y`` in plain aten ops, which autograd differentiates in C++: no
+      Python runs in the backward, and the forward's Python is the router and a few aten calls;
+    * the custom op ``rosafx::<name>_opaque`` (``implement(OPAQUE, forward, backward, **options)``:
+      an autograd.Function with the implementation's own backward, one op under dispatch).
+
+    ``choose(*args)`` picks per call (from shapes and dtypes): the composite to run, or None for
+    the opaque op; every route must give the same values and gradients. The router is the
+    op's CompositeImplicitAutograd kernel, so the graph keeps one node per site whose target
+    is ``rosafx::<name>`` (passes see it as before),
+    and under torch.compile or export the node decomposes into the route it picks. The op's
+    arguments after the last one given are absent from the call when they hold their default
+    (the dispatcher drops them): both routes take them as optional parameters."""
+    opaque = spec.implement(OPAQUE, forward, backward, **options)
+    name = spec.op_name(backend)
+    if backend in spec.ops:
+        return spec.ops[backend]
+    _ROUTED_LIBRARY.define(name + spec.schema)
+
+    def route(*args):
+        composite = choose(*args)
+        return opaque(*args) if composite is None else composite(*args)
+    route.__name__, route.__doc__ = f"{name}_route", spec.doc
+    _ROUTED_LIBRARY.impl(name, route, "CompositeImplicitAutograd")
+    spec.ops[backend] = getattr(torch.ops.rosafx, name).default
+    return spec.ops[backend]
+
+
 def op_spec(stub: Optional[Callable] = None, *, fake: Callable = linear_output_like):
     """Declare an op from its typed stub (see the module docstring); usable bare or with ``fake=``."""
     def declare(fn: Callable) -> OpSpec:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from rosafx.passes.drop_export_asserts import drop_export_asserts
 from rosafx.passes.dropout import dropout_follows_mode
 from rosafx.passes.insert import insert_planned
 
@@ -28,14 +29,16 @@ from rosafx.graph.sites import Captured, find_sites, module_types
 
 
 def capture_sites(model: nn.Module, example_inputs: Any = None) -> Captured:
-    """capture -> dropout follows train()/eval() -> sites. A model that torch.export cannot
-    trace as a whole is captured in parts (``rosafx.pipeline.partial``)."""
+    """capture -> export's metadata asserts dropped -> dropout follows train()/eval() -> sites.
+    A model that torch.export cannot trace as a whole is captured in parts
+    (``rosafx.pipeline.partial``)."""
     try:
         gm, args, kwargs = capture(model, example_inputs)
     except RosafxError as exc:
         if exc.__cause__ is None or not isinstance(model, nn.Module):
             raise  # bad inputs, not a model that does not trace
         return capture_parts(model, example_inputs, reason=str(exc).splitlines()[0])
+    gm = drop_export_asserts(gm)                        # run-time re-checks of capture-time metadata
     gm = dropout_follows_mode(gm)                       # aten.dropout -> nn.Dropout (honours train())
     return Captured(gm, find_sites(gm), module_types(gm), (args, kwargs))
 
