@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 # package transformers imports (it installs as rosafx.kernels; PYTHONSAFEPATH needs Python 3.11).
 RUN    := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONSAFEPATH=1 $(PY)
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test test-fast bench venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(RUN) -m pytest -n 2 -q tests
+
+test-fast: $(STAMP)   # the tests not marked slow (tests/conftest.py): under 2 minutes on 2 cores
+	$(RUN) -m pytest -n 2 -q -m "not slow" tests
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/train_step.py
