@@ -48,7 +48,7 @@ api         rosafx/api.py: transform, merge, export_onnx, save, load, calibrate,
 pipeline    rosafx/pipeline/: transform (rules -> adapted graph), partial (captured in parts), adapted_model,
             serialize (rosafx adapter files), peft_format + peft_experts (HF PEFT files)
    ^
-passes      passes/: dropout, insert (+ insert_experts), fuse_siblings, lower, merge,
+passes      passes/: drop_export_asserts, dropout, insert (+ insert_experts), fuse_siblings, lower, merge,
             decompose, export (+ onnx_latency), to_device, checkpoint_layers, layer_modules
    ^
 core        rosafx/graph/: capture, sites (the site-form table), rules (the one matcher), safe_regex,
