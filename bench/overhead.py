@@ -31,22 +31,15 @@ import argparse
 import collections
 import copy
 import datetime
-import json
 import os
 import platform
-import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
-
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    # bench/kernels.py would shadow the `kernels` package transformers imports: import that first
-    _bench_dir = sys.path.pop(0)
-    import transformers.integrations.hub_kernels  # noqa: F401,E402
-    sys.path.insert(0, _bench_dir)
 
 import rosafx  # noqa: E402
 from train_step import VARIANTS as MINILM_VARIANTS, load_base as load_minilm, quartiles, training_step
@@ -273,8 +266,8 @@ def main() -> None:
               "load_average_before_after": [load_before, os.getloadavg()[0]], "rows": results}
     print(f"load average (1 min) before {load_before:.1f}, after {os.getloadavg()[0]:.1f}")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(record, handle, indent=1)
+        from common import write_json
+        write_json(Path(args.json), record)
 
 
 if __name__ == "__main__":

@@ -33,16 +33,16 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
 import os
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 import rosafx
-from common import ENCODER_LINEARS, load_encoder, trainable
+from common import ENCODER_LINEARS, load_encoder, trainable, write_json
 
 VERA_SITES = r"encoder\.layer\.\d+\.attention\..*(query|key|value|dense)"
 LORA = {"method": "lora", "rank": 8, "alpha": 16}
@@ -218,8 +218,7 @@ def main() -> None:
               f"x{ratio[1]:>7.3f} {ratio[0]:>6.3f}–{ratio[2]:<6.3f} {first_step_s[name]:>12.1f}")
     print(f"load average (1 min) before {load_before:.1f}, after {os.getloadavg()[0]:.1f}")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=2)
+        write_json(Path(args.json), result)
 
 
 if __name__ == "__main__":
