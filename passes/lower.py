@@ -52,7 +52,8 @@ def lower(gm: fx.GraphModule, backend: str = "auto") -> fx.GraphModule:
         raise RosafxError("backend='triton' needs a CUDA device, or TRITON_INTERPRET=1 set before rosafx "
                           "is imported (slow; for tests). Use backend='torch' or 'auto' on CPU.")
     to_triton = _twins() if any(wants_triton.values()) else {}
-    to_torch = {triton: ref for ref, triton in (to_triton or _known_twins()).items()}
+    # a graph lowered before has its Triton ops registered already: no Triton import to undo it
+    to_torch = {triton: ref for ref, triton in (to_triton or implementations("triton")).items()}
     for node in nodes:
         reference = to_torch.get(node.target, node.target)
         node.target = to_triton.get(reference, reference) if wants_triton[node] else reference
@@ -60,8 +61,3 @@ def lower(gm: fx.GraphModule, backend: str = "auto") -> fx.GraphModule:
     gm.recompile()
     return gm
 
-
-def _known_twins() -> dict:
-    """The Triton table if the Triton implementations are registered already (a graph lowered
-    before), without importing Triton otherwise."""
-    return implementations("triton")
