@@ -6,10 +6,10 @@ import csv
 import dataclasses
 import itertools
 import json
-import stat
 from pathlib import Path
 
 from rosafx.errors import RosafxError
+from rosafx.io.reading import read_bytes
 
 TEXT = "text"  # the one column of a plain-text file (one example per non-empty line)
 FIELD_LIMIT = 16 * 2**20  # characters in one TSV/CSV field (csv's default is 128 KiB)
@@ -61,8 +61,7 @@ class Table:
 
 def read_table(path) -> Table:
     path = Path(path)
-    _check_regular_file(path)
-    text = _decode(path)
+    text = _decode(path, read_bytes(path, "a data file (.tsv, .csv, .jsonl or .txt)"))  # regular files only
     if not text.strip():
         raise RosafxError(f"Data file {path} is empty.")
     suffix = path.suffix.lower()
@@ -76,23 +75,7 @@ def read_table(path) -> Table:
     return _read_delimited(path, text, "\t" if suffix == ".tsv" else ",")
 
 
-def _check_regular_file(path: Path) -> None:
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise RosafxError(f"Data file {path} does not exist.") from None
-    except OSError as exc:
-        raise RosafxError(f"Data file {path} cannot be opened: {exc.strerror}.") from None
-    if not stat.S_ISREG(mode):
-        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, socket or device)"
-        raise RosafxError(f"Data file {path} is {kind}: give a .tsv, .csv, .jsonl or .txt file.")
-
-
-def _decode(path: Path) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:  # permission, I/O error, or replaced by a directory since the check
-        raise RosafxError(f"Data file {path} cannot be read: {exc.strerror or exc}.") from None
+def _decode(path: Path, data: bytes) -> str:
     try:
         return data.decode("utf-8-sig")  # a byte-order mark (MRPC has one) is not part of the first column name
     except UnicodeDecodeError as exc:
