@@ -75,8 +75,11 @@ included) and fails otherwise. Methods sit in the core: their life cycles call
   map (`linear`, `addmm`, `matmul`, `mm`, `bmm`, `einsum`, MoE expert weights), with the argument
   positions of x, W and bias, whether W is read in x out, the views W may pass through
   (`WEIGHT_VIEWS`), and how to write a call again (`rebuild`). `ADAPTER_CALL` says how every
-  adapter op is called: `op(x, W, bias, ...)`, W read out x in. Passes read x, W and bias at
-  these positions; `fuse_siblings` alone names the ops it fuses (lowrank, vera) to read the rest.
+  adapter op reads W: out x in.
+* **The ops' argument roles** (`rosafx/ops/roles.py`): each op's spec names what its arguments
+  are (`input`, `weight`, `bias`, `down`, `up`, `scale`, `adapter_input`, ...); merge,
+  calibration and `fuse_siblings` read and write adapter calls by role, never by position, and
+  `fuse_siblings` finds what an op fuses into in `rosafx.ops.siblings.FUSIONS`, never by its name.
 * **The rules and the plan** (`rosafx/graph/rules.py`, `rosafx/graph/plan.py`): a rule key has one kind
   (type < regex < suffix < exact path); one matcher (`best_match`) serves sites, `full`
   modules, and HF PEFT's `target_modules` and patterns. `Plan.from_rules` turns rules into
@@ -155,7 +158,7 @@ def main() -> None:
     parts += ["\n### 5. insert (`passes/insert.py`, through `rosafx.pipeline.transform.apply`)\n"
               "Each call of a planned site becomes one call of a registered op (`torch.library`), which "
               "stays a single node under `torch.export` and has a Triton twin for `lower`. Its arguments "
-              "follow `ADAPTER_CALL`: x, W (out x in), bias, then the adapter's tensors.\n", code(adapted),
+              "are named by role in the op's spec: x (`input`), W out x in (`weight`), `bias`, then the adapter's tensors.\n", code(adapted),
               "The adapted graph's record, `gm.meta[\"rosafx\"]` (one copy of each fact):\n",
               block(json.dumps(shown, indent=2, default=str), "json"),
               "and an adapter node's mark, `node.meta[\"rosafx\"]` (its site, and what merge needs to "

@@ -32,26 +32,30 @@ from __future__ import annotations
 
 import operator
 
-import torch
 from torch import fx
 
-from rosafx.graph.adapted_graph import FUSED, adapter_nodes, adapters_of, call_args, site_of
-from rosafx.ops import siblings as _siblings_ops  # noqa: F401  (registers the fused ops)
+from rosafx.graph.adapted_graph import FUSED, adapter_nodes, adapters_of, site_of
+from rosafx.ops import roles
+from rosafx.ops.siblings import FUSIONS, SiblingFusion
+from rosafx.ops.spec import REFERENCE
 
-rosafx_ops = torch.ops.rosafx
 
-
-def _lowrank_key(node: fx.Node):
-    """Sites that may share a stacked down-projection: plain lowrank_linear reading x itself."""
-    if node.target is not rosafx_ops.lowrank_linear.default or len(node.args) < 7 or node.args[6] is not None:
+def _fusion(node: fx.Node) -> SiblingFusion | None:
+    """The node's fusion: its op's reference implementation has one, reading x itself."""
+    spec = roles.spec_of(node.target)
+    if spec is None or spec.name not in FUSIONS or node.target is not spec.ops.get(REFERENCE):
         return None
-    return ("lowrank", call_args(node)[0])
+    return FUSIONS[spec.name] if roles.arg(node, "adapter_input") is None else None
 
 
-def _vera_key(node: fx.Node, gm: fx.GraphModule):
-    if node.target is not rosafx_ops.vera_linear.default or (len(node.args) > 7 and node.args[7] is not None):
+def _group_key(node: fx.Node, gm: fx.GraphModule):
+    """Sites with one key share one down-projection call: the same op and input, and when the
+    down is shared rather than stacked, the same down tensor and slice of it."""
+    fusion = _fusion(node)
+    if fusion is None:
         return None
-    return ("vera", call_args(node)[0], node.args[3].target, _in_features(node, gm))
+    key = (fusion, roles.arg(node, "input"))
+    return key if fusion.stacked else key + (roles.arg(node, "down").target, _in_features(node, gm))
 
 
 def _in_features(node: fx.Node, gm: fx.GraphModule) -> int:
@@ -62,7 +66,7 @@ def sibling_groups(gm: fx.GraphModule) -> list[list[fx.Node]]:
     """Groups of two or more adapter nodes that can share their down-projection, in graph order."""
     groups: dict[tuple, list[fx.Node]] = {}
     for node in adapter_nodes(gm):
-        key = _lowrank_key(node) or _vera_key(node, gm)
+        key = _group_key(node, gm)
         if key is not None:
             groups.setdefault(key, []).append(node)
     return [nodes for nodes in groups.values() if len(nodes) > 1]
@@ -75,29 +79,20 @@ def _tag(node: fx.Node, like: fx.Node) -> fx.Node:
     return node
 
 
-def _fuse_lowrank(graph: fx.Graph, nodes: list[fx.Node]) -> None:
-    first = nodes[0]
-    with graph.inserting_before(first):
-        As = [graph.get_attr(n.args[3].target) for n in nodes]
-        stacked = _tag(graph.call_function(rosafx_ops.lowrank_down_stacked.default, (call_args(first)[0], As)), first)
-        hs = [_tag(graph.call_function(operator.getitem, (stacked, i)), first) for i in range(len(nodes))]
+def _fuse(gm: fx.GraphModule, nodes: list[fx.Node], fusion: SiblingFusion) -> None:
+    graph, first = gm.graph, nodes[0]
+    with graph.inserting_before(first):     # the downs are read again here, before the first site
+        downs = [graph.get_attr(roles.arg(n, "down").target) for n in (nodes if fusion.stacked else nodes[:1])]
+        shared = {"input": roles.arg(first, "input"), "down": downs if fusion.stacked else downs[0],
+                  "in_features": _in_features(first, gm)}
+        down = _tag(graph.call_function(fusion.down.ops[REFERENCE], roles.call(fusion.down, shared)), first)
+        hs = [_tag(graph.call_function(operator.getitem, (down, i)), first) for i in range(len(nodes))] \
+            if fusion.stacked else [down] * len(nodes)
     for node, h in zip(nodes, hs):
-        x, weight, bias, _, B, scale = node.args[:6]
+        own = {role: roles.arg(node, role) for role in fusion.given_h.roles if roles.has_role(node, role)}
         with graph.inserting_before(node):
-            fused = graph.call_function(rosafx_ops.lowrank_linear_given_h.default, (x, weight, bias, B, scale, h))
-        fused.meta = dict(node.meta)
-        node.replace_all_uses_with(fused)
-        graph.erase_node(node)
-
-
-def _fuse_vera(graph: fx.Graph, nodes: list[fx.Node], in_features: int) -> None:
-    first = nodes[0]
-    with graph.inserting_before(first):
-        A_shared = graph.get_attr(first.args[3].target)
-        h = _tag(graph.call_function(rosafx_ops.vera_project.default, (call_args(first)[0], A_shared, in_features)), first)
-    for node in nodes:
-        with graph.inserting_before(node):
-            fused = graph.call_function(rosafx_ops.vera_linear_given_h.default, (*node.args[:7], None, h))
+            fused = graph.call_function(fusion.given_h.ops[REFERENCE],
+                                        roles.call(fusion.given_h, {**own, "adapter_input": None, "down_output": h}))
         fused.meta = dict(node.meta)
         node.replace_all_uses_with(fused)
         graph.erase_node(node)
@@ -105,10 +100,7 @@ def _fuse_vera(graph: fx.Graph, nodes: list[fx.Node], in_features: int) -> None:
 
 def fuse_siblings(gm: fx.GraphModule) -> fx.GraphModule:
     for nodes in sibling_groups(gm):
-        if nodes[0].target is rosafx_ops.lowrank_linear.default:
-            _fuse_lowrank(gm.graph, nodes)
-        else:
-            _fuse_vera(gm.graph, nodes, _in_features(nodes[0], gm))
+        _fuse(gm, nodes, _fusion(nodes[0]))
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()

@@ -34,7 +34,7 @@ class DenseDeltaConfig(MethodConfig):
 
 # --- 2. the op: declared once (schema, fake, gradients), then its torch implementation ----
 
-@op_spec
+@op_spec(roles={"input": "x", "weight": "weight", "bias": "bias", "scale": "scale"})
 def dense_delta_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], D: Tensor, scale: float) -> Tensor:
     """y = x·(W + scale·D)ᵀ + b.
 

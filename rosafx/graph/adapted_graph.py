@@ -12,8 +12,9 @@ module; each fact is kept once:
   the example inputs and the fingerprint of the base weights;
 * an adapter node (``node.meta["rosafx"]``) holds only its site path and what merge needs
   to write its call again (the site form and the call's constant arguments);
-* every adapter op is called ``op(x, W, bias, ...)`` with W out x in, as the site-form
-  table's ``ADAPTER_CALL`` says; a W stored in x out is read through ``aten.t``;
+* every adapter op reads x, W (out x in) and bias in the arguments its spec names in the roles
+  ``input``, ``weight`` and ``bias`` (rosafx/ops/roles.py); a W stored in x out is read
+  through ``aten.t`` (the site-form table's ``ADAPTER_CALL``);
 * every ``node.meta`` / ``gm.meta`` key rosafx writes is declared here (``META``,
   ``EXPERT_PART``, ``EXPERT_GROUP``, ``FUSED``).
 """
@@ -25,7 +26,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from rosafx.graph.sites import ADAPTER_CALL, arg_at, weight_source
+from rosafx.graph.sites import weight_source
+from rosafx.ops import roles
 
 ADAPTERS = "rosafx_adapters"   # nn.ModuleDict on the graph module: one adapter per site
 SHARED = "rosafx_shared"       # state shared by several sites (VeRA's random pair)
@@ -123,8 +125,8 @@ def site_of(node: fx.Node) -> str:
 
 
 def call_args(node: fx.Node) -> tuple[Any, Any, Any]:
-    """(x, W as read, bias) of an adapter node, at the positions ``ADAPTER_CALL`` names."""
-    return arg_at(node, ADAPTER_CALL.x), arg_at(node, ADAPTER_CALL.weight), arg_at(node, ADAPTER_CALL.bias)
+    """(x, W as read, bias) of an adapter node: its arguments in the roles ``roles.ADAPTER_CALL``."""
+    return tuple(roles.arg(node, role) for role in roles.ADAPTER_CALL)
 
 
 def attr_owner(gm: nn.Module, target: str) -> tuple[nn.Module, str]:
@@ -155,7 +157,7 @@ def set_base_weight(gm: fx.GraphModule, path: str, weight: torch.Tensor) -> None
             continue
         with gm.graph.inserting_before(node):
             new_weight = gm.graph.get_attr(f"{adapter_prefix(path)}.base_weight")
-        node.update_arg(ADAPTER_CALL.weight, new_weight)
+        node.update_arg(roles.position(node.target, "weight"), new_weight)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()

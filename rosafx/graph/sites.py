@@ -121,11 +121,9 @@ FORM_BY_NAME = {form.name: form for form in SITE_FORMS}
 
 @dataclass(frozen=True)
 class AdapterCall:
-    """How every adapter op (``rosafx/ops``) is called: ``op(x, W, bias, ...)`` with W read
-    out x in, so a W stored in x out is passed through ``aten.t`` (a ``WEIGHT_VIEWS`` view)."""
-    x: ArgPos = 0
-    weight: ArgPos = 1
-    bias: ArgPos = 2
+    """How every adapter op (``rosafx/ops``) reads W: out x in, so a W stored in x out is passed
+    through ``aten.t`` (a ``WEIGHT_VIEWS`` view). Which arguments hold x, W and bias, each op's
+    spec says (its roles, rosafx/ops/roles.py)."""
     reads_in_out: bool = False
 
 

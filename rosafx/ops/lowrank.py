@@ -32,7 +32,8 @@ from torch import Tensor
 from rosafx.ops.spec import implement_routed, kept_for_backward, op_spec, rows
 
 
-@op_spec
+@op_spec(roles={"input": "x", "weight": "weight", "bias": "bias", "down": "A", "up": "B", "scale": "scale",
+                "adapter_input": "x_a"})
 def lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor,
                    scale: float, x_a: Optional[Tensor] = None) -> Tensor:
     """y = x·Wᵀ + b + scale·(x_a·Aᵀ)·Bᵀ; ``x_a`` is the adapter's input (dropout(x)), None

@@ -7,16 +7,20 @@ per call). ``rosafx::lowrank_linear_given_h(x, W, b, B, scale, h)``: y = x·Wᵀ
 scale·h·Bᵀ, the site's half. ``rosafx::vera_project(x, A_shared, in_features)``: VeRA's
 h = x·A_shared[:, :in]ᵀ, shared by sites with the same slice; no gradient flows through it
 (``vera_linear_given_h``, in ops/vera.py, does not depend on h for its output).
+
+``FUSIONS`` says, per adapter op, which of these ops its sibling sites are fused into.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rosafx.ops.spec import op_spec, rows
+from rosafx.ops.spec import OpSpec, op_spec, rows
+from rosafx.ops.vera import vera_linear_given_h
 
 
 def _stacked_outputs_like(x, As):
@@ -27,7 +31,7 @@ def _cat(tensors: list[Tensor], dim: int = 0) -> Tensor:
     return torch.cat(tensors, dim) if len(tensors) > 1 else tensors[0]
 
 
-@op_spec(fake=_stacked_outputs_like)
+@op_spec(fake=_stacked_outputs_like, roles={"input": "x", "down": "As"})
 def lowrank_down_stacked(x: Tensor, As: list[Tensor]) -> list[Tensor]:
     """[h_1 … h_k] with h_i = x·A_iᵀ. With H = x·[A_1; …; A_k]ᵀ (N x Σr) and dH = [dh_1 … dh_k]:
 
@@ -58,7 +62,7 @@ def _down_backward(dhs, needs, x, As):
 lowrank_down_stacked.implement("torch", _down_forward, _down_backward)
 
 
-@op_spec
+@op_spec(roles={"input": "x", "weight": "weight", "bias": "bias", "up": "B", "scale": "scale", "down_output": "h"})
 def lowrank_linear_given_h(x: Tensor, weight: Tensor, bias: Optional[Tensor], B: Tensor, scale: float,
                            h: Tensor) -> Tensor:
     """y = x·Wᵀ + b + scale·h·Bᵀ with h (N x r) given:
@@ -102,7 +106,7 @@ def _projection_like(x, A_shared, in_features):
     return x.new_empty((*x.shape[:-1], A_shared.shape[0]), dtype=A_shared.dtype)
 
 
-@op_spec(fake=_projection_like)
+@op_spec(fake=_projection_like, roles={"input": "x", "down": "A_shared", "in_features": "in_features"})
 def vera_project(x: Tensor, A_shared: Tensor, in_features: int) -> Tensor:
     """h = x·A_shared[:, :in_features]ᵀ. h only feeds d's and b's gradients in
     vera_linear_given_h, so no gradient reaches x or A_shared through it."""
@@ -117,3 +121,19 @@ def _no_gradient(dh, needs, x, A_shared, in_features):
 
 
 vera_project.implement("torch", _project_forward, _no_gradient)
+
+
+@dataclass(frozen=True)
+class SiblingFusion:
+    """How the sites of one adapter op that read the same input share their down-projection."""
+    down: OpSpec      # called once per group, gives h
+    given_h: OpSpec   # each site's own op, its h given (role "down_output")
+    stacked: bool     # True: one call over the sites' own downs (a list), one h per site;
+                      # False: sites with the same down and in_features share one call and one h
+
+
+# adapter op (spec name) -> its sibling fusion; passes/fuse_siblings.py reads only this table
+FUSIONS = {
+    "lowrank_linear": SiblingFusion(lowrank_down_stacked, lowrank_linear_given_h, stacked=True),
+    "vera_linear": SiblingFusion(vera_project, vera_linear_given_h, stacked=False),
+}

@@ -29,7 +29,8 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta"
 warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 
 
-@op_spec
+@op_spec(roles={"input": "x", "weight": "weight", "bias": "bias", "down": "A", "up": "B", "scale": "scale",
+                "adapter_input": "x_a"})
 def sparse_lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A: Tensor, B: Tensor, scale: float,
                           crow_indices: Tensor, col_indices: Tensor, values: Tensor,
                           x_a: Optional[Tensor] = None) -> Tensor:

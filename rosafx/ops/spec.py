@@ -30,6 +30,10 @@ Whenever no extras reach the backward (under torch.compile or export the forward
 fake tensors; grad mode off), it is called without ``saved``, exactly as an implementation
 without the opt-in, so it must also work from the arguments alone.
 
+Each op names the roles of its arguments (``op_spec(roles={"input": "x", "weight": "weight",
+...})``: role -> argument name, the vocabulary in rosafx/ops/roles.py), checked against the
+stub's parameters when declared; passes read a node's arguments by role, never by position.
+
 ``implement(..., opaque_backward=True)`` (the Triton implementations): a backward that
 launches kernels cannot be traced on fake tensors, so the spec also registers
 ``rosafx::<name>_<backend>_backward`` (dy, needs, *args) -> the gradients asked for, an op
@@ -103,9 +107,19 @@ def _gradient_follows(args) -> bool:
     return False
 
 
+def argument_positions(stub: Callable, roles: dict[str, str]) -> dict[str, int]:
+    """role -> the position of the argument it names in ``stub``'s parameters."""
+    names = list(inspect.signature(stub).parameters)
+    missing = {role: name for role, name in roles.items() if name not in names}
+    if missing:
+        raise ValueError(f"op {stub.__name__}: roles {missing} name no argument of ({', '.join(names)})")
+    return {role: names.index(name) for role, name in roles.items()}
+
+
 class OpSpec:
-    def __init__(self, stub: Callable, fake: Callable = linear_output_like):
+    def __init__(self, stub: Callable, fake: Callable = linear_output_like, roles: Optional[dict] = None):
         self.name = stub.__name__
+        self.roles = argument_positions(stub, roles or {})  # role -> argument position
         self.doc = inspect.getdoc(stub) or ""
         self.schema = torch.library.infer_schema(stub, mutates_args=())
         self.n_args = len(inspect.signature(stub).parameters)
@@ -261,10 +275,11 @@ def implement_routed(spec: OpSpec, backend: str, forward: Callable, backward: Ca
     return spec.ops[backend]
 
 
-def op_spec(stub: Optional[Callable] = None, *, fake: Callable = linear_output_like):
-    """Declare an op from its typed stub (see the module docstring); usable bare or with ``fake=``."""
+def op_spec(stub: Optional[Callable] = None, *, fake: Callable = linear_output_like, roles: Optional[dict] = None):
+    """Declare an op from its typed stub (see the module docstring); usable bare or with
+    ``fake=`` and ``roles=`` (role -> argument name)."""
     def declare(fn: Callable) -> OpSpec:
-        spec = OpSpec(fn, fake)
+        spec = OpSpec(fn, fake, roles)
         SPECS[spec.name] = spec
         return spec
     return declare(stub) if stub is not None else declare

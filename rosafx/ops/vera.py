@@ -36,7 +36,8 @@ from torch import Tensor
 from rosafx.ops.spec import kept_for_backward, op_spec, rows
 
 
-@op_spec
+@op_spec(roles={"input": "x", "weight": "weight", "bias": "bias", "down": "A_shared", "up": "B_shared",
+                "down_scale": "d", "up_scale": "b", "adapter_input": "x_a"})
 def vera_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A_shared: Tensor, B_shared: Tensor,
                 d: Tensor, b: Tensor, x_a: Optional[Tensor] = None) -> Tensor:
     """y = x·Wᵀ + bias + b ⊙ ((d ⊙ (x_a·A_slᵀ))·B_slᵀ) with A_sl = A_shared[:, :in],
@@ -56,7 +57,8 @@ def vera_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], A_shared: Ten
     """
 
 
-@op_spec
+@op_spec(roles={"input": "x", "weight": "weight", "bias": "bias", "down": "A_shared", "up": "B_shared",
+                "down_scale": "d", "up_scale": "b", "adapter_input": "x_a", "down_output": "h"})
 def vera_linear_given_h(x: Tensor, weight: Tensor, bias: Optional[Tensor], A_shared: Tensor, B_shared: Tensor,
                         d: Tensor, b: Tensor, x_a: Optional[Tensor], h: Tensor) -> Tensor:
     """``vera_linear`` with h = x_a·A_slᵀ given (sibling fusion computes it once for the
