@@ -61,7 +61,8 @@ foundation  rosafx/errors.py, rosafx/io/: reading (JSON, safetensors), pt2 (a .p
 ```
 
 Where a new thing goes: a pass in `passes/`, a method in `rosafx/methods/` (+ its op in
-`rosafx/ops/`, its Triton kernel in `kernels/`), a file format in `rosafx/pipeline/`, a command
+`rosafx/ops/`, its Triton kernel in `kernels/`; or a method with an op and kernel of its own as
+one folder, `rosafx/methods/<id>/`, docs/adding_a_method.md), a file format in `rosafx/pipeline/`, a command
 in `cli/` over a recipe in `rosafx/recipes/`.
 
 A module imports only its own layer or the ones below, and the import graph has no cycle;

@@ -14,6 +14,7 @@ that run change.
 """
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch
@@ -21,7 +22,7 @@ from torch import fx
 
 from rosafx.graph.adapted_graph import adapter_nodes, adapters_of, site_of
 from rosafx.errors import RosafxError
-from rosafx.ops.spec import implementations
+from rosafx.ops.spec import SPECS, implementations
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -30,6 +31,9 @@ def _twins() -> dict:
     """reference op -> Triton op (imports Triton only when a Triton backend is wanted)."""
     try:
         import rosafx.kernels  # noqa: F401  (plugs the Triton implementations into the op specs)
+        for spec in list(SPECS.values()):  # ops whose kernels live beside their method
+            if spec.kernels:
+                importlib.import_module(spec.kernels)
     except ImportError as error:  # triton missing
         raise RosafxError(f"backend='triton' needs the triton package ({error}); "
                           "install triton or lower with backend='torch'.") from error

@@ -33,6 +33,8 @@ without the opt-in, so it must also work from the arguments alone.
 Each op names the roles of its arguments (``op_spec(roles={"input": "x", "weight": "weight",
 ...})``: role -> argument name, the vocabulary in rosafx/ops/roles.py), checked against the
 stub's parameters when declared; passes read a node's arguments by role, never by position.
+An op whose Triton implementation lives outside rosafx/kernels (beside its method) names that
+module, ``op_spec(kernels="package.module")``, and ``rosafx.lower`` imports it with the others.
 
 ``implement(..., opaque_backward=True)`` (the Triton implementations): a backward that
 launches kernels cannot be traced on fake tensors, so the spec also registers
@@ -117,8 +119,10 @@ def argument_positions(stub: Callable, roles: dict[str, str]) -> dict[str, int]:
 
 
 class OpSpec:
-    def __init__(self, stub: Callable, fake: Callable = linear_output_like, roles: Optional[dict] = None):
+    def __init__(self, stub: Callable, fake: Callable = linear_output_like, roles: Optional[dict] = None,
+                 kernels: Optional[str] = None):
         self.name = stub.__name__
+        self.kernels = kernels  # the module that plugs in the Triton implementation, if not in rosafx/kernels
         self.roles = argument_positions(stub, roles or {})  # role -> argument position
         self.doc = inspect.getdoc(stub) or ""
         self.schema = torch.library.infer_schema(stub, mutates_args=())
@@ -275,11 +279,12 @@ def implement_routed(spec: OpSpec, backend: str, forward: Callable, backward: Ca
     return spec.ops[backend]
 
 
-def op_spec(stub: Optional[Callable] = None, *, fake: Callable = linear_output_like, roles: Optional[dict] = None):
+def op_spec(stub: Optional[Callable] = None, *, fake: Callable = linear_output_like, roles: Optional[dict] = None,
+            kernels: Optional[str] = None):
     """Declare an op from its typed stub (see the module docstring); usable bare or with
-    ``fake=`` and ``roles=`` (role -> argument name)."""
+    ``fake=``, ``roles=`` (role -> argument name) and ``kernels=`` (its Triton module)."""
     def declare(fn: Callable) -> OpSpec:
-        spec = OpSpec(fn, fake, roles)
+        spec = OpSpec(fn, fake, roles, kernels)
         SPECS[spec.name] = spec
         return spec
     return declare(stub) if stub is not None else declare

@@ -3,7 +3,9 @@
 Δ(x) = scale·x·Dᵀ with one trainable dense D (out x in, init 0), so ΔW = scale·D. It is
 full fine-tuning kept apart from the frozen weight: nothing a real project needs (use
 ``full`` or lora), but every piece a method has, in one small file: a config, an op with
-its gradients, an adapter module, and the registry entry.
+its gradients, an adapter module, its PEFT mapping and the registry entry. Its Triton
+implementation is the folder's other file, triton_kernel.py; registering the method is one
+line in rosafx/methods/__init__.py, and nothing else in rosafx changes.
 """
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ class DenseDeltaConfig(MethodConfig):
 
 # --- 2. the op: declared once (schema, fake, gradients), then its torch implementation ----
 
-@op_spec(roles={"input": "x", "weight": "weight", "bias": "bias", "scale": "scale"})
+@op_spec(roles={"input": "x", "weight": "weight", "bias": "bias", "scale": "scale"},
+         kernels=f"{__name__}.triton_kernel")
 def dense_delta_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], D: Tensor, scale: float) -> Tensor:
     """y = x·(W + scale·D)ᵀ + b.
 
@@ -46,15 +49,20 @@ def dense_delta_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], D: Ten
     """
 
 
-def _forward(x, weight, bias, D, scale):
-    return F.linear(x, weight + scale * D.to(weight.dtype), bias)
+def merged_weight(weight, D, scale):
+    """W + scale·D; the Triton implementation (triton_kernel.py) passes its own as ``merged``."""
+    return weight + scale * D.to(weight.dtype)
 
 
-def _backward(dy, needs, x, weight, bias, D, scale):
+def forward(x, weight, bias, D, scale, merged=merged_weight):
+    return F.linear(x, merged(weight, D, scale), bias)
+
+
+def backward(dy, needs, x, weight, bias, D, scale, merged=merged_weight):
     dy2, x2 = rows(dy), rows(x)
     dx = dW = db = dD = None
     if needs[0]:
-        dx = (dy2 @ (weight + scale * D.to(weight.dtype))).reshape(x.shape)
+        dx = (dy2 @ merged(weight, D, scale)).reshape(x.shape)
     if needs[1] or needs[3]:
         dyT_x = dy2.t() @ x2
         dW = dyT_x if needs[1] else None
@@ -64,7 +72,7 @@ def _backward(dy, needs, x, weight, bias, D, scale):
     return dx, dW, db, dD, None
 
 
-dense_delta_linear.implement("torch", _forward, _backward)
+dense_delta_linear.implement("torch", forward, backward)
 
 
 # --- 3. the adapter: one per site; owns its tensors, writes its node, gives ΔW ---------------
@@ -82,10 +90,13 @@ class DenseDeltaAdapter(Adapter):
         return self.scale * self.delta.detach().float()
 
 
-# --- 4. the registry entry --------------------------------------------------------------------
+# --- 4. the registry entry and the PEFT mapping ----------------------------------------------
 
 class DenseDelta(Method):
     id = "dense-delta"
     description = "example: one trainable dense ΔW per site (docs/adding_a_method.md)"
     Config = DenseDeltaConfig
     Adapter = DenseDeltaAdapter
+    # HF PEFT has no adapter type that holds a dense ΔW, so there is no PEFT mapping:
+    # save(format="peft") refuses this method and says to save with format="rosafx".
+    peft_type = None
