@@ -30,6 +30,7 @@ from rosafx.errors import RosafxError
 from rosafx.training.lifecycle import Lifecycles
 from rosafx.methods.base import TrainingContext
 from rosafx.training.optim import Optimization, adamw, lr_factor, trainable_parameters
+from rosafx.training.options import TRAINING_OPTIONS, checked
 from rosafx.training.runs import Run
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -76,11 +77,11 @@ def fit(adapted: fx.GraphModule, train_batches: Iterable, loss_fn: LossFn, *,
     still has every step's loss. The first step's compilation is reported apart from the step
     time (``History.compile_seconds``, ``History.step_seconds``). ``grad_checkpoint=True`` recomputes each layer's activations in
     the backward instead of keeping them (``rosafx.training.activation_checkpointing``; training steps only;
-    ``"attention"`` keeps the attention kernels' outputs)."""
+    ``"attention"`` keeps the attention kernels' outputs). Every setting is checked against its
+    option in rosafx/training/options.py (type and bounds) before anything runs."""
+    checked({name: value for name, value in locals().items() if name in TRAINING_OPTIONS}, TRAINING_OPTIONS,
+            where="rosafx.fit")
     total = total_steps(train_batches, steps, epochs, grad_accum)
-    _check_options(grad_accum, precision, warmup_ratio, calibration_batches)
-    if log_every is not None and (not isinstance(log_every, int) or log_every < 1):
-        raise RosafxError(f"log_every must be a positive integer, got {log_every!r}.")
     run = Run(run) if run is not None and not isinstance(run, Run) else run
     device = next(iter(trainable_parameters(adapted)), torch.empty(0)).device
     log_every = log_every or (LOG_EVERY_COMPILED if compile else 1)
@@ -203,15 +204,11 @@ def _compiled_step(adapted: fx.GraphModule, loss_fn, optimization, compile, devi
 def total_steps(train_batches, steps: int | None, epochs: float | None, grad_accum: int = 1) -> int:
     if (steps is None) == (epochs is None):
         raise RosafxError("Give fit exactly one of steps= (optimizer steps) or epochs=.")
-    if steps is not None:
-        if not isinstance(steps, int) or steps < 1:
-            raise RosafxError(f"steps must be a positive integer, got {steps!r}.")
+    if steps is not None:                 # steps and epochs: checked by fit against their options
         return steps
     per_epoch = _steps_per_epoch(train_batches, grad_accum)
     if per_epoch is None:
         raise RosafxError("epochs= needs train_batches with a length; pass steps= instead.")
-    if epochs <= 0:
-        raise RosafxError(f"epochs must be positive, got {epochs!r}.")
     return max(1, math.ceil(epochs * per_epoch))
 
 
@@ -362,17 +359,6 @@ def _autocast(precision: str, device: torch.device):
     if precision == "fp32":
         return contextlib.nullcontext
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def _check_options(grad_accum, precision, warmup_ratio, calibration_batches) -> None:
-    if not isinstance(grad_accum, int) or grad_accum < 1:
-        raise RosafxError(f"grad_accum must be a positive integer, got {grad_accum!r}.")
-    if precision not in ("fp32", "bf16"):
-        raise RosafxError(f"precision must be 'fp32' or 'bf16', got {precision!r}.")
-    if not 0.0 <= warmup_ratio < 1.0:
-        raise RosafxError(f"warmup_ratio must be in [0, 1), got {warmup_ratio!r}.")
-    if calibration_batches < 1:
-        raise RosafxError(f"calibration_batches must be at least 1, got {calibration_batches!r}.")
 
 
 def _read(losses: list) -> list[float]:
