@@ -25,10 +25,10 @@ demo: $(STAMP)
 	$(RUN) -m rosafx.recipes.demo
 
 test: $(STAMP)
-	$(RUN) -m pytest -n 2 -q tests
+	$(RUN) -m pytest -n 2 -q tests bench
 
 test-fast: $(STAMP)   # the tests not marked slow (tests/conftest.py): under 2 minutes on 2 cores
-	$(RUN) -m pytest -n 2 -q -m "not slow" tests
+	$(RUN) -m pytest -n 2 -q -m "not slow" tests bench
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/train_step.py

@@ -3,7 +3,7 @@
 ``ARCHS`` maps a name to a factory returning ``Arch``: the model (eval, fixed seed), the
 example inputs the capture uses (a dict with ``attention_mask`` where the model takes one,
 with padding in the second row) and a function giving inputs of another batch/sequence
-size. Shared by tests/test_architectures.py and bench/architectures.py.
+size. Used by tests/test_architectures.py and the full sweep, tests/arch_sweep.py.
 """
 from __future__ import annotations
 

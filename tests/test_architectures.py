@@ -1,5 +1,5 @@
 """The architecture matrix (a representative subset of tests/arch_zoo.py; the full sweep is
-bench/architectures.py, results in docs/architectures.md): transform -> identity on padded
+tests/arch_sweep.py, results in docs/architectures.md): transform -> identity on padded
 and other-sized batches -> a train step -> merge against the float64 eager model with
 W + ΔW -> generation with the KV cache for decoders (ONNX of every architecture is in the
 bench sweep; here only Falcon and grouped Mixtral export, in their own files). Falcon,

@@ -1,4 +1,6 @@
 """The architecture sweep of issue 12: every tiny architecture in tests/arch_zoo.py, end to end.
+It lives beside the zoo it sweeps (run as a script, not collected by pytest: tests/test_architectures.py
+runs a subset of the same stages).
 
 For each: transform (LoRA r4 on every site the zoo's rule selects) -> identity against the
 user's eager model (capture inputs with padding, and another batch/sequence size) -> one
@@ -6,7 +8,7 @@ training step -> merge (B perturbed) against the adapted model -> ONNX export wi
 onnxruntime parity -> for decoders, generation with the KV cache through the merged model.
 Each stage is timed; the first failing stage is recorded with its message.
 
-    python bench/architectures.py [--only bert,falcon] [--no-onnx] [--out docs/results/architectures.json]
+    python tests/arch_sweep.py [--only bert,falcon] [--no-onnx] [--out docs/results/architectures.json]
 """
 from __future__ import annotations
 
@@ -24,13 +26,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import rosafx
+from rosafx.graph.adapted_graph import adapters_of
 
-import rosafx  # noqa: E402
-from rosafx.graph.adapted_graph import adapters_of  # noqa: E402
-
-from arch_zoo import ARCHS  # noqa: E402
-from models import main_output  # noqa: E402
+from arch_zoo import ARCHS      # this folder: python puts a script's folder on sys.path
+from models import main_output
 
 LORA = {"method": "lora", "rank": 4, "alpha": 8}
 

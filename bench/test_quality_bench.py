@@ -1,16 +1,15 @@
 """bench/quality.py's parts that need neither ../shared nor training: the train/validation
-split of a GLUE TSV, and the report builder over cell JSONs (synthetic ones here)."""
+split of a GLUE TSV, and the report builder over cell JSONs (synthetic ones here). It lives
+beside the code it tests; `make test` collects bench/ as well as tests/ (pyproject's testpaths)."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from quality_report import build_report, claim_rows, main_table, steps_to_target  # noqa: E402
-from quality_split import split_task  # noqa: E402
+from quality_report import build_report, claim_rows, main_table, steps_to_target
+from quality_split import split_task
 
 BOM = "\ufeff"
 
