@@ -40,8 +40,8 @@ recipes     rosafx/recipes/: task models from a model directory + data (heads, d
    ^
 face        rosafx/__init__.py: what `import rosafx` gives
    ^
-training    rosafx/training/: fit, optim, lifecycle, checkpoint, runs (RUN directories),
-            activation_checkpointing, distributed, fsdp, hf_trainer, memory
+training    rosafx/training/: fit, options (the typed training options), optim, lifecycle, checkpoint,
+            runs (RUN directories), activation_checkpointing, distributed, fsdp, hf_trainer, memory
    ^
 api         rosafx/api.py: transform, merge, export_onnx, save, load, calibrate, lower, ...
    ^
@@ -54,7 +54,7 @@ passes      passes/: drop_export_asserts, dropout, insert (+ insert_experts), fu
 core        rosafx/graph/: capture, sites (the site-form table), rules (the one matcher), safe_regex,
             plan, adapted_graph (the schema), adapter_tensors, layers
             rosafx/methods/: the registry, one file per method, calibration, collectives
-            rosafx/ops/ (torch.library ops, one spec each), kernels/ (Triton)
+            rosafx/ops/ (torch.library ops, one spec each, argument roles), kernels/ (Triton)
    ^
 foundation  rosafx/errors.py, rosafx/io/: reading (JSON, safetensors), pt2 (a .pt2 without pickle),
             atomic (temporary name + rename), outputs (what a command may overwrite)
@@ -88,6 +88,10 @@ included) and fails otherwise. Methods sit in the core: their life cycles call
 * **The adapted graph** (`rosafx/graph/adapted_graph.py`): where adapters live, how a node names its
   site, the site's weight, reading and replacing it, the fingerprint, every meta key. Each fact
   is kept once (below).
+* **The training options** (`rosafx/training/options.py`): each option `rosafx.fit` takes, with
+  its type, bounds and default, once; fit checks its settings there, and the recipe's table
+  (`rosafx/recipes/options.py`: `rosafx train`'s flags, `--config`, `run.json`) takes those
+  entries with its own defaults and adds the recipe's keys.
 * **The adapted model** (`rosafx/pipeline/adapted_model.py`): one owner for a model captured
   whole or in parts: its graphs, how it merges, whether it is one graph. The API and the PEFT
   code ask it; `Captured.weight_names` and `Captured.graph` say the same for a capture.

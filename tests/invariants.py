@@ -15,6 +15,7 @@ import torch
 import rosafx
 from rosafx.graph.adapted_graph import adapters_of
 
+from captures import exported
 from models import main_output, other_inputs
 
 
@@ -29,8 +30,8 @@ class Case:
     extra: dict = field(default_factory=dict)
 
     def build(self):
-        model, example = self.factory()
-        adapted = rosafx.transform(model, self.rules, example_inputs=example)
+        model, program, example = exported(self.factory)     # the session's one export, copied
+        adapted = rosafx.transform(program, self.rules, example_inputs=example)
         inputs = example if example is not None else (adapted.meta["rosafx"]["example_inputs"][1]["input_ids"],)
         if self.prepare is not None:
             self.prepare(adapted, model, inputs)
@@ -118,8 +119,8 @@ def check_save_load(case: Case, tmp_path):
     model, example, adapted, inputs = case.build()
     perturb(adapted)
     rosafx.save(adapted, tmp_path / "adapter")
-    fresh_model, _ = case.factory()
-    loaded = rosafx.load(fresh_model, tmp_path / "adapter", example_inputs=example)
+    _, fresh_program, _ = exported(case.factory)
+    loaded = rosafx.load(fresh_program, tmp_path / "adapter", example_inputs=example)
     assert torch.equal(run(loaded, inputs), run(adapted, inputs))
 
 

@@ -176,6 +176,7 @@ def test_the_folder_imports_only_rosafx_and_itself():
                 assert name.split(".")[0] in ALLOWED_IMPORTS, f"{path.name} imports {name}"
 
 
+@pytest.mark.slow   # a fresh interpreter: imports, a capture, a step, Triton in the interpreter
 def test_the_folder_and_one_registry_line_are_all_a_method_needs(tmp_path):
     copy = tmp_path / "elsewhere"
     copy.mkdir()

@@ -6,13 +6,14 @@ import rosafx
 from rosafx.errors import RosafxError
 from rosafx.graph.adapted_graph import adapters_of
 
+from captures import exported
 from invariants import perturb
 from models import VOCAB, called_twice, tiny_bert, tiny_gpt2
 
 
 def test_merged_weight_equals_float64_formula():
-    model, _ = tiny_bert()
-    adapted = rosafx.transform(model, {"query": {"method": "lora", "rank": 3, "alpha": 5}})
+    model, program, _ = exported(tiny_bert)
+    adapted = rosafx.transform(program, {"query": {"method": "lora", "rank": 3, "alpha": 5}})
     perturb(adapted)
     merged = rosafx.merge(adapted)
     for layer in range(2):
@@ -25,8 +26,8 @@ def test_merged_weight_equals_float64_formula():
 
 
 def test_tied_head_is_untied_not_changed():
-    model, _ = tiny_gpt2()
-    adapted = rosafx.transform(model, {"lm_head": {"method": "lora", "rank": 2}})
+    model, program, _ = exported(tiny_gpt2)
+    adapted = rosafx.transform(program, {"lm_head": {"method": "lora", "rank": 2}})
     perturb(adapted)
     merged = rosafx.merge(adapted)
     embedding_weights = [p for n, p in merged.named_parameters() if n.endswith("wte.weight") or n == "lm_head.weight"]
@@ -51,8 +52,8 @@ def test_module_called_twice_merges_once():
 
 
 def test_non_finite_merge_is_refused():
-    model, _ = tiny_bert()
-    adapted = rosafx.transform(model, {"query": {"method": "lora", "rank": 2}})
+    model, program, _ = exported(tiny_bert)
+    adapted = rosafx.transform(program, {"query": {"method": "lora", "rank": 2}})
     with torch.no_grad():
         next(iter(adapters_of(adapted).values())).lora_B.fill_(float("inf"))
     with pytest.raises(RosafxError, match="non-finite"):

@@ -11,6 +11,7 @@ import rosafx
 from rosafx.errors import RosafxError
 from rosafx.graph.adapted_graph import adapters_of
 
+from captures import exported
 from invariants import perturb, rel_err
 from models import VOCAB, main_output, tiny_bert, tiny_gpt2, tiny_llama
 
@@ -23,8 +24,8 @@ IDS = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(3)
 
 
 def rosafx_lora(factory, targets, rank=4, alpha=8):
-    model, _ = factory()
-    adapted = rosafx.transform(model, {t: {"method": "lora", "rank": rank, "alpha": alpha} for t in targets})
+    model, program, _ = exported(factory)
+    adapted = rosafx.transform(program, {t: {"method": "lora", "rank": rank, "alpha": alpha} for t in targets})
     perturb(adapted)
     return model, adapted.eval()
 
@@ -73,7 +74,7 @@ def test_peft_directory_loads_in_rosafx(tmp_path):
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     peft_model.eval().save_pretrained(tmp_path / "peft")
-    loaded = rosafx.load(tiny_bert()[0], tmp_path / "peft")
+    loaded = rosafx.load(exported(tiny_bert)[1], tmp_path / "peft")
     assert rel_err(outputs(loaded), outputs(peft_model)) < 1e-5
     ranks = {p: c.rank for p, c in loaded.meta["rosafx"]["plan"].sites.items()}
     assert ranks["encoder.layer.0.attention.self.value"] == 2 and ranks["encoder.layer.0.attention.self.query"] == 4
@@ -107,17 +108,17 @@ def test_unsupported_peft_field_is_named(tmp_path):
     config["use_dora"] = True
     config_path.write_text(json.dumps(config))
     with pytest.raises(RosafxError, match="use_dora"):
-        rosafx.load(tiny_bert()[0], tmp_path / "peft")
+        rosafx.load(exported(tiny_bert)[1], tmp_path / "peft")
 
 
 def test_other_base_weights_are_refused(tmp_path):
     _, adapted = rosafx_lora(tiny_bert, ["query"])
     rosafx.save(adapted, tmp_path / "a")
-    other, _ = tiny_bert()
+    other, program, _ = exported(tiny_bert)
     with torch.no_grad():
-        other.encoder.layer[0].attention.self.query.weight.add_(0.01)
+        other.encoder.layer[0].attention.self.query.weight.add_(0.01)   # the program reads it too
     with pytest.raises(RosafxError, match="fingerprint"):
-        rosafx.load(other, tmp_path / "a")
+        rosafx.load(program, tmp_path / "a")
 
 
 @pytest.mark.parametrize("rules", [{"proj": {"method": "rosa", "rank": 2}},

@@ -11,6 +11,7 @@ import rosafx
 from rosafx.errors import RosafxError
 from rosafx.graph.adapted_graph import adapters_of
 
+from captures import exported
 from invariants import perturb, rel_err
 from models import VOCAB, main_output, tiny_bert, tiny_gpt2, tiny_llama
 
@@ -35,8 +36,8 @@ def peft_vera(model, targets, name, **extra):
 
 
 def rosafx_vera(factory, targets):
-    model, _ = factory()
-    adapted = rosafx.transform(model, {t: {"method": "vera", "rank": RANK, "seed": SEED} for t in targets})
+    model, program, _ = exported(factory)
+    adapted = rosafx.transform(program, {t: {"method": "vera", "rank": RANK, "seed": SEED} for t in targets})
     perturb(adapted)
     return model, adapted.eval()
 
@@ -83,7 +84,7 @@ def test_peft_directory_loads_in_rosafx(save_projection, tmp_path):
             if "vera_lambda" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     peft_model.eval().save_pretrained(tmp_path / "peft")
-    loaded = rosafx.load(tiny_bert()[0], tmp_path / "peft")
+    loaded = rosafx.load(exported(tiny_bert)[1], tmp_path / "peft")
     assert rel_err(outputs(loaded), outputs(peft_model)) < 1e-5
     assert {c.seed for c in loaded.meta["rosafx"]["plan"].sites.values()} == {SEED}
 
@@ -96,4 +97,4 @@ def test_unsupported_peft_field_is_named(tmp_path):
     config["layers_to_transform"] = [0]
     config_path.write_text(json.dumps(config))
     with pytest.raises(RosafxError, match="layers_to_transform"):
-        rosafx.load(tiny_bert()[0], tmp_path / "peft")
+        rosafx.load(exported(tiny_bert)[1], tmp_path / "peft")

@@ -3,6 +3,7 @@ selection, determinism by seed, save/load after a resample. The resample pass it
 tests/test_resample.py."""
 import pytest
 import torch
+from captures import exported
 from invariants import ALL, Case, perturb, run, run_check
 from models import ZOO, functional_linear, tiny_bert
 from rosafx.graph.adapted_graph import adapters_of
@@ -58,8 +59,8 @@ def test_selection_picks_the_named_block(selection, start):
 
 def test_same_seed_same_subspace_other_seed_other():
     def factors(seed):
-        model, _ = tiny_bert()
-        adapted = rosafx.transform(model, {"query": {"method": "rosa", "rank": 2, "seed": seed}})
+        model, program, _ = exported(tiny_bert)
+        adapted = rosafx.transform(program, {"query": {"method": "rosa", "rank": 2, "seed": seed}})
         return [a.lora_A.clone() for a in adapters_of(adapted).values()]
     a, b, c = factors(0), factors(0), factors(5)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
@@ -67,12 +68,12 @@ def test_same_seed_same_subspace_other_seed_other():
 
 
 def test_save_load_after_resample(tmp_path):
-    model, _ = tiny_bert()
-    adapted = rosafx.transform(model, {"query": ROSA})
+    model, program, _ = exported(tiny_bert)
+    adapted = rosafx.transform(program, {"query": ROSA})
     perturb(adapted)
     rosafx.resample(adapted)
     rosafx.save(adapted, tmp_path / "a")
-    loaded = rosafx.load(tiny_bert()[0], tmp_path / "a")
+    loaded = rosafx.load(exported(tiny_bert)[1], tmp_path / "a")
     ids = adapted.meta["rosafx"]["example_inputs"][1]["input_ids"]
     assert torch.equal(run(loaded, (ids,)), run(adapted, (ids,)))
     rosafx.resample(loaded)
@@ -82,8 +83,8 @@ def test_save_load_after_resample(tmp_path):
 
 
 def test_errors():
-    model, _ = tiny_bert()
+    model, program, _ = exported(tiny_bert)
     with pytest.raises(RosafxError, match="exceeds"):
-        rosafx.transform(model, {"query": {"method": "rosa", "rank": 64}})
+        rosafx.transform(program, {"query": {"method": "rosa", "rank": 64}})
     with pytest.raises(RosafxError, match="selection"):
-        rosafx.transform(model, {"query": {"method": "rosa", "selection": "middle"}})
+        rosafx.transform(program, {"query": {"method": "rosa", "selection": "middle"}})

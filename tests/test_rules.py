@@ -8,6 +8,7 @@ from rosafx.errors import RosafxError
 from rosafx.graph.rules import resolve
 from rosafx.graph.sites import Site
 
+from captures import exported
 from models import tiny_bert
 
 
@@ -46,32 +47,32 @@ def test_none_excludes():
 
 
 def test_no_match_names_nearest_sites():
-    model, _ = tiny_bert()
+    model, program, _ = exported(tiny_bert)
     with pytest.raises(RosafxError, match="query"):
-        rosafx.transform(model, {"querry": {"method": "lora"}})
+        rosafx.transform(program, {"querry": {"method": "lora"}})
 
 
 def test_unknown_method_and_option_are_clear_errors():
-    model, _ = tiny_bert()
+    model, program, _ = exported(tiny_bert)
     with pytest.raises(RosafxError, match="Known methods"):
-        rosafx.transform(model, {"query": {"method": "lorax"}})
+        rosafx.transform(program, {"query": {"method": "lorax"}})
     with pytest.raises(RosafxError, match="Unknown option"):
-        rosafx.transform(model, {"query": {"method": "lora", "rnak": 4}})
+        rosafx.transform(program, {"query": {"method": "lora", "rnak": 4}})
     with pytest.raises(RosafxError, match="rank"):
-        rosafx.transform(model, {"query": {"method": "lora", "rank": 0}})
+        rosafx.transform(program, {"query": {"method": "lora", "rank": 0}})
 
 
 def test_config_object_is_accepted():
     from rosafx.methods.lora import LoraConfig
-    model, _ = tiny_bert()
-    adapted = rosafx.transform(model, {"query": LoraConfig(rank=2, alpha=4)})
+    model, program, _ = exported(tiny_bert)
+    adapted = rosafx.transform(program, {"query": LoraConfig(rank=2, alpha=4)})
     assert len(adapted.meta["rosafx"]["sites"]) == 2
     assert adapted.meta["rosafx"]["plan"].sites["encoder.layer.0.attention.self.query"].rank == 2
 
 
 def test_a_key_that_matches_nothing_is_an_error():
     """Even beside a key that matches (issue 23: `train --target TYPO` trained only its new head)."""
-    model, _ = tiny_bert()
+    model, program, _ = exported(tiny_bert)
     with pytest.raises(RosafxError, match="matches no linear site") as caught:
-        rosafx.transform(model, {"query": {"method": "lora"}, r"bert\.encoder\..*": {"method": "lora"}})
+        rosafx.transform(program, {"query": {"method": "lora"}, r"bert\.encoder\..*": {"method": "lora"}})
     assert r"'bert\.encoder\..*'" in str(caught.value)

@@ -7,6 +7,7 @@ import torch
 import rosafx
 from rosafx.graph.adapted_graph import adapters_of
 
+from captures import exported
 from invariants import perturb
 from kernel_checks import needs_cuda
 from models import ZOO, main_output, other_inputs
@@ -26,8 +27,8 @@ def devices_in_graph(gm):
 
 @pytest.mark.parametrize("name", sorted(RULES))
 def test_graph_weights_adapters_and_constants_move(name):
-    model, example = ZOO[name]()
-    adapted = rosafx.transform(model, RULES[name], example_inputs=example)
+    model, program, example = exported(ZOO[name])
+    adapted = rosafx.transform(program, RULES[name], example_inputs=example)
     assert devices_in_graph(adapted) == {"cpu"}                 # what the pass has to rewrite
     inputs = other_inputs(model, example)
     moved = rosafx.to_device(adapted, "meta")

@@ -6,6 +6,7 @@ import rosafx
 from rosafx.errors import RosafxError
 from rosafx.graph.adapted_graph import adapters_of
 
+from captures import exported
 from invariants import ALL, Case, perturb, rel_err, run, run_check
 from models import ZOO, tiny_bert
 
@@ -132,8 +133,8 @@ def test_low_rank_route_matches_float64_and_builds_no_weight(separate_input, bas
 
 
 def test_delta_weight_is_diag_b_B_diag_d_A_and_pair_is_stored_once():
-    model, _ = tiny_bert()
-    adapted = rosafx.transform(model, RULES["bert"])
+    model, program, _ = exported(tiny_bert)
+    adapted = rosafx.transform(program, RULES["bert"])
     perturb(adapted)
     A, B = adapted.rosafx_shared.vera_A.double(), adapted.rosafx_shared.vera_B.double()
     sites = adapters_of(adapted)
@@ -150,8 +151,8 @@ def test_delta_weight_is_diag_b_B_diag_d_A_and_pair_is_stored_once():
 
 
 def test_trainable_count_is_out_plus_rank_per_site():
-    model, _ = tiny_bert()
-    adapted = rosafx.transform(model, RULES["bert"])
+    model, program, _ = exported(tiny_bert)
+    adapted = rosafx.transform(program, RULES["bert"])
     sites = adapters_of(adapted)
     want = sum(a.out_features + 8 for a in sites.values())
     assert sum(p.numel() for p in adapted.parameters() if p.requires_grad) == want
@@ -159,8 +160,8 @@ def test_trainable_count_is_out_plus_rank_per_site():
 
 
 def test_merge_keeps_no_shared_tensor():
-    model, _ = tiny_bert()
-    adapted = rosafx.transform(model, RULES["bert"])
+    model, program, _ = exported(tiny_bert)
+    adapted = rosafx.transform(program, RULES["bert"])
     perturb(adapted)
     merged = rosafx.merge(adapted)
     names = [n for n, _ in merged.named_parameters()] + [n for n, _ in merged.named_buffers()]
@@ -170,25 +171,25 @@ def test_merge_keeps_no_shared_tensor():
 
 def test_save_stores_the_pair_once(tmp_path):
     from safetensors.torch import load_file
-    model, _ = tiny_bert()
-    adapted = rosafx.transform(model, RULES["bert"])
+    model, program, _ = exported(tiny_bert)
+    adapted = rosafx.transform(program, RULES["bert"])
     rosafx.save(adapted, tmp_path / "a")
     keys = list(load_file(str(tmp_path / "a" / "adapter.safetensors")))
     assert sum(k.endswith("vera_A") for k in keys) == 1 and sum(k.endswith("vera_B") for k in keys) == 1
 
 
 def test_sites_must_share_rank_and_seed():
-    model, _ = tiny_bert()
+    model, program, _ = exported(tiny_bert)
     with pytest.raises(RosafxError, match="'rank'"):
-        rosafx.transform(model, {"query": VERA, "value": {**VERA, "rank": 4}})
+        rosafx.transform(program, {"query": VERA, "value": {**VERA, "rank": 4}})
     with pytest.raises(RosafxError, match="'seed'"):
-        rosafx.transform(model, {"query": VERA, "value": {**VERA, "seed": 1}})
+        rosafx.transform(program, {"query": VERA, "value": {**VERA, "seed": 1}})
 
 
 def test_seed_changes_the_pair_and_identity_holds_with_dropout():
-    model, _ = tiny_bert()
-    one = rosafx.transform(model, {"query": VERA})
-    two = rosafx.transform(model, {"query": {**VERA, "seed": 5, "dropout": 0.1}})
+    model, program, _ = exported(tiny_bert)
+    one = rosafx.transform(program, {"query": VERA})
+    two = rosafx.transform(program, {"query": {**VERA, "seed": 5, "dropout": 0.1}})
     assert not torch.equal(one.rosafx_shared.vera_A, two.rosafx_shared.vera_A)
     ids = one.meta["rosafx"]["example_inputs"][1]["input_ids"]
     assert rel_err(run(two.eval(), (ids,)), run(model, (ids,))) < 1e-6
