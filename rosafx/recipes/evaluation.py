@@ -31,7 +31,7 @@ def _evaluate_run(run_dir: Path, data, progress: bool) -> dict:
     adapted, tokenizer, record = open_run(run_dir)
     settings = {**record["config"], "task": record["task"]}
     examples = recipe.read_examples(data, settings, record["label_names"])
-    batches = Batches(encode(examples, tokenizer, settings["max_length"]), settings["batch_size"])
+    batches = recipe.batches_of(examples, tokenizer, settings, train=False)
     result = rosafx.evaluate(adapted, batches, metrics=TaskMetrics(record["task"]), progress=progress)
     return {"examples": len(examples), **result}
 
