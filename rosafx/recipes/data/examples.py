@@ -8,7 +8,8 @@ import math
 import re
 
 from rosafx.errors import RosafxError
-from rosafx.recipes.data.tables import TEXT, Table
+from rosafx.recipes.data.instructions import instruction_rows
+from rosafx.recipes.data.tables import TEXT, Table, strings
 
 TASKS = ("classification", "regression", "causal-lm")
 
@@ -42,10 +43,10 @@ def examples_from(table: Table, task: str | None = None, *, text_column: str | N
     if task not in TASKS:
         raise RosafxError(f"Unknown task '{task}': use one of {TASKS}.")
     if task == "causal-lm":
-        from rosafx.recipes.data.instructions import instruction_examples
-        instructions = instruction_examples(table, text_column, prompt_column, response_column, messages_column)
-        if instructions is not None:
-            return instructions
+        rows = instruction_rows(table, text_column, prompt_column, response_column, messages_column)
+        if rows is not None:
+            return Examples(task, rows.prompts, None, None, None, rows.columns, responses=rows.responses,
+                            messages=rows.messages)
         text_column = text_column or (TEXT if TEXT in table.columns else None)
         if text_column is None:
             raise RosafxError(f"{table.path}: causal-lm reads a 'text' column (or name one with --text-column), "
@@ -150,14 +151,6 @@ def _classes_of(table: Table, column: str, raw: list) -> list[str]:
                 parsed[seen] = key
         keys.append(key)
     return keys
-
-
-def strings(table: Table, name: str) -> list[str]:
-    values = table.column(name)
-    for line, value in zip(table.lines, values):
-        if not isinstance(value, str):
-            raise RosafxError(f"{table.path}, line {line}: column '{name}' holds {value!r}, not text.")
-    return values
 
 
 def _scores(table: Table, name: str, raw: list) -> list[float]:

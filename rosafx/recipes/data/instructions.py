@@ -16,11 +16,12 @@ its first ``max_length - 1`` tokens (and no EOS); both are counted and said once
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from rosafx.errors import RosafxError
-from rosafx.recipes.data.examples import Examples, strings
-from rosafx.recipes.data.tables import TEXT, Table
+from rosafx.recipes.data.tables import TEXT, Table, strings
 
 PROMPT_END = "\n"   # between a prompt column's text and its response
 # The plain chat template, for tokenizers without one: each message on its own line as
@@ -33,9 +34,17 @@ INSTRUCTION_COLUMNS = (("prompt", "response"), ("question", "answer"), ("instruc
 MESSAGES = "messages"
 
 
-def instruction_examples(table: Table, text_column, prompt_column, response_column, messages_column
-                         ) -> Examples | None:
-    """Instruction or chat examples, or None when the rows are plain text (a ``text`` column)."""
+@dataclasses.dataclass
+class InstructionRows:
+    prompts: list[str]                  # "" for chat rows (rendered with the tokenizer when encoded)
+    responses: list[str]                # for chat rows: the last (assistant) message's content
+    messages: list[list[dict]] | None   # chat rows
+    columns: dict
+
+
+def instruction_rows(table: Table, text_column, prompt_column, response_column, messages_column
+                     ) -> InstructionRows | None:
+    """Instruction or chat rows, or None when the rows are plain text (a ``text`` column)."""
     if messages_column or (not (text_column or prompt_column or response_column) and TEXT not in table.columns
                            and MESSAGES in table.columns):
         return _chat_examples(table, messages_column or MESSAGES)
@@ -58,11 +67,10 @@ def instruction_examples(table: Table, text_column, prompt_column, response_colu
         if not response.strip():
             raise RosafxError(f"{table.path}, line {line}: the response ('{response_column}') is empty; there is "
                               "nothing to learn from the row. Fill it in or remove the row.")
-    return Examples("causal-lm", prompts, None, None, None, {"prompt": prompt_column, "response": response_column},
-                    responses=responses)
+    return InstructionRows(prompts, responses, None, {"prompt": prompt_column, "response": response_column})
 
 
-def _chat_examples(table: Table, column: str) -> Examples:
+def _chat_examples(table: Table, column: str) -> InstructionRows:
     if column not in table.columns:
         raise RosafxError(f"{table.path}: no column '{column}' (--messages-column). Columns found: {table.columns}.")
     rows = table.column(column)
@@ -71,8 +79,8 @@ def _chat_examples(table: Table, column: str) -> Examples:
         if problem:
             raise RosafxError(f"{table.path}, line {line}: '{column}' {problem}. A chat row is a list of "
                               f'{{"role": ..., "content": ...}} (roles {ROLES}) ending with an assistant message.')
-    return Examples("causal-lm", [""] * len(rows), None, None, None, {"messages": column},
-                    responses=[messages[-1]["content"] for messages in rows], messages=rows)
+    return InstructionRows([""] * len(rows), [messages[-1]["content"] for messages in rows], rows,
+                           {"messages": column})
 
 
 def _chat_problem(messages) -> str | None:
@@ -91,7 +99,7 @@ def _chat_problem(messages) -> str | None:
     return None
 
 
-def rendered(examples: Examples, tokenizer) -> tuple[list[str], list[str], bool]:
+def rendered(examples, tokenizer) -> tuple[list[str], list[str], bool]:
     """(prompt texts, response texts, whether the prompts carry their own special tokens)."""
     if examples.messages is None:
         return [prompt + PROMPT_END for prompt in examples.texts], list(examples.responses), False
@@ -125,7 +133,7 @@ def eos_id_of(tokenizer) -> int:
     return int(eos)
 
 
-def token_rows(examples: Examples, tokenizer, max_length: int, chunk: int):
+def token_rows(examples, tokenizer, max_length: int, chunk: int):
     """Per chunk of examples: (prompt ids, response ids) lists fitted to ``max_length``, and
     the counts of truncated prompts and responses."""
     eos = eos_id_of(tokenizer)
