@@ -44,6 +44,7 @@ def test_greedy_answers_with_the_cache_equal_an_argmax_loop_without_one():
         model.lm_head.weight[eos] *= 4
     prompts = [tokenizer(q)["input_ids"] for q in ("How many apples", "Weng earns $12 an hour", "x")]
     answers = greedy_answers(model, tokenizer, prompts, max_new_tokens=7, batch_size=2, progress=False)
+    stopped = []
     for prompt, answer in zip(prompts, answers):
         ids = list(prompt)
         new = []
@@ -54,4 +55,6 @@ def test_greedy_answers_with_the_cache_equal_an_argmax_loop_without_one():
                 break
             ids.append(token)
             new.append(token)
+        stopped.append(len(new) < 7)
         assert answer == tokenizer.decode(new, skip_special_tokens=True)
+    assert any(stopped) and not all(stopped)   # rows that stop at EOS and rows that run to max_new_tokens
