@@ -89,3 +89,20 @@ def test_a_tokenizer_without_eos_exits_2(tmp_path, capsys):
     model = save_decoder(tmp_path / "noeos", "llama", eos=False)
     assert run_cli("train", model, *TRAIN, "--data", GSM8K_SAMPLE, "--max-steps", "1", "-o", tmp_path / "run") == 2
     assert "has no EOS token" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_chat_rows_with_a_chat_template_train_and_evaluate(tmp_path, capsys):
+    from tiny_decoders import CHATML
+    model = save_decoder(tmp_path / "chat", "llama", chat_template=CHATML)
+    rows = [{"conversation": [{"role": "system", "content": "Answer with a number."},
+                              {"role": "user", "content": f"What is {i} plus 1?"},
+                              {"role": "assistant", "content": f"#### {i + 1}"}]} for i in range(8)]
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    run = tmp_path / "run"
+    assert run_cli("train", model, *TRAIN, "--data", data, "--messages-column", "conversation", "--max-steps", "2",
+                   "-o", run) == 0
+    assert json.loads((run / "run.json").read_text())["config"]["messages_column"] == "conversation"
+    capsys.readouterr()
+    assert run_cli("evaluate", run, "--data", data, "--max-new-tokens", "3", "--extract", "gsm8k", "--json") == 0
+    result = last_json(capsys)
+    assert math.isfinite(result["eval_perplexity"]) and result["generated"] == 8 and 0 <= result["exact_match"] <= 1

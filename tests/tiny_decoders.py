@@ -51,7 +51,9 @@ def tiny_decoder(arch: str, vocab: int, seed: int = 0, positions: int = 256):
 
 
 def save_decoder(path: Path, arch: str = "llama", **tokenizer_kw) -> Path:
-    tokenizer = bpe_tokenizer(**tokenizer_kw)
-    tiny_decoder(arch, len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    from transformers import AutoTokenizer
+    bpe_tokenizer(**tokenizer_kw).save_pretrained(path)
+    tiny_decoder(arch, 8).config.save_pretrained(path)   # the model type decides the tokenizer class loaded back
+    # sized by the tokenizer as loaded back (Qwen2's class adds a token of its own)
+    tiny_decoder(arch, len(AutoTokenizer.from_pretrained(path, local_files_only=True))).save_pretrained(path)
     return path
