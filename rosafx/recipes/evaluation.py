@@ -11,6 +11,8 @@ from rosafx.recipes import recipe
 from rosafx.recipes.data import Batches, encode, model_inputs, scores
 from rosafx.recipes.data.extractors import exact_match, extractor
 from rosafx.recipes.data.metrics import TaskMetrics
+from rosafx.recipes.greedy_answers import generation_prompts, greedy_answers
+from rosafx.recipes.loading import hf_config
 from rosafx.errors import RosafxError
 from rosafx.recipes.run_model import ONNX_NAME, open_run, read_export_record
 from rosafx.training.runs import is_run
@@ -30,10 +32,8 @@ def evaluate_path(target, data, *, progress: bool = True, max_new_tokens: int | 
         if max_new_tokens is not None and max_new_tokens < 1:
             raise RosafxError(f"--max-new-tokens must be at least 1, got {max_new_tokens}.")
     if is_run(target):
-        result = _evaluate_run(target, data, progress)
-        if generate:
-            result.update(_exact_match(target, data, max_new_tokens or DEFAULT_NEW_TOKENS, extract_answer, progress))
-        return result
+        answers = (max_new_tokens or DEFAULT_NEW_TOKENS, extract_answer) if generate else None
+        return _evaluate_run(target, data, progress, answers)
     onnx_file = target / ONNX_NAME if target.is_dir() else target
     if onnx_file.suffix == ".onnx" and onnx_file.exists():
         if generate:
@@ -44,29 +44,33 @@ def evaluate_path(target, data, *, progress: bool = True, max_new_tokens: int | 
                       "(`rosafx export RUN --merge -o OUT` writes OUT/model.onnx).")
 
 
-def _evaluate_run(run_dir: Path, data, progress: bool) -> dict:
+def _evaluate_run(run_dir: Path, data, progress: bool, answers=None) -> dict:
+    """The task's metrics; ``answers`` = (max_new_tokens, extractor): exact match of greedy answers too."""
     import rosafx
     adapted, tokenizer, record = open_run(run_dir)
     settings = {**record["config"], "task": record["task"]}
+    if answers is not None and record["task"] != "causal-lm":
+        raise RosafxError(f"Exact match scores generated answers: {run_dir} was trained on {record['task']}, not "
+                          "causal-lm. Drop --max-new-tokens/--extract.")
     examples = recipe.read_examples(data, settings, record["label_names"])
+    prompts = None
+    if answers is not None:  # before the perplexity pass: a prompt that cannot be answered fails fast
+        prompts = generation_prompts(examples, tokenizer, settings["max_length"], answers[0],
+                                     recipe.positions_of(hf_config(recipe.model_spec(settings["model"]).source.path)))
     batches = recipe.batches_of(examples, tokenizer, settings, train=False)
-    result = rosafx.evaluate(adapted, batches, metrics=TaskMetrics(record["task"]), progress=progress)
-    return {"examples": len(examples), **result}
+    result = {"examples": len(examples),
+              **rosafx.evaluate(adapted, batches, metrics=TaskMetrics(record["task"]), progress=progress)}
+    if answers is not None:
+        result.update(_exact_match(adapted, tokenizer, settings, examples, prompts, *answers, progress))
+    return result
 
 
-def _exact_match(run_dir: Path, data, max_new_tokens: int, extract_answer, progress: bool) -> dict:
+def _exact_match(adapted, tokenizer, settings: dict, examples, prompts, max_new_tokens: int, extract_answer,
+                 progress: bool) -> dict:
     """Greedy answers from the merged model with its KV cache (generation.into_model), scored by exact match."""
     import rosafx
     from rosafx.recipes.generation import into_model
-    from rosafx.recipes.greedy_answers import greedy_answers, prompt_ids
     from rosafx.recipes.heads import open_task_model
-    adapted, tokenizer, record = open_run(run_dir)
-    settings = {**record["config"], "task": record["task"]}
-    if record["task"] != "causal-lm":
-        raise RosafxError(f"Exact match scores generated answers: {run_dir} was trained on {record['task']}, not "
-                          "causal-lm. Drop --max-new-tokens/--extract.")
-    examples = recipe.read_examples(data, settings)
-    prompts = prompt_ids(encode(examples, tokenizer, settings["max_length"]))
     base, _ = open_task_model(recipe.model_spec(settings["model"]).source.path, "causal-lm", None)
     model = into_model(base, rosafx.merge(adapted))
     answers = greedy_answers(model, tokenizer, prompts, max_new_tokens, settings["batch_size"], progress)

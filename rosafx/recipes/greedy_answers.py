@@ -3,26 +3,34 @@
 The RUN's adapters are merged and the weights put into a copy of the user's Hugging Face
 model (``generation.into_model``), whose own ``generate`` runs with its KV cache: greedy
 (``do_sample=False``), at most ``max_new_tokens`` new tokens, stopping at the tokenizer's EOS.
-Prompts are the tokens the run trained on before each response (the same rendering and left
-truncation, rosafx/recipes/data/instructions.py), left-padded per batch.
+Prompts are rendered as the run rendered them for training (rosafx/recipes/data/instructions.py),
+left-truncated to ``--max-length - 1`` tokens (less where the answer would pass the model's
+positions), never by the reference's length, and left-padded per batch.
 """
 from __future__ import annotations
 
 import torch
 
 from rosafx.errors import RosafxError
-from rosafx.recipes.data.instructions import eos_id_of
-from rosafx.recipes.data.tokens import Encoded
+from rosafx.recipes.data.instructions import eos_id_of, prompt_token_rows
 
 
-def prompt_ids(encoded: Encoded) -> list[list[int]]:
-    if encoded.prompt_lengths is None:
+def generation_prompts(examples, tokenizer, max_length: int, max_new_tokens: int, positions: int | None
+                       ) -> list[list[int]]:
+    """The prompts to answer, rendered as the run rendered them for training, left-truncated to
+    ``max_length - 1`` tokens, and further where prompt + ``max_new_tokens`` would pass the model's
+    ``positions`` (a learned position table, as GPT-2's, has no row beyond it)."""
+    if examples.responses is None:
         raise RosafxError("Exact match needs instruction data (prompt and response columns, or chat rows): plain text "
                           "has no prompt to answer. Drop --max-new-tokens/--extract, or name the columns the run "
                           "was trained with.")
-    starts = encoded.offsets[:-1]
-    return [encoded.ids[start:start + length].tolist() for start, length in zip(starts.tolist(),
-                                                                                 encoded.prompt_lengths.tolist())]
+    budget = max_length - 1
+    if positions is not None:
+        if max_new_tokens >= positions:
+            raise RosafxError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "
+                              f"{positions} positions: use fewer.")
+        budget = min(budget, positions - max_new_tokens)
+    return prompt_token_rows(examples, tokenizer, budget)
 
 
 @torch.no_grad()

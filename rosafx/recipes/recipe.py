@@ -192,6 +192,15 @@ def check_head(config: dict, spec: ModelSpec, label_names) -> None:
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 
 
+def positions_of(hf_config) -> int | None:
+    """How many positions the model embeds, when its config says."""
+    for key in POSITION_KEYS:
+        positions = getattr(hf_config, key, None)
+        if isinstance(positions, int) and not isinstance(positions, bool) and positions > 0:
+            return positions
+    return None
+
+
 def check_max_length(max_length: int, hf_config, model_path) -> None:
     """A longer --max-length than the model has positions fails at the first long batch (or
     indexes past the position table): refuse it before anything is written."""

@@ -156,6 +156,17 @@ def token_rows(examples, tokenizer, max_length: int, chunk: int):
         yield rows, cut_prompts, cut_responses
 
 
+def prompt_token_rows(examples, tokenizer, budget: int, chunk: int = 2048) -> list[list[int]]:
+    """Each prompt's tokens, rendered as for training, left-truncated to ``budget`` tokens: the
+    prompts an evaluation generates from (independent of the reference responses)."""
+    prompts, _, templated = rendered(examples, tokenizer)
+    out = []
+    for start in range(0, len(prompts), chunk):
+        for ids in tokenizer(prompts[start:start + chunk], add_special_tokens=not templated)["input_ids"]:
+            out.append(ids[max(0, len(ids) - budget):])
+    return out
+
+
 def truncation_note(encoded, max_length: int) -> str | None:
     """The one line said about truncated rows, or None."""
     parts = []

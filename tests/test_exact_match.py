@@ -58,3 +58,22 @@ def test_greedy_answers_with_the_cache_equal_an_argmax_loop_without_one():
         stopped.append(len(new) < 7)
         assert answer == tokenizer.decode(new, skip_special_tokens=True)
     assert any(stopped) and not all(stopped)   # rows that stop at EOS and rows that run to max_new_tokens
+
+
+def test_generation_prompts_do_not_depend_on_the_reference_and_fit_the_positions(tmp_path):
+    import json
+
+    from rosafx.recipes.data import examples_from, read_table
+    from rosafx.recipes.greedy_answers import generation_prompts
+    tokenizer = bpe_tokenizer()
+    question = "one two three four five six seven eight nine ten"
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"q": question, "a": "#### 1"}) + "\n" + json.dumps({"q": question, "a": "#### 1" * 9}) + "\n")
+    examples = examples_from(read_table(path), "causal-lm", prompt_column="q", response_column="a")
+    whole = tokenizer(question + "\n")["input_ids"]
+    short, long = generation_prompts(examples, tokenizer, 64, 8, None)
+    assert short == long == whole                                   # the reference's length plays no part
+    assert generation_prompts(examples, tokenizer, 6, 8, None)[0] == whole[-5:]          # max_length - 1, from the left
+    assert generation_prompts(examples, tokenizer, 64, 8, 12)[0] == whole[-4:]           # 12 positions - 8 new tokens
+    with pytest.raises(RosafxError, match="leaves no room for a prompt"):
+        generation_prompts(examples, tokenizer, 64, 12, 12)
