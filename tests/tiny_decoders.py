@@ -3,6 +3,7 @@ BPE trained here on the GSM8K sample (the `tokenizers` library, no download) wit
 <s>, </s>, <pad>, and a Llama / GPT-2 / Qwen2 model sized to it."""
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -19,6 +20,7 @@ def gsm8k_rows() -> list[dict]:
     return [json.loads(line) for line in GSM8K_SAMPLE.read_text().splitlines()]
 
 
+@functools.lru_cache(maxsize=8)   # trained once per process per setting; callers do not change it
 def bpe_tokenizer(vocab: int = 400, chat_template: str | None = None, eos: bool = True):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
