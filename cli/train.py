@@ -27,6 +27,8 @@ EXAMPLES = """
 Examples:
   rosafx train ./MiniLM --method lora --rank 8 --data train.tsv --eval dev.tsv --epochs 3 -o run
   rosafx train ./gpt2 --method rosa --rank 8 -O resample_every=200 --task causal-lm --data text.txt --max-steps 1000 -o run
+  rosafx train ./llama --method lora --task causal-lm --data gsm8k.jsonl --prompt-column question --response-column answer --max-length 512 -o run
+  rosafx train ./qwen --method lora --task causal-lm --data chats.jsonl --messages-column messages --pack -o run
   rosafx train ... -o run --resume
   rosafx train ./MiniLM --method lora --data train.tsv --max-length 512 --grad-checkpoint -o run   (less memory)
   rosafx train ./MiniLM --method lora --data train.tsv --batch-size 16 --nproc 2 -o run   (DDP, global batch 32)
@@ -48,6 +50,10 @@ def train(
     text_column: flag("text_column") = None,
     pair_column: flag("pair_column") = None,
     label_column: flag("label_column") = None,
+    prompt_column: flag("prompt_column") = None,
+    response_column: flag("response_column") = None,
+    messages_column: flag("messages_column") = None,
+    pack: flag("pack", "--pack/--no-pack") = None,
     max_length: flag("max_length") = None,
     epochs: flag("epochs") = None,
     max_steps: flag("max_steps") = None,
@@ -130,6 +136,8 @@ def train(
              + (f", {len(eval_examples)} for evaluation" if eval_examples else "")
              + (f"; {here.size} processes, global batch {batch_record(settings, here)['global_batch']}"
                 if here.size > 1 else ""))
+        for note in {recipe.data_note(b, settings["max_length"]) for b in (train_batches, eval_batches)} - {None}:
+            echo(note)
         loss, metrics = recipe.task_loss_and_metrics(settings["task"])
         best = settings["best_metric"] or (recipe.best_metric_of(settings["task"]) if eval_examples else None)
         history = distributed.fit_distributed(

@@ -9,31 +9,73 @@ import torch
 
 from rosafx.recipes import recipe
 from rosafx.recipes.data import Batches, encode, model_inputs, scores
+from rosafx.recipes.data.extractors import exact_match, extractor
 from rosafx.recipes.data.metrics import TaskMetrics
+from rosafx.recipes.greedy_answers import generation_prompts, greedy_answers
+from rosafx.recipes.loading import hf_config
 from rosafx.errors import RosafxError
 from rosafx.recipes.run_model import ONNX_NAME, open_run, read_export_record
 from rosafx.training.runs import is_run
 
 
-def evaluate_path(target, data, *, progress: bool = True) -> dict:
+DEFAULT_NEW_TOKENS = 256  # when --extract is given alone
+
+
+def evaluate_path(target, data, *, progress: bool = True, max_new_tokens: int | None = None,
+                  extract: str | None = None) -> dict:
+    """The task's metrics; with ``max_new_tokens`` or ``extract`` (causal-lm instruction data, a
+    RUN), also the exact match of greedy answers after the extractor (rosafx/recipes/data/extractors.py)."""
     target = Path(target)
+    generate = max_new_tokens is not None or extract is not None
+    if generate:
+        extract_answer = extractor(extract)  # a bad pattern fails before the model loads
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise RosafxError(f"--max-new-tokens must be at least 1, got {max_new_tokens}.")
     if is_run(target):
-        return _evaluate_run(target, data, progress)
+        answers = (max_new_tokens or DEFAULT_NEW_TOKENS, extract_answer) if generate else None
+        return _evaluate_run(target, data, progress, answers)
     onnx_file = target / ONNX_NAME if target.is_dir() else target
     if onnx_file.suffix == ".onnx" and onnx_file.exists():
+        if generate:
+            raise RosafxError("Exact match (--max-new-tokens, --extract) is computed on a RUN: pass the run directory "
+                              "instead of its ONNX export.")
         return _evaluate_onnx(onnx_file, data)
     raise RosafxError(f"{target} is neither a rosafx run directory nor an exported model.onnx "
                       "(`rosafx export RUN --merge -o OUT` writes OUT/model.onnx).")
 
 
-def _evaluate_run(run_dir: Path, data, progress: bool) -> dict:
+def _evaluate_run(run_dir: Path, data, progress: bool, answers=None) -> dict:
+    """The task's metrics; ``answers`` = (max_new_tokens, extractor): exact match of greedy answers too."""
     import rosafx
     adapted, tokenizer, record = open_run(run_dir)
     settings = {**record["config"], "task": record["task"]}
+    if answers is not None and record["task"] != "causal-lm":
+        raise RosafxError(f"Exact match scores generated answers: {run_dir} was trained on {record['task']}, not "
+                          "causal-lm. Drop --max-new-tokens/--extract.")
     examples = recipe.read_examples(data, settings, record["label_names"])
-    batches = Batches(encode(examples, tokenizer, settings["max_length"]), settings["batch_size"])
-    result = rosafx.evaluate(adapted, batches, metrics=TaskMetrics(record["task"]), progress=progress)
-    return {"examples": len(examples), **result}
+    prompts = None
+    if answers is not None:  # before the perplexity pass: a prompt that cannot be answered fails fast
+        prompts = generation_prompts(examples, tokenizer, settings["max_length"], answers[0],
+                                     recipe.positions_of(hf_config(recipe.model_spec(settings["model"]).source.path)))
+    batches = recipe.batches_of(examples, tokenizer, settings, train=False)
+    result = {"examples": len(examples),
+              **rosafx.evaluate(adapted, batches, metrics=TaskMetrics(record["task"]), progress=progress)}
+    if answers is not None:
+        result.update(_exact_match(adapted, tokenizer, settings, examples, prompts, *answers, progress))
+    return result
+
+
+def _exact_match(adapted, tokenizer, settings: dict, examples, prompts, max_new_tokens: int, extract_answer,
+                 progress: bool) -> dict:
+    """Greedy answers from the merged model with its KV cache (generation.into_model), scored by exact match."""
+    import rosafx
+    from rosafx.recipes.generation import into_model
+    from rosafx.recipes.heads import open_task_model
+    base, _ = open_task_model(recipe.model_spec(settings["model"]).source.path, "causal-lm", None)
+    model = into_model(base, rosafx.merge(adapted))
+    answers = greedy_answers(model, tokenizer, prompts, max_new_tokens, settings["batch_size"], progress)
+    return {"exact_match": exact_match(answers, examples.responses, extract_answer), "generated": len(answers),
+            "max_new_tokens": max_new_tokens}
 
 
 def _evaluate_onnx(onnx_file: Path, data) -> dict:

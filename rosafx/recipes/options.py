@@ -44,6 +44,13 @@ TABLE = (
     Option("text_column", "text", None, "Column with the text"),
     Option("pair_column", "text", None, "Column with the second text of a pair"),
     Option("label_column", "text", None, "Column with the label or score"),
+    # causal-lm instruction data (docs/generation.md)
+    Option("prompt_column", "text", None, "causal-lm: column with the prompt (loss on the response only)"),
+    Option("response_column", "text", None, "causal-lm: column with the response (ends with EOS)"),
+    Option("messages_column", "text", None, "causal-lm: column with chat messages [{role, content}, ...], "
+           "the last one the assistant's response"),
+    Option("pack", "bool", False, "causal-lm: pack short examples into rows of --max-length tokens, attention "
+           "kept inside each example (position ids + a block-diagonal mask)"),
     training("max_length", default=128, help="Tokens per example (default 128; at most the model's positions)"),
     training("epochs"),
     training("steps", name="max_steps", help="Optimizer steps (instead of --epochs)"),

@@ -10,6 +10,8 @@ import torch
 
 from rosafx.recipes.data import Batches, TaskMetrics, best_metric_of, encode, examples_from, loss_for, model_inputs, read_table
 from rosafx.recipes.data.examples import Examples
+from rosafx.recipes.data.instructions import truncation_note
+from rosafx.recipes.data.packing import PackedBatches, check_keeps_examples_apart, packed_batch
 from rosafx.errors import RosafxError
 from rosafx.io.reading import check_regular_file, read_json_or_yaml
 from rosafx.recipes import options
@@ -133,18 +135,43 @@ def read_examples(path, config: dict, label_names: list[str] | None = None) -> E
     check_regular_file(path, DATA_FILE)  # a FIFO or a directory is named as such, not "does not exist"
     return examples_from(read_table(path), config["task"], text_column=config["text_column"],
                          pair_column=config["pair_column"], label_column=config["label_column"],
-                         label_names=label_names)
+                         label_names=label_names, prompt_column=config.get("prompt_column"),
+                         response_column=config.get("response_column"),
+                         messages_column=config.get("messages_column"))
 
 
-def batches_of(examples: Examples, tokenizer, config: dict, cache_dir=None, *, train: bool) -> Batches:
+def batches_of(examples: Examples, tokenizer, config: dict, cache_dir=None, *, train: bool):
+    """``Batches``, or ``PackedBatches`` for a run that packs (its evaluation data is packed too:
+    each example's loss is the same either way, and the captured graph takes packed inputs)."""
     encoded = encode(examples, tokenizer, config["max_length"], cache_dir)
+    if config.get("pack"):
+        return PackedBatches(encoded, config["batch_size"], config["max_length"], shuffle=train, seed=config["seed"])
     return Batches(encoded, config["batch_size"], shuffle=train, seed=config["seed"])
+
+
+def data_note(batches, max_length: int) -> str | None:
+    """The one line said about instruction rows truncated to fit --max-length, or None."""
+    return truncation_note(batches.encoded, max_length) if batches is not None else None
 
 
 def example_inputs(tokenizer, config: dict, pairs: bool) -> dict:
     """Two tiny padded rows with the same input names as the training batches."""
     sample = Examples(config["task"], ["a b c", "a"], ["d e", "f"] if pairs else None, None, None, {})
-    return model_inputs(Batches(encode(sample, tokenizer, config["max_length"]), 2).batch(torch.arange(2)))
+    encoded = encode(sample, tokenizer, config["max_length"])
+    if config.get("pack"):  # one example a row: two rows, so that the batch dim stays dynamic
+        return model_inputs(packed_batch(encoded, [[0], [1]]))
+    return model_inputs(Batches(encoded, 2).batch(torch.arange(2)))
+
+
+def check_packing(config: dict) -> None:
+    if not config.get("pack"):
+        return
+    if config["task"] != "causal-lm":
+        raise RosafxError(f"--pack packs causal-lm examples; the {config['task']} task takes one example a row. "
+                          "Drop --pack.")
+    if config.get("compile"):
+        raise RosafxError("--pack with --compile is not supported yet (the compiled step pads 2-D attention masks "
+                          "to static shapes; packed rows carry 4-D ones). Drop one of them.")
 
 
 def check_head(config: dict, spec: ModelSpec, label_names) -> None:
@@ -152,6 +179,7 @@ def check_head(config: dict, spec: ModelSpec, label_names) -> None:
     from rosafx.recipes.heads import check_task_fits
     if spec.source.kind != "hf":
         return
+    check_packing(config)
     model_config, kind = check_task_fits(spec.source.path, config["task"], label_names)
     check_max_length(config["max_length"], model_config, spec.source.path)
     check_hf_weights(spec.source.path)  # no weights, truncated or pickled ones: before RUN is written
@@ -162,6 +190,15 @@ def check_head(config: dict, spec: ModelSpec, label_names) -> None:
 
 # Where HF configs keep how many positions the model embeds.
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def positions_of(hf_config) -> int | None:
+    """How many positions the model embeds, when its config says."""
+    for key in POSITION_KEYS:
+        positions = getattr(hf_config, key, None)
+        if isinstance(positions, int) and not isinstance(positions, bool) and positions > 0:
+            return positions
+    return None
 
 
 def check_max_length(max_length: int, hf_config, model_path) -> None:
@@ -181,6 +218,8 @@ def build_adapted(config: dict, spec: ModelSpec, label_names, inputs: dict):
     import rosafx
     torch.manual_seed(config["seed"])  # a new head and the adapters start the same in every rebuild
     module, head_is_new = open_task_model(spec.source.path, config["task"], label_names)
+    if config.get("pack"):
+        check_keeps_examples_apart(module, spec.source.path)
     if spec.adapter_dir is not None:
         return rosafx.load(module, spec.adapter_dir, example_inputs=inputs)
     rules = build_rules(config["method"], config["target"], config["rank"], config["alpha"], config["option"],

@@ -8,6 +8,7 @@ import math
 
 import torch
 
+from rosafx.recipes.data.instructions import prompt_mask
 from rosafx.recipes.data.tokens import Encoded
 
 IGNORE = -100  # label of a padding token (causal-lm)
@@ -44,6 +45,8 @@ class Batches:
             batch["token_type_ids"] = token_type_ids
         if enc.task == "causal-lm":
             batch["labels"] = input_ids.masked_fill(attention_mask == 0, IGNORE)
+            if enc.prompt_lengths is not None:  # instruction data: the loss covers the responses only
+                batch["labels"].masked_fill_(prompt_mask(enc.prompt_lengths[index], input_ids.shape[1]), IGNORE)
         elif enc.labels is not None:
             batch["labels"] = enc.labels[index]
         return batch

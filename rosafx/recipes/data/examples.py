@@ -8,7 +8,8 @@ import math
 import re
 
 from rosafx.errors import RosafxError
-from rosafx.recipes.data.tables import TEXT, Table
+from rosafx.recipes.data.instructions import instruction_rows
+from rosafx.recipes.data.tables import TEXT, Table, strings
 
 TASKS = ("classification", "regression", "causal-lm")
 
@@ -21,6 +22,11 @@ class Examples:
     labels: list | None               # class ids (classification), floats (regression), None (causal-lm)
     label_names: list[str] | None     # class id -> name (classification)
     columns: dict                     # {"text": ..., "pair": ..., "label": ...} as used
+    # causal-lm instruction rows (rosafx/recipes/data/instructions.py): texts are the prompts and
+    # responses their answers; chat rows keep their messages (rendered with the tokenizer when
+    # encoded) and texts are "" for them
+    responses: list[str] | None = None
+    messages: list[list[dict]] | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -28,18 +34,25 @@ class Examples:
 
 def examples_from(table: Table, task: str | None = None, *, text_column: str | None = None,
                   pair_column: str | None = None, label_column: str | None = None,
-                  label_names: list[str] | None = None) -> Examples:
-    """``label_names``: the training run's classes, for evaluation data (an unseen label is an error)."""
+                  label_names: list[str] | None = None, prompt_column: str | None = None,
+                  response_column: str | None = None, messages_column: str | None = None) -> Examples:
+    """``label_names``: the training run's classes, for evaluation data (an unseen label is an error).
+    causal-lm reads plain text, prompt + response rows or chat rows (``instructions.py``)."""
     layout = table.layout
     task = task or (layout.task if layout else "classification")
     if task not in TASKS:
         raise RosafxError(f"Unknown task '{task}': use one of {TASKS}.")
     if task == "causal-lm":
+        rows = instruction_rows(table, text_column, prompt_column, response_column, messages_column)
+        if rows is not None:
+            return Examples(task, rows.prompts, None, None, None, rows.columns, responses=rows.responses,
+                            messages=rows.messages)
         text_column = text_column or (TEXT if TEXT in table.columns else None)
         if text_column is None:
-            raise RosafxError(f"{table.path}: causal-lm reads a 'text' column (or name one with --text-column). "
-                              f"Columns found: {table.columns}.")
-        return Examples(task, _strings(table, text_column), None, None, None, {"text": text_column})
+            raise RosafxError(f"{table.path}: causal-lm reads a 'text' column (or name one with --text-column), "
+                              "prompt and response columns (--prompt-column, --response-column) or chat rows "
+                              f"(--messages-column). Columns found: {table.columns}.")
+        return Examples(task, strings(table, text_column), None, None, None, {"text": text_column})
     text_column = text_column or (layout.text if layout else None)
     label_column = label_column or (layout.label if layout else None)
     if pair_column is None and layout is not None and text_column == layout.text:
@@ -47,8 +60,8 @@ def examples_from(table: Table, task: str | None = None, *, text_column: str | N
     if text_column is None or label_column is None:
         raise RosafxError(f"{table.path}: name the columns with --text-column and --label-column (and "
                           f"--pair-column for sentence pairs). Columns found: {table.columns}.")
-    texts = _strings(table, text_column)
-    pairs = _strings(table, pair_column) if pair_column else None
+    texts = strings(table, text_column)
+    pairs = strings(table, pair_column) if pair_column else None
     raw = table.column(label_column)
     columns = {"text": text_column, "pair": pair_column, "label": label_column}
     if task == "regression":
@@ -140,14 +153,6 @@ def _classes_of(table: Table, column: str, raw: list) -> list[str]:
     return keys
 
 
-def _strings(table: Table, name: str) -> list[str]:
-    values = table.column(name)
-    for line, value in zip(table.lines, values):
-        if not isinstance(value, str):
-            raise RosafxError(f"{table.path}, line {line}: column '{name}' holds {value!r}, not text.")
-    return values
-
-
 def _scores(table: Table, name: str, raw: list) -> list[float]:
     """Regression targets: finite numbers (a number in text, or a JSON number); no bool, NaN or inf."""
     out = []
@@ -175,5 +180,6 @@ def held_apart(examples: Examples, fraction: float, seed: int = 0) -> tuple[Exam
     def pick(index):
         take = lambda values: None if values is None else [values[i] for i in index]  # noqa: E731
         return dataclasses.replace(examples, texts=take(examples.texts), pairs=take(examples.pairs),
-                                   labels=take(examples.labels))
+                                   labels=take(examples.labels), responses=take(examples.responses),
+                                   messages=take(examples.messages))
     return pick(order[:cut]), pick(order[cut:])

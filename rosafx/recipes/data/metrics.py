@@ -8,7 +8,7 @@ import math
 import torch
 
 from rosafx.errors import RosafxError
-from rosafx.recipes.data.batches import IGNORE
+from rosafx.recipes.data.chunked_loss import next_token_nll
 from rosafx.recipes.data.objectives import LOSSES, logits_of
 
 
@@ -63,15 +63,8 @@ def scores(task: str, logits: list[torch.Tensor], labels: list[torch.Tensor], cl
     the wrong shape) are an error, never a metric."""
     check_outputs(task, logits, labels, classes)
     if task == "causal-lm":
-        total, count = 0.0, 0
-        for lg, lb in zip(logits, labels):
-            target = lb[:, 1:]
-            nll = torch.nn.functional.cross_entropy(lg[:, :-1].float().flatten(0, 1), target.flatten(),
-                                                    ignore_index=IGNORE, reduction="sum")
-            total, count = total + float(nll), count + int((target != IGNORE).sum())
-        if not count:
-            raise RosafxError("The evaluation data has no token to predict (texts of one token?).")
-        return {"loss": total / count, "perplexity": math.exp(min(total / count, 700.0))}
+        sums = [next_token_nll(lg, lb) for lg, lb in zip(logits, labels)]
+        return perplexity_scores(sum(float(s) for s, _ in sums), sum(int(c) for _, c in sums))
     losses = [float(LOSSES[task](lg, lb)) * len(lb) for lg, lb in zip(logits, labels)]
     label = torch.cat(labels)
     out = {"loss": sum(losses) / len(label)}
@@ -83,6 +76,13 @@ def scores(task: str, logits: list[torch.Tensor], labels: list[torch.Tensor], cl
     if logits[0].shape[-1] == 2:
         out["f1"] = f1_binary(pred, label)
     return out
+
+
+def perplexity_scores(total: float, count: int) -> dict:
+    """Mean NLL and perplexity over the labelled next tokens (the responses, for instruction data)."""
+    if not count:
+        raise RosafxError("The evaluation data has no token to predict (texts of one token?).")
+    return {"loss": total / count, "perplexity": math.exp(min(total / count, 700.0))}
 
 
 def check_outputs(task: str, logits: list[torch.Tensor], labels: list[torch.Tensor], classes: int | None) -> None:
@@ -114,6 +114,8 @@ class TaskMetrics:
         self.task = task
 
     def __call__(self, model, batches) -> dict:
+        if self.task == "causal-lm":
+            return self.causal_lm(model, batches)
         logits, labels = [], []
         for batch in batches:
             logits.append(logits_of(model, batch).detach().float().cpu())
@@ -121,6 +123,20 @@ class TaskMetrics:
         if not logits:
             raise RosafxError("The evaluation data has no rows.")
         return scores(self.task, logits, labels)
+
+
+    def causal_lm(self, model, batches) -> dict:
+        """Summed per batch: a vocabulary-wide float32 copy of every batch's logits is never kept."""
+        total, count, seen = 0.0, 0, False
+        for batch in batches:
+            seen = True
+            logits = logits_of(model, batch).detach()
+            check_outputs(self.task, [logits], [batch["labels"]], None)
+            nll, kept = next_token_nll(logits, batch["labels"].to(logits.device))
+            total, count = total + float(nll), count + int(kept)
+        if not seen:
+            raise RosafxError("The evaluation data has no rows.")
+        return perplexity_scores(total, count)
 
 
 def best_metric_of(task: str) -> str:

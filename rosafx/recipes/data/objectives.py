@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rosafx.recipes.data.batches import IGNORE, model_inputs
+from rosafx.recipes.data.batches import model_inputs
+from rosafx.recipes.data.chunked_loss import next_token_loss
 
 
 def logits_of(model, batch: dict) -> torch.Tensor:
@@ -22,8 +23,9 @@ def regression_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross entropy: position t predicts token t+1; padding is ignored."""
-    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
+    """Next-token cross entropy: position t predicts token t+1; padding (and instruction
+    prompts) ignored. In chunks, without a float32 copy of the logits (chunked_loss.py)."""
+    return next_token_loss(logits, labels)
 
 
 LOSSES = {"classification": classification_loss, "regression": regression_loss, "causal-lm": causal_lm_loss}

@@ -164,3 +164,11 @@ def _read_jsonl(path: Path, text: str) -> Table:
     columns = list(values)
     layout = next((layout for layout in LAYOUTS if layout.header <= set(columns)), None)
     return Table(path, columns, values, lines, layout)
+
+
+def strings(table: Table, name: str) -> list[str]:
+    values = table.column(name)
+    for line, value in zip(table.lines, values):
+        if not isinstance(value, str):
+            raise RosafxError(f"{table.path}, line {line}: column '{name}' holds {value!r}, not text.")
+    return values

@@ -17,7 +17,7 @@ from rosafx.io.atomic import atomic_file
 from rosafx.recipes.data.examples import Examples
 
 CHUNK = 2048          # examples per tokenizer call: the tokenizer's Python lists live for one chunk only
-CACHE_VERSION = 2     # 1 stored N x longest-row padded tensors
+CACHE_VERSION = 3     # 1 stored N x longest-row padded tensors; 2 had no prompt lengths
 
 
 @dataclasses.dataclass
@@ -30,6 +30,9 @@ class Encoded:
     token_type_ids: torch.Tensor | None
     labels: torch.Tensor | None        # N (long: classes, float: regression); None for causal-lm
     pad_id: int
+    prompt_lengths: torch.Tensor | None = None   # N (instruction data): each example's first tokens are its prompt
+    truncated_prompts: int = 0                   # prompts that lost their first tokens to --max-length
+    truncated_responses: int = 0                 # responses cut to --max-length - 1 tokens
 
     def __len__(self) -> int:
         return self.offsets.shape[0] - 1
@@ -74,7 +77,10 @@ def cache_key(examples: Examples, tokenizer, max_length: int) -> str:
     digest = hashlib.sha256()
     digest.update(json.dumps([CACHE_VERSION, type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""),
                               len(tokenizer), max_length, examples.task]).encode())
-    for part in (examples.texts, examples.pairs or []):
+    template = getattr(tokenizer, "chat_template", None) if examples.messages is not None else None
+    digest.update(json.dumps([template, examples.columns]).encode())
+    messages = [json.dumps(m, sort_keys=True) for m in examples.messages] if examples.messages is not None else []
+    for part in (examples.texts, examples.pairs or [], examples.responses or [], messages):
         digest.update(b"\x00part")
         for text in part:
             data = text.encode("utf-8", "surrogatepass")
@@ -89,6 +95,17 @@ def encode(examples: Examples, tokenizer, max_length: int, cache_dir=None) -> En
         cached = from_cache(path)
         if cached is not None:
             return cached
+    if examples.responses is not None:
+        encoded = encode_instructions(examples, tokenizer, max_length)
+    else:
+        encoded = encode_texts(examples, tokenizer, max_length)
+    if path is not None:
+        with atomic_file(path) as tmp, open(tmp, "wb") as handle:  # a file object: a full disk is
+            torch.save(encoded.to_dict(), handle)                     # OSError(ENOSPC), a one-line error
+    return encoded
+
+
+def encode_texts(examples: Examples, tokenizer, max_length: int) -> Encoded:
     ids, types, lengths = [], [], []
     for start in range(0, len(examples), CHUNK):
         pairs = examples.pairs[start:start + CHUNK] if examples.pairs is not None else None
@@ -102,12 +119,23 @@ def encode(examples: Examples, tokenizer, max_length: int, cache_dir=None) -> En
     labels = None
     if examples.labels is not None:
         labels = torch.tensor(examples.labels, dtype=torch.float32 if examples.task == "regression" else torch.long)
-    encoded = Encoded(examples.task, torch.cat(ids) if ids else torch.zeros(0, dtype=torch.int32), offsets,
-                      torch.cat(types) if types else None, labels, pad_id_of(tokenizer))
-    if path is not None:
-        with atomic_file(path) as tmp, open(tmp, "wb") as handle:  # a file object: a full disk is
-            torch.save(encoded.to_dict(), handle)                     # OSError(ENOSPC), a one-line error
-    return encoded
+    return Encoded(examples.task, torch.cat(ids) if ids else torch.zeros(0, dtype=torch.int32), offsets,
+                   torch.cat(types) if types else None, labels, pad_id_of(tokenizer))
+
+
+def encode_instructions(examples: Examples, tokenizer, max_length: int) -> Encoded:
+    """Prompt then response (ending with EOS) end to end, with each example's prompt length."""
+    from rosafx.recipes.data.instructions import token_rows
+    ids, lengths, prompt_lengths, cut_prompts, cut_responses = [], [], [], 0, 0
+    for rows, prompts_cut, responses_cut in token_rows(examples, tokenizer, max_length, CHUNK):
+        ids.append(flat([prompt + response for prompt, response in rows]))
+        lengths += [len(prompt) + len(response) for prompt, response in rows]
+        prompt_lengths += [len(prompt) for prompt, _ in rows]
+        cut_prompts, cut_responses = cut_prompts + prompts_cut, cut_responses + responses_cut
+    offsets = torch.zeros(len(lengths) + 1, dtype=torch.long)
+    torch.cumsum(torch.tensor(lengths, dtype=torch.long), 0, out=offsets[1:])
+    return Encoded(examples.task, torch.cat(ids) if ids else torch.zeros(0, dtype=torch.int32), offsets, None, None,
+                   pad_id_of(tokenizer), torch.tensor(prompt_lengths, dtype=torch.long), cut_prompts, cut_responses)
 
 
 def from_cache(path: Path) -> Encoded | None:
@@ -119,6 +147,8 @@ def from_cache(path: Path) -> Encoded | None:
         consistent = (encoded.offsets.dtype == torch.long and n >= 0 and int(encoded.offsets[0]) == 0
                       and int(encoded.offsets[-1]) == len(encoded.ids) and bool((encoded.lengths >= 0).all())
                       and (encoded.labels is None or len(encoded.labels) == n)
+                      and (encoded.prompt_lengths is None or (len(encoded.prompt_lengths) == n
+                                                              and bool((encoded.prompt_lengths <= encoded.lengths).all())))
                       and (encoded.token_type_ids is None or len(encoded.token_type_ids) == len(encoded.ids)))
     except Exception:  # noqa: BLE001  (damaged, truncated, foreign: all mean "tokenise again")
         return None
