@@ -10,7 +10,8 @@ import torch
 
 import rosafx
 from arch_zoo import _llama_like, gpt2
-from rosafx.recipes.decoder_export import CacheLayout, export_cached_decoder
+from rosafx.recipes.decoder_export import export_cached_decoder
+from rosafx.recipes.decoder_io import CacheLayout
 from rosafx.recipes.generation import greedy_with_cache, into_model
 from rosafx.recipes.onnx_decoding import OnnxDecoder
 

@@ -31,38 +31,8 @@ from torch import nn
 
 from rosafx.errors import RosafxError
 from rosafx.io.atomic import temp_file_beside
-
-INPUT_IDS, ATTENTION_MASK, POSITION_IDS = "input_ids", "attention_mask", "position_ids"
-
-
-def past_name(layer: int, kind: str) -> str:
-    return f"past_key_values.{layer}.{kind}"
-
-
-def present_name(layer: int, kind: str) -> str:
-    return f"present.{layer}.{kind}"
-
-
-@dataclass(frozen=True)
-class CacheLayout:
-    layers: int
-    kv_heads: int
-    head_dim: int
-
-    @classmethod
-    def of(cls, config) -> "CacheLayout":
-        text = config.get_text_config(decoder=True)
-        heads = text.num_attention_heads
-        kv_heads = getattr(text, "num_key_value_heads", None) or heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        return cls(text.num_hidden_layers, kv_heads, head_dim)
-
-    def names(self, kinds=("key", "value"), name=past_name) -> list[str]:
-        return [name(i, kind) for i in range(self.layers) for kind in kinds]
-
-    def empty(self, batch: int, dtype=np.float32) -> dict[str, np.ndarray]:
-        """Past tensors of length 0: the prompt call."""
-        return {n: np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype) for n in self.names()}
+from rosafx.recipes.decoder_io import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, CacheLayout, present_name
+from rosafx.recipes.onnx_decoding import OnnxDecoder
 
 
 class CachedDecoder(nn.Module):
@@ -142,7 +112,6 @@ def export_cached_decoder(model: nn.Module, path, *, tolerance: float = 1e-4) ->
 def _check_parity(model, onnx_path: Path, layout: CacheLayout, tolerance: float) -> float:
     """onnxruntime against the HF model's own cached forward: a 5-token prompt from an empty
     past, then one token on the presents it returned."""
-    from rosafx.recipes.onnx_decoding import OnnxDecoder
     decoder = OnnxDecoder(onnx_path)
     vocab = int(model.config.get_text_config(decoder=True).vocab_size)
     prompt = torch.randint(0, vocab, (1, 5), generator=torch.Generator().manual_seed(1))

@@ -1,5 +1,5 @@
 """Greedy decoding in onnxruntime over a decoder ONNX with the KV cache
-(``decoder_export.py`` says its inputs and outputs): the prompt is fed once, then each new
+(``decoder_io.py`` names its inputs and outputs): the prompt is fed once, then each new
 token is one call on that one token with the previous call's presents as pasts."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from rosafx.errors import RosafxError
-from rosafx.recipes.decoder_export import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, CacheLayout, past_name
+from rosafx.recipes.decoder_io import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, CacheLayout, past_name
 
 _PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
 
