@@ -22,6 +22,7 @@ only after onnxruntime agrees with the HF model on a prompt step and a decode st
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,7 +92,9 @@ def export_cached_decoder(model: nn.Module, path, *, tolerance: float = 1e-4) ->
     tmp = temp_file_beside(path)
     try:
         try:
-            with torch.no_grad():
+            with torch.no_grad(), warnings.catch_warnings():
+                # the exporter's note that batch/sequence are named once across inputs: expected
+                warnings.filterwarnings("ignore", message="# The axis name", category=UserWarning)
                 program = torch.onnx.export(
                     wrapper, args, dynamo=True, verbose=False, dynamic_shapes=shapes,
                     input_names=[INPUT_IDS, ATTENTION_MASK, POSITION_IDS, *layout.names()],
