@@ -6,8 +6,9 @@ A random-init Llama (no download) of a small but not toy shape, LoRA on q/v merg
 `rosafx export RUN --merge` does it; both files exported from the same merged weights. Per
 prompt length: the prompt call (prefill) and the median time per new token over
 ``--new-tokens`` tokens, interleaved rounds (cached, cache-less, cached, ...), medians over
-rounds. Both must give the same greedy tokens (checked). onnxruntime on the CPU with
-``--threads`` intra-op threads.
+rounds, after an untimed warm-up of each at that length (onnxruntime plans memory for a shape
+the first time it sees it). Both must give the same greedy tokens (checked). onnxruntime on
+the CPU with ``--threads`` intra-op threads.
 
     cd bench && HF_HUB_OFFLINE=1 ../.venv/bin/python decoder_latency.py [--prompts 16 128 512] [--rounds 3]
 """
@@ -104,6 +105,8 @@ def main() -> None:
         for length in args.prompts:
             prompt = torch.randint(3, args.vocab, (length,), generator=torch.Generator().manual_seed(length)).tolist()
             rows = {"cached": [], "cacheless": []}
+            timed_cached(decoder, prompt, 2)  # warm-up: onnxruntime plans memory for new shapes on first sight
+            timed_cacheless(cacheless, prompt, 2)
             for _ in range(args.rounds):
                 rows["cached"].append(timed_cached(decoder, prompt, args.new_tokens))
                 rows["cacheless"].append(timed_cacheless(cacheless, prompt, args.new_tokens))
