@@ -28,7 +28,10 @@ def export(adapted: Annotated[Path, typer.Argument(help="Adapter directory writt
     Example: rosafx export bert-lora --merge -o bert.onnx
     """
     if is_run(adapted):
-        typer.echo(str(export_run(adapted, out, merge=merge, overwrite=overwrite)))
+        report = export_run(adapted, out, merge=merge, overwrite=overwrite)
+        typer.echo(str(report))
+        if getattr(report, "decoder", None) is not None:  # a decoder's KV-cache ONNX, for `rosafx generate`
+            typer.echo(str(report.decoder))
         return
     source = read_source(adapted)  # untrusted: it names the model, the user's flags decide what may load
     check_output(out, inputs=[adapted, source.path], overwrite=overwrite, kind="file")  # before the slow work

