@@ -11,7 +11,8 @@ Two rows (``--rows``):
 
 Variants of a row: ``floor`` (frozen base, input gradients only), ``graph-floor`` (llama: the
 same on the captured graph before any adapter), ``peft`` (HF PEFT LoRA),
-``rosafx`` (the module ``rosafx.transform`` returns, as is), and A/Bs of one rosafx code
+``rosafx`` (the module ``rosafx.transform`` returns, as is), ``rosafx-banked`` (the same after
+``rosafx.bank``: lora's tensors stacked into three Parameters, passes/bank.py), and A/Bs of one rosafx code
 path: ``rosafx-opaque`` (every lowrank_linear site forced onto the custom op with its Python
 backward, the route before issue 22), ``rosafx-asserts`` (export's asserts kept) and, on
 minilm, ``rosafx-before`` (both: each node calling the custom op directly, asserts kept). Each
@@ -94,7 +95,7 @@ def llama_peft(base, ids):
     return training_step(model, lambda: as_hidden(model(input_ids=ids)))
 
 
-def llama_rosafx(base, ids, keep_asserts: bool = False):
+def llama_rosafx(base, ids, keep_asserts: bool = False, bank: bool = False):
     if keep_asserts:
         from rosafx.pipeline import transform as pipeline
         original = pipeline.drop_export_asserts
@@ -105,6 +106,8 @@ def llama_rosafx(base, ids, keep_asserts: bool = False):
             pipeline.drop_export_asserts = original
     else:
         adapted = rosafx.transform(base, {LLAMA_PROJECTIONS: LLAMA_LORA}, example_inputs=(ids,))
+    if bank:
+        rosafx.bank(adapted)                               # before the optimizer is built
     return training_step(adapted, lambda: as_hidden(adapted(ids)))
 
 
@@ -127,6 +130,14 @@ def forced_opaque(build):
 
 def minilm(name):
     return lambda base, ids: MINILM_VARIANTS[name](base, ids, False)
+
+
+def minilm_banked(base, ids):
+    """bench/train_step.py's lora with ``rosafx.bank`` (passes/bank.py) before the optimizer."""
+    from common import ENCODER_LINEARS
+    from train_step import LORA
+    adapted = rosafx.bank(rosafx.transform(base, {ENCODER_LINEARS: LORA}))
+    return training_step(adapted, lambda: adapted(ids))
 
 
 def minilm_before(base, ids):
@@ -154,13 +165,14 @@ ROWS = {
               "variants": {"floor": llama_floor, "graph-floor": llama_graph_floor, "peft": llama_peft,
                            "rosafx": llama_rosafx,
                            "rosafx-opaque": forced_opaque(llama_rosafx),
-                           "rosafx-asserts": lambda base, ids: llama_rosafx(base, ids, keep_asserts=True)}},
+                           "rosafx-asserts": lambda base, ids: llama_rosafx(base, ids, keep_asserts=True),
+                           "rosafx-banked": lambda base, ids: llama_rosafx(base, ids, bank=True)}},
     "minilm": {"load": load_minilm, "ids": (32, 64), "sites": 36,
                "variants": {"floor": minilm("floor"), "peft": minilm("peft-lora"), "rosafx": minilm("lora"),
-                            "rosafx-before": minilm_before}},
+                            "rosafx-before": minilm_before, "rosafx-banked": minilm_banked}},
 }
-DEFAULT_VARIANTS = {"llama": "floor,graph-floor,peft,rosafx,rosafx-opaque,rosafx-asserts",
-                    "minilm": "floor,peft,rosafx,rosafx-before"}
+DEFAULT_VARIANTS = {"llama": "floor,graph-floor,peft,rosafx,rosafx-banked,rosafx-opaque",
+                    "minilm": "floor,peft,rosafx,rosafx-banked"}
 
 
 class OpCounter(TorchDispatchMode):
