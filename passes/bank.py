@@ -123,6 +123,21 @@ class AdapterBank(nn.Module):
         """Nothing: loading the site tensors (in place) writes the groups."""
 
 
+class views:
+    """``with views(gm):`` the group views in place for a call that runs ``gm``'s adapters
+    through another module (GradCheckpointed's per-layer view of the graph), as ``gm``'s own
+    forward hooks put them; nothing when ``gm`` is not banked or gradients are off."""
+
+    def __init__(self, gm: nn.Module):
+        self.gm = gm
+
+    def __enter__(self):
+        _views_in(self.gm, ())
+
+    def __exit__(self, *exc):
+        _views_out(self.gm, (), None)
+
+
 def _views_in(module: nn.Module, args) -> None:
     bank = module._modules.get(BANK)
     if bank is None or not torch.is_grad_enabled():

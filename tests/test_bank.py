@@ -209,3 +209,28 @@ def test_compiling_is_refused(monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     with pytest.raises(RosafxError, match="unbank"):
         banked(x)
+
+
+def test_grad_checkpointed_banked_llama_float64():
+    """GradCheckpointed runs the adapters through its own view of the graph, where the banked
+    graph's hooks do not fire: it puts the views in place itself (passes/bank.py, ``views``)."""
+    from models import _ids, main_output, tiny_llama
+    from rosafx.training.activation_checkpointing import GradCheckpointed
+    rules = {r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)": {"method": "lora", "rank": 2}}
+    ids = _ids(2, 6)
+    built = []
+    for _ in range(2):
+        llama, _ = tiny_llama()
+        adapted = rosafx.transform(llama.double(), rules, example_inputs=(ids,)).double()
+        perturb(adapted, std=0.3)
+        built.append(adapted.train())
+    reference, banked = built
+    rosafx.bank(banked)
+    main_output(reference(ids)).pow(2).mean().backward()
+    main_output(GradCheckpointed(banked)(ids)).pow(2).mean().backward()
+    ref_adapters = adapters_of(reference)
+    for path, adapter in adapters_of(banked).items():
+        for name in ("lora_A", "lora_B"):
+            want = getattr(ref_adapters[path], name).grad
+            assert float(want.abs().max()) > 0
+            assert rel_err(site_grad(banked, adapter, name), want) < 1e-11, (path, name)

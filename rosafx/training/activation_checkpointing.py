@@ -53,7 +53,9 @@ class GradCheckpointed(nn.Module):
         return self._view[1]
 
     def forward(self, *args, **kwargs):
-        return self.view()(*args, **kwargs)
+        from rosafx.passes.bank import views
+        with views(self.adapted):  # a banked graph's forward hooks do not run for the view: its views here
+            return self.view()(*args, **kwargs)
 
     def layers(self) -> list[str]:
         """The checkpointed layers' module paths, in call order."""
