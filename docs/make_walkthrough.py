@@ -199,7 +199,12 @@ def main() -> None:
               "preparation; a site that gets a new frozen weight reads `rosafx_adapters.<site>.base_weight` "
               "from then on (`adapted_graph.set_base_weight`).\n"
               "* `resample` is rosa's action (`Method.actions`, run by `rosafx.act`): it refactorises the "
-              "adapters in place and leaves the graph as it is.\n"]
+              "adapters in place and leaves the graph as it is.\n",
+              "* `bank` (`passes/bank.py`, opt-in: `rosafx.bank`) stacks lora's A and B of equal trailing shape into "
+              "a few Parameters (`rosafx_bank.group<i>`) that the optimizer sees instead of two tensors per site; "
+              "each site tensor stays in its adapter, its storage a slice of its group, and a forward with "
+              "gradients reads views of the groups (one `split_with_sizes` per group) through the same "
+              "get_attr nodes: the graph is unchanged.\n"]
     text = "".join(parts)
     OUT.write_text(re.sub(r"\n{3,}", "\n\n", text))
     print(f"wrote {OUT}")

@@ -76,6 +76,22 @@ def fuse_siblings(adapted: fx.GraphModule) -> fx.GraphModule:
     return _fuse(adapted)
 
 
+def bank(adapted: fx.GraphModule) -> fx.GraphModule:
+    """Train the small adapter tensors (lora's A and B) as a few stacked Parameters, so an
+    optimizer's per-tensor loop runs over three tensors instead of two per site (passes/bank.py;
+    the graph, merge, save and export are unchanged). In place, eager training only; build the
+    optimizer afterwards. ``unbank`` undoes it."""
+    from rosafx.passes.bank import bank_adapters
+    adapted_model(adapted, "bank", whole_graph=True)
+    return bank_adapters(adapted)
+
+
+def unbank(adapted: fx.GraphModule) -> fx.GraphModule:
+    """Each banked adapter tensor a Parameter of its own again, with its trained values."""
+    from rosafx.passes.bank import unbank_adapters
+    return unbank_adapters(adapted)
+
+
 def act(adapted: fx.GraphModule, action: str, optimizer=None) -> fx.GraphModule:
     """Run a method's action (``Method.actions``) on every site of the methods that have it,
     in method-id order. ``optimizer``: the one training these sites (an action that rewrites

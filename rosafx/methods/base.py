@@ -118,6 +118,10 @@ class Adapter(nn.Module):
     weight when a method changes it (lora-ga's offset, rosa's remainder)."""
 
     needs_calibration: ClassVar[bool] = False
+    bankable: ClassVar[tuple[str, ...]] = ()
+    """Trainable tensors that ``rosafx.bank`` may stack with other sites' (passes/bank.py): only
+    where the method's life cycle never works on one tensor alone (its optimizer state, a
+    replaced Parameter)."""
 
     def __init__(self, site: Site, config: MethodConfig):
         super().__init__()

@@ -63,6 +63,8 @@ class LowRankAdapter(Adapter):
 
 
 class LoraAdapter(LowRankAdapter):
+    bankable = ("lora_A", "lora_B")  # no life cycle: rosa, lora-ga (LowRankAdapter too) have one
+
     def __init__(self, site, config):
         super().__init__(site, config)
         kaiming_uniform_(self.lora_A)

@@ -53,7 +53,11 @@ class GradCheckpointed(nn.Module):
         return self._view[1]
 
     def forward(self, *args, **kwargs):
-        return self.view()(*args, **kwargs)
+        from rosafx.passes.bank import BANK, views
+        if BANK not in self.adapted._modules:
+            return self.view()(*args, **kwargs)
+        with views(self.adapted):  # a banked graph's forward hooks do not run for the view: its views here
+            return self.view()(*args, **kwargs)
 
     def layers(self) -> list[str]:
         """The checkpointed layers' module paths, in call order."""

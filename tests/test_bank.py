@@ -1,0 +1,236 @@
+"""passes/bank.py (rosafx.bank): lora's tensors trained as a few stacked Parameters.
+
+The reference is the same model unbanked, in float64: per-tensor AdamW on per-site
+Parameters, the path the rest of the suite holds to float64 math. Banked training must give
+the same outputs, gradients and trained values; merge, save (both formats), load, a dtype
+conversion, deepcopy and unbank must see the trained values; methods with a life cycle are
+not banked."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import rosafx
+from rosafx.errors import RosafxError
+from rosafx.graph.adapted_graph import adapters_of
+from rosafx.passes.bank import BANK, site_grad
+
+from invariants import perturb, rel_err
+
+
+class Block(nn.Module):
+    """A's 12 wide (five) and 20 wide (down's alone: a group of one is not banked), B's rank wide."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(12, 12), nn.Linear(12, 12, bias=False), nn.Linear(12, 6)
+        self.gate, self.up = nn.Linear(12, 20, bias=False), nn.Linear(12, 20, bias=False)
+        self.down = nn.Linear(20, 12)
+
+    def forward(self, x):
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        a = torch.softmax(q @ k.transpose(-1, -2), -1) @ torch.cat([v, v], -1) + x
+        return self.down(torch.nn.functional.silu(self.gate(a)) * self.up(a))
+
+
+LORA = {"method": "lora", "rank": 3, "alpha": 6}
+RULES = {r"q|k|v|gate|up|down": LORA}
+
+
+def build(rules=RULES, dtype=torch.float64, fuse=False):
+    torch.manual_seed(0)
+    model = Block().to(dtype).eval()
+    x = torch.randn(2, 7, 12, dtype=dtype)
+    adapted = rosafx.transform(model, rules, example_inputs=(x,))
+    adapted.to(dtype)
+    perturb(adapted, std=0.3)
+    if fuse:
+        rosafx.fuse_siblings(adapted)
+    return model, adapted, x
+
+
+def site_tensors(adapted):
+    return {f"{path}.{name}": getattr(adapter, name).detach().clone()
+            for path, adapter in adapters_of(adapted).items() for name in ("lora_A", "lora_B")}
+
+
+def loss_of(adapted, x):
+    y = adapted(x)
+    return (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape)).sum(), y
+
+
+def train(adapted, batches, steps=5):
+    adapted.train()
+    optimizer = torch.optim.AdamW([p for p in adapted.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    for x in batches[:steps]:
+        optimizer.zero_grad(set_to_none=True)
+        loss_of(adapted, x)[0].backward()
+        optimizer.step()
+    return optimizer
+
+
+@pytest.mark.parametrize("fuse", [False, True], ids=["plain", "fused"])
+def test_banked_training_matches_per_tensor_float64(fuse):
+    _, reference, x = build(fuse=fuse)
+    _, banked, _ = build(fuse=fuse)
+    rosafx.bank(banked)
+    trainable = [n for n, p in banked.named_parameters() if p.requires_grad]
+    # the 12-wide A's, every B (rank wide); down's A, the only 20-wide one, stays on its own
+    assert trainable == ["rosafx_adapters.down.lora_A", f"{BANK}.group0", f"{BANK}.group1"]
+    assert sum(p.numel() for n, p in banked.named_parameters() if p.requires_grad) == \
+        sum(p.numel() for p in reference.parameters() if p.requires_grad)
+
+    reference.train(), banked.train()
+    loss_ref, y_ref = loss_of(reference, x)
+    loss_banked, y_banked = loss_of(banked, x)
+    loss_ref.backward(), loss_banked.backward()
+    assert rel_err(y_banked, y_ref) < 1e-13
+    ref_adapters, banked_adapters = adapters_of(reference), adapters_of(banked)
+    for path, adapter in banked_adapters.items():
+        for name in ("lora_A", "lora_B"):
+            if not getattr(adapter, name).requires_grad:                   # banked: the group holds it
+                assert getattr(adapter, name).grad is None
+            want = getattr(ref_adapters[path], name).grad
+            assert rel_err(site_grad(banked, adapter, name), want) < 1e-12, (path, name)
+    assert "lora_A" not in next(iter(banked_adapters.values())).__dict__   # the views are gone
+
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(2, 7, 12, generator=g, dtype=torch.float64) for _ in range(5)]
+    train(reference, batches), train(banked, batches)
+    want, got = site_tensors(reference), site_tensors(banked)
+    moved = max(rel_err(want[k], site_tensors(build(fuse=fuse)[1])[k]) for k in want)
+    assert moved > 1e-3                                                     # training changed them
+    for key in want:
+        assert rel_err(got[key], want[key]) < 1e-10, key
+
+
+def test_merge_save_load_after_banked_training(tmp_path):
+    model, banked, x = build(dtype=torch.float32)
+    rosafx.bank(banked)
+    g = torch.Generator().manual_seed(1)
+    train(banked, [torch.randn(2, 7, 12, generator=g) for _ in range(3)])
+    banked.eval()
+    with torch.no_grad():
+        y = banked(x)
+        assert rel_err(rosafx.merge(banked)(x), y) < 1e-5
+        for fmt in ("rosafx", "peft"):
+            rosafx.save(banked, tmp_path / fmt, format=fmt)
+            assert rel_err(rosafx.load(model, tmp_path / fmt, example_inputs=(x,))(x), y) < 1e-5, fmt
+    state = banked.state_dict()
+    assert not any(k.startswith(BANK) for k in state)                       # the site tensors are the state
+    fresh = rosafx.bank(rosafx.transform(model, RULES, example_inputs=(x,)))
+    fresh.load_state_dict(state)                                            # writes through to the groups
+    fresh.eval()
+    with torch.no_grad():
+        assert rel_err(fresh(x), y) < 1e-6
+    group = fresh.get_parameter(f"{BANK}.group0")
+    a = adapters_of(fresh)["q"].lora_A
+    assert a.data_ptr() == group.data_ptr() and torch.equal(group[: a.shape[0]], a)
+
+
+def test_conversion_restacks_and_keeps_training():
+    _, banked, x = build(dtype=torch.float32)
+    rosafx.bank(banked)
+    before = site_tensors(banked)
+    banked.to(torch.float64)                      # converts each Parameter on its own: aliasing broken
+    optimizer = train(banked, [x.double()], steps=1)
+    group = banked.get_parameter(f"{BANK}.group0")
+    assert group.dtype == torch.float64 and any(group is p for p in optimizer.param_groups[0]["params"])
+    after = site_tensors(banked)
+    adapters = adapters_of(banked)
+    offset = 0
+    for path in ("q", "k", "v", "gate", "up"):                               # group0: the 12-wide A's
+        a = adapters[path].lora_A
+        assert a.data_ptr() == group.data_ptr() + offset * 12 * 8
+        assert torch.equal(group.detach()[offset: offset + a.shape[0]], a)
+        offset += a.shape[0]
+    for key in before:
+        assert 0 < (after[key] - before[key].double()).abs().max() < 0.1, key   # trained from the old values
+
+
+def test_unbank_restores_parameters():
+    _, banked, x = build()
+    rosafx.bank(banked)
+    train(banked, [x], steps=2)
+    trained = site_tensors(banked)
+    rosafx.unbank(banked)
+    assert BANK not in banked._modules and not banked._forward_pre_hooks and not banked._forward_hooks
+    names = sorted(n for n, p in banked.named_parameters() if p.requires_grad)
+    assert len(names) == 12 and all(n.endswith(("lora_A", "lora_B")) for n in names)
+    assert all(torch.equal(v, trained[k]) for k, v in site_tensors(banked).items())
+    ptrs = {getattr(a, n).data_ptr() for a in adapters_of(banked).values() for n in ("lora_A", "lora_B")}
+    assert len(ptrs) == 12
+    loss_of(banked.train(), x)[0].backward()
+    assert all(getattr(a, n).grad is not None for a in adapters_of(banked).values() for n in ("lora_A", "lora_B"))
+
+
+def test_deepcopy_trains_its_own_groups():
+    _, banked, x = build()
+    rosafx.bank(banked)
+    copied = copy.deepcopy(banked)
+    original = site_tensors(banked)
+    train(copied, [x], steps=2)
+    assert all(torch.equal(v, original[k]) for k, v in site_tensors(banked).items())
+    assert any(not torch.equal(v, original[k]) for k, v in site_tensors(copied).items())
+    assert adapters_of(copied)["q"].lora_A.data_ptr() == copied.get_parameter(f"{BANK}.group0").data_ptr()
+
+
+def test_without_gradients_the_parameters_are_read():
+    _, banked, x = build()
+    rosafx.bank(banked)
+    with torch.no_grad():
+        y = banked(x)
+    assert "lora_A" not in adapters_of(banked)["q"].__dict__
+    _, reference, _ = build()
+    with torch.no_grad():
+        assert rel_err(y, reference(x)) < 1e-13
+
+
+def test_only_lora_is_banked():
+    rules = {r"q|k": LORA, r"v|gate": {"method": "rosa", "rank": 2},
+             r"up|down": {"method": "vera", "rank": 4, "d_initial": 0.1}}
+    _, banked, x = build(rules=rules)
+    rosafx.bank(banked)
+    adapters = adapters_of(banked)
+    trainable = {n for n, p in banked.named_parameters() if p.requires_grad}
+    assert {f"{BANK}.group0", f"{BANK}.group1"} <= trainable              # q, k: A's and B's
+    for path in ("v", "gate", "up", "down"):
+        params = list(adapters[path].parameters())
+        assert params and all(p.requires_grad for p in params), path      # untouched: their own Parameters
+    assert not adapters["q"].lora_A.requires_grad
+
+
+def test_compiling_is_refused(monkeypatch):
+    _, banked, x = build()
+    rosafx.bank(banked)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with pytest.raises(RosafxError, match="unbank"):
+        banked(x)
+
+
+def test_grad_checkpointed_banked_llama_float64():
+    """GradCheckpointed runs the adapters through its own view of the graph, where the banked
+    graph's hooks do not fire: it puts the views in place itself (passes/bank.py, ``views``)."""
+    from models import _ids, main_output, tiny_llama
+    from rosafx.training.activation_checkpointing import GradCheckpointed
+    rules = {r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)": {"method": "lora", "rank": 2}}
+    ids = _ids(2, 6)
+    built = []
+    for _ in range(2):
+        llama, _ = tiny_llama()
+        adapted = rosafx.transform(llama.double(), rules, example_inputs=(ids,)).double()
+        perturb(adapted, std=0.3)
+        built.append(adapted.train())
+    reference, banked = built
+    rosafx.bank(banked)
+    main_output(reference(ids)).pow(2).mean().backward()
+    main_output(GradCheckpointed(banked)(ids)).pow(2).mean().backward()
+    ref_adapters = adapters_of(reference)
+    for path, adapter in adapters_of(banked).items():
+        for name in ("lora_A", "lora_B"):
+            want = getattr(ref_adapters[path], name).grad
+            assert float(want.abs().max()) > 0
+            assert rel_err(site_grad(banked, adapter, name), want) < 1e-11, (path, name)
