@@ -72,6 +72,17 @@ def test_gsm8k_sample_packed_runs_and_reports_exact_match(decoder, tmp_path, cap
                    "--json") == 0
     result = last_json(capsys)
     assert math.isfinite(result["eval_perplexity"]) and 0.0 <= result["exact_match"] <= 1.0
+    # the export takes plain 2-D masks (a packed capture takes 4-D ones) and keeps the run's columns:
+    # the ONNX scores the same rows with the run's perplexity
+    out = tmp_path / "out"
+    assert run_cli("export", run, "--merge", "-o", out) == 0
+    capsys.readouterr()
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(GSM8K_SAMPLE.read_text().splitlines(keepends=True)[:8]))
+    assert run_cli("evaluate", run, "--data", rows, "--json") == 0
+    from_run = last_json(capsys)
+    assert run_cli("evaluate", out / "model.onnx", "--data", rows, "--json") == 0
+    assert last_json(capsys)["eval_perplexity"] == pytest.approx(from_run["eval_perplexity"], rel=1e-4)
 
 
 @pytest.mark.parametrize("extra, says", [

@@ -47,7 +47,7 @@ def _torch_generator(run_dir: Path) -> Generator:
     import rosafx
     from rosafx.recipes.generation import greedy_with_cache, into_model
     from rosafx.recipes.run_model import open_run_model
-    module, adapted, tokenizer, record = open_run_model(run_dir)
+    module, adapted, tokenizer, record = open_run_model(run_dir, packed=False)
     if record["task"] != "causal-lm":
         raise RosafxError(f"{run_dir} trained the {record['task']} task; generate needs a causal-lm run "
                           "(`rosafx train MODEL --task causal-lm ...`).")

@@ -27,7 +27,8 @@ from rosafx.recipes.data.examples import TASKS
 from rosafx.training.runs import ADAPTER, read_run
 
 # how the run read its data: evaluate reads other files the same way
-READING_KEYS = ("text_column", "pair_column", "label_column", "max_length", "batch_size")
+READING_KEYS = ("text_column", "pair_column", "label_column", "prompt_column", "response_column", "messages_column",
+                "max_length", "batch_size")
 ONNX_NAME = "model.onnx"
 DECODER_NAME = "model_with_past.onnx"
 
@@ -38,8 +39,10 @@ def open_run(run_dir):
     return adapted, tokenizer, record
 
 
-def open_run_model(run_dir):
-    """(the HF model the run adapted, untouched; adapted model; tokenizer; run record)."""
+def open_run_model(run_dir, *, packed: bool = True):
+    """(the HF model the run adapted, untouched; adapted model; tokenizer; run record).
+    ``packed=False`` captures a packed run (--pack) with plain 2-D attention masks, as its
+    ONNX export takes them (the packed capture takes a 4-D block-diagonal mask)."""
     import rosafx
     run_dir = Path(run_dir)
     record = read_run(run_dir)
@@ -50,7 +53,7 @@ def open_run_model(run_dir):
                           f"-o {run_dir} --resume` completes it.")
     spec = recipe.model_spec(config["model"])
     tokenizer = recipe.open_tokenizer(spec.source)
-    inputs = recipe.example_inputs(tokenizer, config, pairs=record["pairs"])
+    inputs = recipe.example_inputs(tokenizer, dict(config, pack=config.get("pack") and packed), pairs=record["pairs"])
     from rosafx.recipes.heads import open_task_model
     import torch
     torch.manual_seed(config["seed"])
@@ -90,7 +93,7 @@ def export_run(run_dir, out, *, merge: bool = True, overwrite: bool = False):
     check_output(out, inputs=inputs, overwrite=overwrite)  # the rule every command follows
     if not merge:
         raise RosafxError("A run exports merged only (adapter ops have no ONNX form): use --merge.")
-    module, adapted, tokenizer, record = open_run_model(run_dir)
+    module, adapted, tokenizer, record = open_run_model(run_dir, packed=False)
     check_output(out, inputs=inputs, overwrite=overwrite)  # again: it may have changed while the model loaded
     with atomic_directory(out) as tmp:
         report = rosafx.export_onnx(adapted, tmp / ONNX_NAME, merge=True)
@@ -101,7 +104,7 @@ def export_run(run_dir, out, *, merge: bool = True, overwrite: bool = False):
         hf_config.save_pretrained(tmp)
         if record["task"] == "causal-lm":
             report.decoder = _export_decoder(module, adapted, tmp, out)
-        reading = {k: record["config"][k] for k in READING_KEYS}
+        reading = {k: record["config"].get(k) for k in READING_KEYS}
         (tmp / EXPORT_MARK).write_text(json.dumps({"run": str(run_dir.resolve()), "task": record["task"],
                                                    "label_names": record["label_names"], "pairs": record["pairs"],
                                                    "reading": reading}, indent=2))
