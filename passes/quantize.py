@@ -15,18 +15,24 @@ Two steps, around the adapters' insertion (rosafx/pipeline/transform.py):
     -> query_weight = self.rosafx_quantized.query__weight()        # Ŵ, dequantized per call
        lowrank_linear = rosafx.lowrank_linear.default(x, query_weight, query_bias, A, B, 2.0, None)
 
+While the module runs forward, autograd saves a dequantized weight as a reference to its
+packed module and dequantizes again in the backward (``saving_packed``): without that, the
+adapter ops and linears would keep an fp32 copy of every weight alive until the backward,
+and a training step would hold as much as on the fp32 base (bench/quantized_base.py).
+
 Which weights: every 2-D site weight outside the ``full`` modules whose every reader is one of
 its linear calls; a weight also read another way (GPT-2's lm_head tied to the embedding),
 MoE expert weights and modules trained in full keep full precision.
 """
 from __future__ import annotations
 
+import torch
 from torch import fx, nn
 
 from rosafx.errors import RosafxError
 from rosafx.graph.adapted_graph import QUANTIZED, attr_owner, container_key, fetch_attr
 from rosafx.graph.sites import WEIGHT_VIEWS, Site
-from rosafx.ops.quantized import Quantization, QuantizedWeight, dequantize
+from rosafx.ops.quantized import Quantization, QuantizedWeight, dequantize, saving_packed
 
 
 def quantizable_weights(gm: fx.GraphModule, sites: list[Site], full: list[str]) -> list[str]:
@@ -83,4 +89,17 @@ def store_packed(gm: fx.GraphModule, packed: dict[str, QuantizedWeight]) -> fx.G
         del owner._parameters[attr]
     graph.lint()
     gm.recompile()
+    gm.register_forward_pre_hook(_open_saving_packed)
+    gm.register_forward_hook(_close_saving_packed, always_call=True)
     return gm
+
+
+def _open_saving_packed(module, args):
+    if not torch.compiler.is_compiling():
+        module._rosafx_saving_packed = saving_packed().__enter__()
+
+
+def _close_saving_packed(module, args, output):
+    saves = module.__dict__.pop("_rosafx_saving_packed", None)
+    if saves is not None:
+        saves.__exit__(None, None, None)

