@@ -257,3 +257,45 @@ def test_held_weight_is_one_leaf_while_calibrating():
     assert module() is held and module() is held
     module.release()
     assert module() is not held and torch.equal(module(), held)
+
+
+# ---------------------------------------------------------------- what the backward keeps
+def test_gradients_through_the_packed_base_match_the_float64_model():
+    """Autograd saves the dequantized weight as its packed module and dequantizes it again in
+    the backward: the adapters' gradients are the float64 reference model's."""
+    model = Tiny()
+    adapted = rosafx.transform(model, {"query": METHODS["lora"]}, example_inputs=(X,), quantize="nf4")
+    adapter = adapters_of(adapted)["query"]
+    with torch.no_grad():
+        adapter.lora_B.normal_(0, 0.1, generator=torch.Generator().manual_seed(5))
+    loss_fn(adapted, X).backward()
+    reference = reference_model(model, "nf4")
+    for name in QUANTIZED + ("head",):                 # head: quantized here too (no module in full)
+        layer = getattr(model, name)
+        getattr(reference, name).weight.data = reference_dequantized(layer.weight.detach(), "nf4", 64)[0]
+    A = adapter.lora_A.detach().double().requires_grad_()
+    B = adapter.lora_B.detach().double().requires_grad_()
+    reference.query = WithLoRA(reference.query, A, B, scale=8 / 4)
+    loss_fn(reference, X.double()).backward()
+    assert relative(adapter.lora_A.grad, A.grad) <= 1e-5 and relative(adapter.lora_B.grad, B.grad) <= 1e-5
+
+
+class WithLoRA(nn.Module):
+    def __init__(self, base, A, B, scale):
+        super().__init__()
+        self.base, self.A, self.B, self.scale = base, A, B, scale
+
+    def forward(self, x):
+        return self.base(x) + self.scale * (x @ self.A.t()) @ self.B.t()
+
+
+def test_the_forward_keeps_no_dequantized_weight_for_the_backward():
+    from rosafx.training.memory import live_activation_bytes
+    held = {}
+    for quantize in (None, "nf4"):
+        adapted = rosafx.transform(Tiny(), {"query": METHODS["lora"]}, example_inputs=(X,), quantize=quantize)
+        held[quantize], loss = live_activation_bytes(lambda: loss_fn(adapted, X), adapted)
+        loss.backward()
+    # parameters are not counted (the fp32 base holds its weights anyway); the backward of `out`'s
+    # input needs out's weight: a dequantized fp32 copy kept for it would add its 16 KiB
+    assert held["nf4"] < held[None] + Tiny().out.weight.nbytes // 2
