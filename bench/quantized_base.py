@@ -10,7 +10,10 @@ batch of SST-2 sample sentences (B x L tokens). For the fp32 base and each schem
   storage created in the forward and still alive when it returns, which includes a
   dequantized weight that autograd saved);
 * step time (forward + backward + AdamW step), interleaved base by base, median of the
-  timed rounds after warm-up rounds.
+  timed rounds after warm-up rounds;
+* for the memory alone, ``nf4-saving-fp32``: nf4 with autograd keeping the dequantized
+  weights for the backward (passes/quantize.py's saved-tensor hooks removed), what a
+  training step would hold without them.
 
     cd bench && HF_HUB_OFFLINE=1 ../.venv/bin/python quantized_base.py [--rounds 7] [--batch 32] [--length 64]
         [--json ../docs/results/quantized_base.json]
@@ -18,6 +21,7 @@ batch of SST-2 sample sentences (B x L tokens). For the fp32 base and each schem
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -65,9 +69,13 @@ def main() -> None:
     example = example_inputs(train, tokenizer, args.length)
     batch = next(iter(batches(first(train, args.batch), tokenizer, args.batch, args.length)))
     loss = loss_for("classification")
+    print(f"load average {os.getloadavg()[0]:.1f}, {torch.get_num_threads()} threads", flush=True)
     models, results = {}, {}
-    for base in BASES:
-        adapted, linear_bytes, stored = build(base, example)
+    for base in BASES + ("nf4-saving-fp32",):
+        adapted, linear_bytes, stored = build(base.split("-")[0], example)
+        if base == "nf4-saving-fp32":
+            adapted._forward_pre_hooks.clear()  # no saving_packed around the forward
+            adapted._forward_hooks.clear()
         optimizer = torch.optim.AdamW([p for p in adapted.parameters() if p.requires_grad], lr=1e-4)
         held, out = live_activation_bytes(lambda: loss(adapted, batch), adapted)
         out.backward()
@@ -79,6 +87,8 @@ def main() -> None:
                          "step_holds_bytes": module_bytes(adapted) + held, "step_ms": []}
         print(f"{base}: base linears {stored / 2**20:.1f} MiB ({stored / linear_bytes:.3f}x fp32), module "
               f"{module_bytes(adapted) / 2**20:.1f} MiB, forward holds {held / 2**20:.1f} MiB", flush=True)
+        if base not in BASES:
+            del models[base]
     for round_ in range(args.warmup + args.rounds):
         for base in BASES:
             adapted, optimizer = models[base]
@@ -97,6 +107,11 @@ def main() -> None:
                                                     results["fp32"]["step_holds_bytes"], 3)
         print(f"{base}: step {median:.0f} ms ({median / floor:.2f}x fp32), step holds "
               f"{results[base]['step_holds_bytes'] / 2**20:.1f} MiB ({results[base]['step_holds_vs_fp32']:.2f}x)")
+    results["nf4-saving-fp32"].pop("step_ms")
+    results["nf4-saving-fp32"]["step_holds_vs_fp32"] = round(results["nf4-saving-fp32"]["step_holds_bytes"] /
+                                                             results["fp32"]["step_holds_bytes"], 3)
+    print(f"nf4 without saving_packed: step holds {results['nf4-saving-fp32']['step_holds_bytes'] / 2**20:.1f} MiB "
+          f"({results['nf4-saving-fp32']['step_holds_vs_fp32']:.2f}x); load average {os.getloadavg()[0]:.1f}")
     if args.json:
         write_json(args.json, record(args, results))
 
