@@ -299,3 +299,15 @@ def test_the_forward_keeps_no_dequantized_weight_for_the_backward():
     # parameters are not counted (the fp32 base holds its weights anyway); the backward of `out`'s
     # input needs out's weight: a dequantized fp32 copy kept for it would add its 16 KiB
     assert held["nf4"] < held[None] + Tiny().out.weight.nbytes // 2
+
+
+def test_a_saved_record_with_a_bad_scheme_is_refused(tmp_path):
+    import json
+    adapted = rosafx.transform(Tiny(), rules("lora"), example_inputs=(X,), quantize="int8")
+    rosafx.save(adapted, tmp_path / "a")
+    saved = json.loads((tmp_path / "a" / "rosafx.json").read_text())
+    assert saved["quantize"] == {"scheme": "int8", "group_size": 64}
+    saved["quantize"] = {"scheme": "fp2"}
+    (tmp_path / "a" / "rosafx.json").write_text(json.dumps(saved))
+    with pytest.raises(RosafxError, match="not a valid rosafx adapter record: 'quantize': Unknown quantization"):
+        rosafx.load(Tiny(), tmp_path / "a", example_inputs=(X,))

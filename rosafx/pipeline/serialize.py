@@ -92,6 +92,11 @@ def _check_record(record: dict, path: Path) -> None:
         bad = "'fingerprint' must be a string"
     elif not sites and not full:
         bad = "it names no site and no module"
+    elif record.get("quantize") is not None:
+        try:
+            Quantization.parse(record["quantize"])
+        except RosafxError as exc:
+            bad = f"'quantize': {exc}"
     if bad:
         raise RosafxError(f"{path} is not a valid rosafx adapter record: {bad}. Re-save the adapter.")
 
