@@ -311,3 +311,28 @@ def test_a_saved_record_with_a_bad_scheme_is_refused(tmp_path):
     (tmp_path / "a" / "rosafx.json").write_text(json.dumps(saved))
     with pytest.raises(RosafxError, match="not a valid rosafx adapter record: 'quantize': Unknown quantization"):
         rosafx.load(Tiny(), tmp_path / "a", example_inputs=(X,))
+
+
+def test_large_sites_give_the_same_gradients_as_the_fp32_base_holding_the_dequantized_weights():
+    """Sites above rosafx/ops/lowrank.py's COMPOSITE_MACS run the opaque op (a transient merged
+    weight saved for dx): on the packed base its gradients are the fp32 base's, bit for bit,
+    when that base holds Ŵ as its weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256))
+    x = torch.randn(2, 64, 256)
+    site_rules = {"0": METHODS["lora"], "2": METHODS["lora"]}
+    packed = rosafx.transform(model, site_rules, example_inputs=(x,), quantize="nf4")
+    plain_model = copy.deepcopy(model)
+    for name, module in quantized_weights(packed).items():
+        plain_model.get_parameter(name).data = module().detach().clone()
+    plain = rosafx.transform(plain_model, site_rules, example_inputs=(x,))
+    with torch.no_grad():
+        for name, param in packed.named_parameters():
+            if param.requires_grad:
+                param.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+                plain.get_parameter(name).copy_(param)
+    packed(x).pow(2).mean().backward()
+    plain(x).pow(2).mean().backward()
+    for name, param in packed.named_parameters():
+        if param.requires_grad:
+            assert torch.equal(param.grad, plain.get_parameter(name).grad), name
