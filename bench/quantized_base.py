@@ -9,8 +9,10 @@ batch of SST-2 sample sentences (B x L tokens). For the fp32 base and each schem
   keeps alive for the backward (``rosafx.training.memory.live_activation_bytes``: every
   storage created in the forward and still alive when it returns, which includes a
   dequantized weight that autograd saved);
-* step time (forward + backward + AdamW step), interleaved base by base, median of the
-  timed rounds after warm-up rounds;
+* step time (forward + backward + AdamW step), interleaved base by base, median (and
+  minimum: on a loaded machine the least disturbed step) of the timed rounds after warm-up;
+* the dequantization a step does (every packed weight twice: forward, and again in the
+  backward), timed alone, minimum of 5, against the fp32 step's minimum;
 * for the memory alone, ``nf4-saving-fp32``: nf4 with autograd keeping the dequantized
   weights for the backward (passes/quantize.py's saved-tensor hooks removed), what a
   training step would hold without them.
@@ -51,6 +53,18 @@ def build(base: str, example):
     return adapted.train(), linear_bytes, stored
 
 
+def dequantize_ms(adapted) -> float:
+    """Every packed weight dequantized twice (forward + backward), minimum of 5 repeats."""
+    packed = list(quantized_weights(adapted).values())
+    times = []
+    for _ in range(5):
+        started = time.perf_counter()
+        for module in packed + packed:
+            module()
+        times.append((time.perf_counter() - started) * 1e3)
+    return min(times)
+
+
 def module_bytes(module) -> int:
     return sum(t.nbytes for t in list(module.parameters()) + list(module.buffers()))
 
@@ -61,8 +75,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     _, tokenizer = load_classifier()
     train, _ = sst2_split()
@@ -99,13 +115,20 @@ def main() -> None:
             if round_ >= args.warmup:
                 results[base]["step_ms"].append((time.perf_counter() - started) * 1e3)
     floor = statistics.median(results["fp32"]["step_ms"])
+    fastest = min(results["fp32"]["step_ms"])
     for base in BASES:
         median = statistics.median(results[base]["step_ms"])
         results[base]["median_step_ms"] = round(median, 1)
         results[base]["step_vs_fp32"] = round(median / floor, 3)
+        results[base]["min_step_ms"] = round(min(results[base]["step_ms"]), 1)
+        results[base]["min_step_vs_fp32"] = round(min(results[base]["step_ms"]) / fastest, 3)
+        if base != "fp32":
+            results[base]["dequantize_ms_per_step"] = round(dequantize_ms(models[base][0]), 1)
+            results[base]["dequantize_vs_fp32_min_step"] = round(results[base]["dequantize_ms_per_step"] / fastest, 3)
         results[base]["step_holds_vs_fp32"] = round(results[base]["step_holds_bytes"] /
                                                     results["fp32"]["step_holds_bytes"], 3)
-        print(f"{base}: step {median:.0f} ms ({median / floor:.2f}x fp32), step holds "
+        print(f"{base}: step {median:.0f} ms ({median / floor:.2f}x fp32; min {results[base]['min_step_vs_fp32']:.2f}x, "
+              f"dequantizing {results[base].get('dequantize_ms_per_step', 0):.0f} ms), step holds "
               f"{results[base]['step_holds_bytes'] / 2**20:.1f} MiB ({results[base]['step_holds_vs_fp32']:.2f}x)")
     results["nf4-saving-fp32"].pop("step_ms")
     results["nf4-saving-fp32"]["step_holds_vs_fp32"] = round(results["nf4-saving-fp32"]["step_holds_bytes"] /

@@ -17,8 +17,8 @@ module; each fact is kept once:
 * every ``node.meta`` / ``gm.meta`` key rosafx writes is declared here (``META``,
   ``EXPERT_PART``, ``EXPERT_GROUP``, ``FUSED``);
 * a quantized base (passes/quantize.py) reads each packed weight through a ``call_module`` of
-  its ``QuantizedWeight`` under ``rosafx_quantized``; ``site_weight`` and ``base_weights``
-  give the dequantized tensor, and the record's ``quantize`` says the scheme.
+  its ``QuantizedWeight`` under ``rosafx_quantized`` (``quantized_weights``); ``site_weight``
+  gives the dequantized tensor, and the record's ``quantize`` says the scheme.
 """
 from __future__ import annotations
 
@@ -168,12 +168,6 @@ def quantized_weights(gm: nn.Module) -> dict[str, nn.Module]:
     """Base weight name -> its QuantizedWeight (empty on a full-precision base)."""
     found = getattr(gm, QUANTIZED, None)
     return {m.weight_name: m for m in found.values()} if found is not None else {}
-
-
-def base_weight_tensor(gm: nn.Module, name: str) -> torch.Tensor:
-    """The base weight stored at ``name`` as the graph computes with it (dequantized if packed)."""
-    packed = quantized_weights(gm).get(name)
-    return packed() if packed is not None else fetch_attr(gm, name)
 
 
 @contextmanager
