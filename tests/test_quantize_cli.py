@@ -56,7 +56,9 @@ def test_train_on_a_quantized_base_then_evaluate_the_run(bert_dir, tmp_path, cap
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["eval_loss"] == pytest.approx(final_eval["eval_loss"], rel=1e-5)
     assert run_cli("train", "-o", run, "--resume") == 0                # rebuilt from run.json and the checkpoint
+    capsys.readouterr()
     assert run_cli("train", "-o", run, "--resume", "--quantize", "nf4") == 2   # what it computes may not change
+    assert "quantize" in capsys.readouterr().err
 
 
 def test_quantize_in_a_config_file(bert_dir, tmp_path):
