@@ -30,6 +30,8 @@ RankOpt = flag("rank", "--rank", "-r")
 AlphaOpt = flag("alpha", "--alpha")
 OptionOpt = flag("option", "--option", "-O")
 RulesOpt = flag("rules", "--rules")
+QuantizeOpt = flag("quantize", "--quantize")
+QuantizeGroupOpt = flag("quantize_group_size", "--quantize-group-size")
 TrustOpt = Annotated[bool, typer.Option("--trust-pickle", help="Allow unpickling: a pickled .pt, or a .pt2 with "
                      "pickled entries (runs code from the file; see docs/security.md)")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace OUT even if it holds files rosafx did not "

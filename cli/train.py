@@ -21,7 +21,8 @@ from rosafx.training.run_dir import begin_run, check_run_dir, check_same_inputs,
 from rosafx.training.runs import CACHE, Run, read_run, run_state
 
 from rosafx.cli.errors import Interrupted
-from rosafx.cli.options import AlphaOpt, MethodOpt, OptionOpt, RankOpt, RulesOpt, TargetOpt, flag
+from rosafx.cli.options import (AlphaOpt, MethodOpt, OptionOpt, QuantizeGroupOpt, QuantizeOpt, RankOpt, RulesOpt,
+                                TargetOpt, flag)
 
 EXAMPLES = """
 Examples:
@@ -31,6 +32,7 @@ Examples:
   rosafx train ./qwen --method lora --task causal-lm --data chats.jsonl --messages-column messages --pack -o run
   rosafx train ... -o run --resume
   rosafx train ./MiniLM --method lora --data train.tsv --max-length 512 --grad-checkpoint -o run   (less memory)
+  rosafx train ./MiniLM --method lora --quantize nf4 --data train.tsv -o run   (QLoRA: a 4-bit frozen base)
   rosafx train ./MiniLM --method lora --data train.tsv --batch-size 16 --nproc 2 -o run   (DDP, global batch 32)
   torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 -m rosafx train ... -o run
 """
@@ -44,6 +46,7 @@ def train(
     out: Annotated[Path, Opt("--out", "-o", help="Run directory (RUN)")] = ...,
     method: MethodOpt = None, target: TargetOpt = None, rank: RankOpt = None, alpha: AlphaOpt = None,
     option: OptionOpt = None, rules: RulesOpt = None,
+    quantize: QuantizeOpt = None, quantize_group_size: QuantizeGroupOpt = None,
     data: flag("data") = None,
     eval: flag("eval", "--eval") = None,
     task: flag("task") = None,

@@ -9,6 +9,11 @@ on, with the merged weight in the parameter's own layout, so the merged graph ha
 the base graph's matmuls and its state dict the base model's shapes. Merged weights are new tensors: the adapted
 model keeps working, and a weight tied elsewhere (GPT-2's lm_head = wte) is untied rather
 than changed behind the user's back.
+
+On a quantized base (passes/quantize.py) every packed weight is dequantized first, back to a
+plain parameter under its own name (an fp32 get_attr where the graph called its
+``QuantizedWeight``), and adapters fold into that dequantized weight: the merged graph is a
+plain full-precision graph equal to the adapted one.
 """
 from __future__ import annotations
 
@@ -17,9 +22,9 @@ import copy
 import torch
 from torch import fx, nn
 
-from rosafx.graph.adapted_graph import (ADAPTERS, EXPERT_GROUP, EXPERT_PART, FUSED, META, adapter_nodes, adapters_of,
-                                        call_args, fetch_attr, is_adapter_node, site_of, site_weight, stored_in_out,
-                                        weight_name)
+from rosafx.graph.adapted_graph import (ADAPTERS, EXPERT_GROUP, EXPERT_PART, FUSED, META, QUANTIZED, adapter_nodes,
+                                        adapters_of, call_args, fetch_attr, is_adapter_node, site_of, site_weight,
+                                        stored_in_out, weight_name)
 from rosafx.errors import RosafxError
 from rosafx.graph.sites import FORM_BY_NAME, WEIGHT_VIEWS
 
@@ -45,6 +50,7 @@ def merge_adapters(adapted: fx.GraphModule, *, original_weights: bool = False) -
         for adapter in adapters.values():
             adapter.check_ready("merge")
     graph = copy.deepcopy(adapted.graph)
+    dequantized = _dequantize_reads(adapted, graph)  # a quantized base: packed weights -> plain names
     merged: dict[str, torch.Tensor] = {}
     # a merged weight takes its original name unless another node still reads the original
     # tensor there (a tied weight): then it gets a name of its own and the tie is broken
@@ -54,8 +60,8 @@ def merge_adapters(adapted: fx.GraphModule, *, original_weights: bool = False) -
         original, in_out = weight_name(adapted, path), stored_in_out(adapted, path)
         name = original + ("_merged" if original in read_elsewhere else "")
         if name not in merged:
-            if original_weights:
-                merged[name] = fetch_attr(adapted, original)  # already in the stored layout
+            if original_weights:  # already in the stored layout (a packed one dequantized above)
+                merged[name] = dequantized[original] if original in dequantized else fetch_attr(adapted, original)
             else:
                 leaf, reads_t = site_weight(adapted, path)
                 weight = leaf.t() if reads_t else leaf                         # out x in
@@ -68,6 +74,8 @@ def merge_adapters(adapted: fx.GraphModule, *, original_weights: bool = False) -
         plain.meta = {k: v for k, v in node.meta.items() if k != META}
         node.replace_all_uses_with(plain)
         graph.erase_node(node)
+    for name, weight in dequantized.items():
+        merged.setdefault(name, weight)                 # read by a site without adapter, or also elsewhere
     for node in expert_nodes(graph):
         _merge_experts(adapted, graph, node, adapters, merged, read_elsewhere, original_weights)
     _drop_unused_adapter_inputs(graph)
@@ -83,6 +91,22 @@ def merge_adapters(adapted: fx.GraphModule, *, original_weights: bool = False) -
         raise RosafxError("Internal error: adapter tensors survived the merge.")
     graph.lint()
     return result
+
+
+def _dequantize_reads(adapted: fx.GraphModule, graph: fx.Graph) -> dict[str, torch.Tensor]:
+    """Each call of a QuantizedWeight -> a get_attr of its weight's own name; returns name ->
+    the dequantized tensor (the merged graph's plain parameter)."""
+    weights = {}
+    for node in [n for n in graph.nodes if n.op == "call_module" and n.target.startswith(QUANTIZED + ".")]:
+        module = adapted.get_submodule(node.target)
+        if module.weight_name not in weights:
+            weights[module.weight_name] = module().detach()
+        with graph.inserting_before(node):
+            plain = graph.get_attr(module.weight_name)
+        plain.meta = dict(node.meta)
+        node.replace_all_uses_with(plain)
+        graph.erase_node(node)
+    return weights
 
 
 def _merge_experts(adapted, graph: fx.Graph, node: fx.Node, adapters, merged: dict, read_elsewhere: set,

@@ -39,10 +39,12 @@ def save(adapted: fx.GraphModule, directory, *, format: str = "rosafx") -> None:
     _save(adapted, directory, format=format)
 
 
-def load(model: nn.Module, directory, *, example_inputs=None) -> fx.GraphModule:
-    """Rebuild the adapted model from ``model`` and a saved adapter directory (rosafx or HF PEFT)."""
+def load(model: nn.Module, directory, *, example_inputs=None, quantize=None) -> fx.GraphModule:
+    """Rebuild the adapted model from ``model`` and a saved adapter directory (rosafx or HF PEFT).
+    ``quantize``: the base's quantization (default: as the adapter was saved; name it to load
+    an HF PEFT QLoRA adapter onto a quantized base)."""
     from rosafx.pipeline.serialize import load as _load
-    return _load(model, directory, example_inputs=example_inputs)
+    return _load(model, directory, example_inputs=example_inputs, quantize=quantize)
 
 
 def calibrate(adapted: fx.GraphModule, batches, loss_fn, **options) -> fx.GraphModule:

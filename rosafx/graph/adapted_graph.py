@@ -16,21 +16,26 @@ module; each fact is kept once:
   ``input``, ``weight`` and ``bias`` (rosafx/ops/roles.py); a W stored in x out is read
   through ``aten.t`` (the site-form table's ``ADAPTER_CALL``);
 * every ``node.meta`` / ``gm.meta`` key rosafx writes is declared here (``META``,
-  ``EXPERT_PART``, ``EXPERT_GROUP``, ``FUSED``).
+  ``EXPERT_PART``, ``EXPERT_GROUP``, ``FUSED``);
+* a quantized base (passes/quantize.py) reads each packed weight through a ``call_module`` of
+  its ``QuantizedWeight`` under ``rosafx_quantized`` (``quantized_weights``); ``site_weight``
+  gives the dequantized tensor, and the record's ``quantize`` says the scheme.
 """
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from rosafx.graph.sites import weight_source
+from rosafx.graph.sites import WEIGHT_VIEWS
 from rosafx.ops import roles
 
 ADAPTERS = "rosafx_adapters"   # nn.ModuleDict on the graph module: one adapter per site
 SHARED = "rosafx_shared"       # state shared by several sites (VeRA's random pair)
+QUANTIZED = "rosafx_quantized" # nn.ModuleDict: one QuantizedWeight per packed base weight
 # Every node.meta / gm.meta key rosafx writes, declared here once; passes import them, never spell them.
 META = "rosafx"                         # gm.meta: the record; node.meta: an adapter node's site
 EXPERT_PART = "rosafx_expert_part"      # node.meta: a node insert_experts added for one expert (merge drops it)
@@ -140,12 +145,49 @@ def fetch_attr(gm: nn.Module, target: str):
     return getattr(*attr_owner(gm, target))
 
 
+def _weight_read(gm: fx.GraphModule, path: str) -> tuple[fx.Node, bool]:
+    """The node ``path``'s adapter nodes read W from (a get_attr, or a quantized weight's
+    call_module), and whether views between flip it."""
+    node = call_args(next(n for n in adapter_nodes(gm) if site_of(n) == path))[1]
+    flipped = False
+    while node.op == "call_function" and node.target in WEIGHT_VIEWS:
+        flipped ^= WEIGHT_VIEWS[node.target][0]
+        node = node.args[0]
+    return node, flipped
+
+
 def site_weight(gm: fx.GraphModule, path: str) -> tuple[torch.Tensor, bool]:
     """The leaf tensor ``path``'s adapter nodes read as W, and whether it is stored in x out
-    (read through a transpose); the site's base_weight once a method replaced W."""
-    node = next(n for n in adapter_nodes(gm) if site_of(n) == path)
-    source, flipped = weight_source(call_args(node)[1])
+    (read through a transpose); the site's base_weight once a method replaced W. On a
+    quantized base: the dequantized weight (the held leaf while ``holding_dequantized``)."""
+    source, flipped = _weight_read(gm, path)
+    if source.op == "call_module":
+        return gm.get_submodule(source.target)(), flipped
     return fetch_attr(gm, source.target), flipped
+
+
+def quantized_weights(gm: nn.Module) -> dict[str, nn.Module]:
+    """Base weight name -> its QuantizedWeight (empty on a full-precision base)."""
+    found = getattr(gm, QUANTIZED, None)
+    return {m.weight_name: m for m in found.values()} if found is not None else {}
+
+
+@contextmanager
+def holding_dequantized(gm: fx.GraphModule, paths):
+    """While open, each quantized weight that ``paths`` read is one leaf tensor (so that
+    calibration can take its gradient); afterwards it dequantizes per call again."""
+    held = []
+    for path in paths:
+        source, _ = _weight_read(gm, path)
+        if source.op == "call_module":
+            module = gm.get_submodule(source.target)
+            module.hold()
+            held.append(module)
+    try:
+        yield
+    finally:
+        for module in held:
+            module.release()
 
 
 def set_base_weight(gm: fx.GraphModule, path: str, weight: torch.Tensor) -> None:

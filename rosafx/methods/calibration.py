@@ -10,7 +10,9 @@ is made to require grad for the duration; a post-accumulate hook hands each batc
 gradient (out x in, fp32) to ``adapter.observe_gradient`` and frees it at once, so at
 most one full weight gradient is alive beyond the model's own memory. Every other
 parameter is frozen meanwhile. Afterwards ``adapter.end_calibration`` may return a new
-frozen base weight for its site (lora-ga's offset), which the graph then reads.
+frozen base weight for its site (lora-ga's offset), which the graph then reads. On a
+quantized base the gradient is taken through the dequantized weight (QRoSA): it is held as
+one leaf tensor while calibration runs (``holding_dequantized``).
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ import torch
 from torch import fx
 from tqdm.auto import tqdm
 
-from rosafx.graph.adapted_graph import adapter_nodes, adapters_of, set_base_weight, site_of, site_weight
+from rosafx.graph.adapted_graph import (adapter_nodes, adapters_of, holding_dequantized, set_base_weight, site_of,
+                                        site_weight)
 from rosafx.errors import RosafxError
 from rosafx.methods.collectives import broadcast_adapters, mean_across_ranks
 
@@ -59,6 +62,11 @@ def calibrate(adapted: fx.GraphModule, batches: Iterable, loss_fn: Callable, *,
                 if a.wants_gradient() and (chosen is None or id(a) in chosen)}
     if not adapters:
         raise RosafxError("No site of this model needs calibration (only lora-ga and rosa-robust do).")
+    with holding_dequantized(adapted, list(adapters)):
+        return _calibrate(adapted, adapters, batches, loss_fn, progress)
+
+
+def _calibrate(adapted, adapters: dict, batches, loss_fn, progress: bool) -> fx.GraphModule:
     leaves = site_weight_leaves(adapted)
     shared = [k for k in adapters if sum(leaves[k][0] is leaves[j][0] for j in leaves) > 1]
     if shared:

@@ -232,7 +232,9 @@ PEFT_READERS: dict[str, Callable[[dict, dict, list[str]], tuple[dict, dict]]] = 
 }
 
 
-def load_peft(model: nn.Module, directory, *, example_inputs=None) -> fx.GraphModule:
+def load_peft(model: nn.Module, directory, *, example_inputs=None, quantize=None) -> fx.GraphModule:
+    """``quantize``: the base's quantization (a Quantization, or None): PEFT's files do not
+    record it, so a QLoRA adapter is loaded onto a quantized base by saying so."""
     directory = Path(directory)
     config = read_json(directory / CONFIG_NAME, "the HF PEFT adapter config")
     peft_type = config.get("peft_type")
@@ -273,6 +275,6 @@ def load_peft(model: nn.Module, directory, *, example_inputs=None) -> fx.GraphMo
         installs.update({f"full.{path}.{k[len(prefix):]}": v for k, v in tensors.items() if k.startswith(prefix)})
     check_all_used(config, tensors, installs, planned, [s for s in sites if s.expert is None], tensors_path,
                    expert_keys)
-    adapted = apply(captured, Plan.from_dict({"sites": planned, "full": modules_to_save}))
+    adapted = apply(captured, Plan.from_dict({"sites": planned, "full": modules_to_save}), quantize)
     install_tensors(adapted, installs)
     return adapted

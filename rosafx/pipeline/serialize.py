@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 from torch import fx, nn
 
-from rosafx.graph.adapted_graph import fingerprint, record
+from rosafx.graph.adapted_graph import record
 from rosafx.graph.adapter_tensors import adapter_tensors, install_tensors
 from rosafx.io.atomic import atomic_directory, recover
 from rosafx.errors import RosafxError
@@ -24,6 +24,7 @@ from rosafx.io.reading import read_json, read_safetensors
 from rosafx.io.outputs import check_output
 from rosafx.pipeline.peft_format import load_peft, save_peft
 from rosafx.graph.plan import Plan
+from rosafx.ops.quantized import Quantization
 from rosafx.pipeline.transform import apply, capture_sites
 
 FORMAT_VERSION = 1
@@ -49,6 +50,8 @@ def write_adapter(adapted: fx.GraphModule, directory: Path) -> None:
         "format": "rosafx", "version": FORMAT_VERSION, "full": plan["full"], "fingerprint": info["fingerprint"],
         "sites": {p: {"config": c, "weight_name": info["sites"][p]["weight_name"]} for p, c in plan["sites"].items()},
     }
+    if info.get("quantize") is not None:  # load rebuilds the same quantized base
+        saved["quantize"] = info["quantize"].to_dict()
     save_file(_unshare(adapter_tensors(adapted)), str(Path(directory) / TENSORS_NAME))
     (Path(directory) / JSON_NAME).write_text(json.dumps(saved, indent=2, sort_keys=True, allow_nan=False))
 
@@ -89,22 +92,31 @@ def _check_record(record: dict, path: Path) -> None:
         bad = "'fingerprint' must be a string"
     elif not sites and not full:
         bad = "it names no site and no module"
+    elif record.get("quantize") is not None:
+        try:
+            Quantization.parse(record["quantize"])
+        except RosafxError as exc:
+            bad = f"'quantize': {exc}"
     if bad:
         raise RosafxError(f"{path} is not a valid rosafx adapter record: {bad}. Re-save the adapter.")
 
 
-def load(model: nn.Module, directory, *, example_inputs=None) -> fx.GraphModule:
+def load(model: nn.Module, directory, *, example_inputs=None, quantize=None) -> fx.GraphModule:
+    """``quantize``: the base's quantization; None takes the one the adapter was saved with
+    (a rosafx record names it; an HF PEFT directory does not: say it for a QLoRA adapter)."""
     directory = Path(directory)
     recover(directory)  # a save killed mid-swap: put the old directory back
+    quantization = Quantization.parse(quantize)
     if (directory / "adapter_config.json").exists() and not (directory / JSON_NAME).exists():
-        return load_peft(model, directory, example_inputs=example_inputs)
+        return load_peft(model, directory, example_inputs=example_inputs, quantize=quantization)
     saved = read_record(directory)
+    if quantization is None:
+        quantization = Quantization.parse(saved.get("quantize"))
     captured = capture_sites(model, example_inputs)
     _check_same_sites(saved, captured, directory)
     plan = Plan.from_dict({"sites": {p: site["config"] for p, site in saved["sites"].items()}, "full": saved["full"]})
-    adapted = apply(captured, plan)
-    weight_names = [site["weight_name"] for site in saved["sites"].values()]
-    if fingerprint(adapted, weight_names) != saved["fingerprint"]:
+    adapted = apply(captured, plan, quantization)
+    if record(adapted)["fingerprint"] != saved["fingerprint"]:  # of the user's weights, before quantizing
         raise RosafxError(f"The adapter in {directory} was built on other base weights than this model's "
                           "(fingerprint mismatch). Load it onto the model it was trained from.")
     install_tensors(adapted, read_safetensors(directory / TENSORS_NAME, "the adapter tensors"))

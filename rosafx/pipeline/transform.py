@@ -19,8 +19,10 @@ from torch import fx, nn
 from rosafx.passes.drop_export_asserts import drop_export_asserts
 from rosafx.passes.dropout import dropout_follows_mode
 from rosafx.passes.insert import insert_planned
+from rosafx.passes.quantize import quantizable_weights, round_base_weights, store_packed
 
 from rosafx.graph.adapted_graph import META, SHARED, adapters_of, fetch_attr, fingerprint, make_record
+from rosafx.ops.quantized import Quantization
 from rosafx.graph.capture import capture
 from rosafx.errors import RosafxError
 from rosafx.pipeline.partial import apply_to_parts, capture_parts
@@ -43,7 +45,7 @@ def capture_sites(model: nn.Module, example_inputs: Any = None) -> Captured:
     return Captured(gm, find_sites(gm), module_types(gm), (args, kwargs))
 
 
-def transform(model: nn.Module, rules: dict, *, example_inputs: Any = None) -> fx.GraphModule:
+def transform(model: nn.Module, rules: dict, *, example_inputs: Any = None, quantize=None) -> fx.GraphModule:
     """Capture ``model`` as an FX graph and insert adapters on the sites that ``rules`` select.
 
     ``rules`` maps a key to a config (``{"method": "lora", "rank": 8, "alpha": 16}``, a method
@@ -60,14 +62,24 @@ def transform(model: nn.Module, rules: dict, *, example_inputs: Any = None) -> f
     The user's model is never changed. The result is called like the model and only
     adapter (and ``full``) parameters require grad. A model that torch.export cannot trace
     as a whole is captured in parts (``rosafx.pipeline.partial``), with a warning.
+
+    ``quantize``: ``"nf4"``, ``"int4"``, ``"int8"`` or ``{"scheme": ..., "group_size": N}``
+    (default group 64): every linear weight outside the ``full`` modules is stored quantized
+    and dequantized inside its product; adapters train on top (QLoRA). See
+    rosafx/ops/quantized.py and passes/quantize.py.
     """
+    quantization = Quantization.parse(quantize)  # a bad scheme fails before the capture
     captured = capture_sites(model, example_inputs)
     plan = Plan.from_rules(rules, captured.sites, captured.modules)
-    return apply(captured, plan)
+    return apply(captured, plan, quantization)
 
 
-def apply(captured: Captured, plan: Plan) -> nn.Module:
-    """Insert the plan's adapters into the captured graph (or parts) and record the plan."""
+def apply(captured: Captured, plan: Plan, quantize: Quantization | None = None) -> nn.Module:
+    """Insert the plan's adapters into the captured graph (or parts) and record the plan;
+    with ``quantize``, the frozen linear weights are stored packed (passes/quantize.py)."""
+    if captured.partial_reason is not None and quantize is not None:
+        raise RosafxError(f"A quantized base needs the whole model in one graph; this one is captured in parts "
+                          f"({captured.partial_reason}). Train it without quantize.")
     if captured.partial_reason is not None:
         adapted = apply_to_parts(captured, plan)
         warnings.warn(f"rosafx: {captured.partial_reason} -- captured the submodules that export instead "
@@ -75,12 +87,17 @@ def apply(captured: Captured, plan: Plan) -> nn.Module:
         return adapted
     gm, sites = captured.module, captured.sites
     plan.check(sites, captured.modules)
+    weights = {s.path: (s.weight_name, s.stored_in_out) for s in sites if s.path in plan.sites}
+    base_print = fingerprint(gm, [w for w, _ in weights.values()])  # the user's weights, before any rounding
+    packed = {}
+    if quantize is not None:                            # W -> dequant(quant(W)) in the capture
+        packed = round_base_weights(gm, quantizable_weights(gm, sites, plan.full), quantize)
     gm = insert_planned(gm, sites, plan.sites)                  # sites -> rosafx op nodes
     _follow_site_devices(gm, [s for s in sites if s.path in plan.sites])
     _make_trainable(gm, plan.full)                      # full modules: own copy, requires_grad
-    weights = {s.path: (s.weight_name, s.stored_in_out) for s in sites if s.path in plan.sites}
-    gm.meta[META] = make_record(plan, weights, captured.example_inputs,
-                                fingerprint(gm, [w for w, _ in weights.values()]))
+    gm = store_packed(gm, packed)                       # W's reads -> its packed module; fp32 W dropped
+    extra = {"quantize": quantize} if quantize is not None else {}
+    gm.meta[META] = make_record(plan, weights, captured.example_inputs, base_print, **extra)
     _install_ready_check(gm)
     return gm
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from rosafx.methods import methods_with_option
 from rosafx.methods.base import MAX_ALPHA
+from rosafx.ops.quantized import MAX_GROUP_SIZE, SCHEMES
 from rosafx.recipes.data.examples import TASKS
 from rosafx.training.options import BIG, TRAINING_OPTIONS, Option
 from rosafx.training.options import checked as checked_against
@@ -37,6 +38,10 @@ TABLE = (
            high=MAX_ALPHA, low_open=True),
     Option("option", "texts", None, "Extra method option KEY=VALUE (e.g. density=0.01); repeatable"),
     Option("rules", "path", None, "JSON file {pattern: config}; overrides the options above"),
+    Option("quantize", "choice", None, "Store the frozen linear weights quantized: nf4 | int4 | int8 (QLoRA: "
+           "adapters train on top; modules trained in full stay fp32)", choices=tuple(SCHEMES)),
+    Option("quantize_group_size", "int", None, "Weights per quantization scale (default 64; must divide each "
+           "layer's columns)", low=2, high=MAX_GROUP_SIZE),
     Option("data", "path", None, "Training data: .tsv (GLUE layouts), .csv, .jsonl, .txt"),
     Option("eval", "path", None, "Evaluation data, same layout"),
     Option("task", "choice", None, "classification | regression | causal-lm (default: from the layout)",

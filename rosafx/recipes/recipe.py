@@ -220,13 +220,23 @@ def build_adapted(config: dict, spec: ModelSpec, label_names, inputs: dict):
     module, head_is_new = open_task_model(spec.source.path, config["task"], label_names)
     if config.get("pack"):
         check_keeps_examples_apart(module, spec.source.path)
+    quantize = quantization(config.get("quantize"), config.get("quantize_group_size"))
     if spec.adapter_dir is not None:
-        return rosafx.load(module, spec.adapter_dir, example_inputs=inputs)
+        return rosafx.load(module, spec.adapter_dir, example_inputs=inputs, quantize=quantize)
     rules = build_rules(config["method"], config["target"], config["rank"], config["alpha"], config["option"],
                         Path(config["rules"]) if config["rules"] else None)
     if head_is_new:
         rules.update({path: {"method": "full"} for path in new_head_paths(module)})
-    return rosafx.transform(module, rules, example_inputs=inputs)
+    return rosafx.transform(module, rules, example_inputs=inputs, quantize=quantize)
+
+
+def quantization(scheme: str | None, group_size: int | None) -> dict | None:
+    """--quantize and --quantize-group-size as ``rosafx.transform`` takes them."""
+    if scheme is None:
+        if group_size is not None:
+            raise RosafxError("--quantize-group-size needs --quantize (nf4, int4 or int8).")
+        return None
+    return {"scheme": scheme, "group_size": group_size}
 
 
 def task_loss_and_metrics(task: str):
