@@ -42,7 +42,7 @@ SLOW_FILES = {
     "test_compiled_step.py", "test_lora_ga.py", "test_lora_invariants.py", "test_partial.py", "test_fit.py",
     "test_grad_checkpoint.py", "test_vera.py", "test_moe_experts.py", "test_architectures.py", "test_cli.py",
     "test_faults_runs.py", "test_rosa_robust.py", "test_train_cli.py", "test_rosa.py", "test_distributed.py",
-    "test_hf_trainer.py", "test_faults_inputs.py", "test_fsdp.py", "test_gpu_training.py",
+    "test_hf_trainer.py", "test_faults_inputs.py", "test_fsdp.py", "test_gpu_training.py", "test_onnx_weights.py",
 }
 
 
