@@ -109,11 +109,13 @@ def gemm_as_matmul(model) -> int:
     return rewritten
 
 
-def weight_fed_linears(model) -> int:
-    """MatMul/Gemm nodes whose B is a constant weight (an initializer), main graph and functions."""
+def weight_fed_linears(model) -> list[tuple[int, ...]]:
+    """The weight shapes of MatMul/Gemm nodes whose B is a constant of 2 or more dimensions
+    (an initializer), main graph and functions: linear layers left in fp32."""
     inits = _initializers(model.graph)
     nodes = list(model.graph.node) + [n for f in model.functions for n in f.node]
-    return sum(n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in inits for n in nodes)
+    return [tuple(inits[n.input[1]].dims) for n in nodes if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1
+            and n.input[1] in inits and len(inits[n.input[1]].dims) >= 2]
 
 
 def nbits_nodes(model) -> list:
@@ -166,13 +168,15 @@ def quantize_file(src, dst, scheme: str, group_size: int = DEFAULT_GROUP_SIZE) -
         sq_err, sq_ref = sq_err + float((diff ** 2).sum()), sq_ref + float((original ** 2).sum())
         errors.append(float(np.linalg.norm(diff) / (np.linalg.norm(original) or 1.0)))
         step_ratio = max(step_ratio, _step_ratio(original, diff, bits, group_size))
-    report = QuantizedWeights(len(errors), weight_fed_linears(quantized), rewritten,
+    left = weight_fed_linears(quantized)
+    report = QuantizedWeights(len(errors), len(left), rewritten,
                               (sq_err / sq_ref) ** 0.5 if sq_ref else 0.0, max(errors, default=0.0), step_ratio)
     if report.linears == 0:
         raise RosafxError("The model has no linear layer on a constant weight: nothing to quantize.")
     if report.fp32_linears_left:
-        raise RosafxError(f"{report.fp32_linears_left} linear layers were left in fp32 after quantizing "
-                          f"{report.linears}; the file was not written.")
+        raise RosafxError(f"{len(left)} linear layers (weights {', '.join(map(str, sorted(set(left))))}) were left "
+                          f"in fp32 beside {report.linears} quantized: MatMulNBits takes a 2-D weight read by "
+                          "MatMul (3-D expert weights are not supported); the file was not written.")
     if step_ratio > STEP_SLACK:
         raise RosafxError(f"A quantized weight lies {step_ratio:.2f} quantization steps from the merged weight "
                           f"(round to nearest: at most 0.5); the file was not written.")

@@ -162,6 +162,21 @@ def test_a_gemm_on_a_weight_becomes_matmulnbits(trans_b, alpha, beta, bias, tmp_
                                rtol=0, atol=1e-4)
 
 
+def test_a_weight_the_quantizer_skips_is_refused(tmp_path):
+    """A 3-D (expert-style) weight stays a fp32 MatMul in onnxruntime's quantizer: a one-line
+    error that names its shape, not a file that is quantized only in part."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(32, 16)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.normal(size=(2, 16, 8)).astype(np.float32), "E")]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("MatMul", ["h", "E"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, "b", 32])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, "b", 8])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "m.onnx"))
+    with pytest.raises(RosafxError, match=r"1 linear layers \(weights \(2, 16, 8\)\) were left in fp32"):
+        onnx_weights.quantize_file(tmp_path / "m.onnx", tmp_path / "q.onnx", "int4")
+    assert not (tmp_path / "q.onnx").exists()
+
+
 def test_report_fields_are_measured(adapted_functional, exported):
     adapted, (x,) = adapted_functional
     (fp32_path, plain), (path, report) = exported["fp32"], exported["int4"]
