@@ -8,9 +8,10 @@ The export writes and verifies the fp32 file first; this pass reads it, and
        Gemm(A, B, C; alpha, beta, transB) -> MatMul(A, alpha·Bᵀ) + beta·C
 2. runs onnxruntime's own quantizer (``MatMulNBitsQuantizer``, round to nearest,
    asymmetric blocks of ``group_size`` weights along K with a scale and a zero point each),
-   4 or 8 bits: MatMulNBits has run 8-bit weights on the CPU since onnxruntime 1.20, so
-   int8 is the same operator with ``bits=8`` (weight-only, activations stay fp32; dynamic
-   int8 (MatMulInteger) would quantize the activations too).
+   4 or 8 bits. int8 is the same operator with ``bits=8``: onnxruntime 1.32's CPU provider
+   runs it (tests/test_onnx_weights.py), and like int4 it is weight-only (activations stay
+   fp32, so the checks below hold exactly); dynamic int8 (MatMulInteger) would quantize the
+   activations too, per batch, and need a second checking scheme.
 3. reads every stored block back (``dequantize``, onnxruntime's documented layout) to
    measure the added weight error, and builds the *reference graph*: the quantized graph with
    each MatMulNBits replaced by a MatMul on its dequantized weight, which the export runs
