@@ -202,7 +202,12 @@ def _quantizer_class():
     which would print every INFO line of the user's process from then on: undone here."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    except ImportError as exc:
+        import onnxruntime
+        raise RosafxError(f"--weights needs onnxruntime's MatMulNBits quantizer, which onnxruntime "
+                          f"{onnxruntime.__version__} lacks ({exc}); checked with 1.32: pip install -U onnxruntime.") from exc
     for handler in [h for h in root.handlers if h not in handlers]:
         root.removeHandler(handler)
     root.setLevel(level)
