@@ -207,7 +207,8 @@ def _quantizer_class():
     except ImportError as exc:
         import onnxruntime
         raise RosafxError(f"--weights needs onnxruntime's MatMulNBits quantizer, which onnxruntime "
-                          f"{onnxruntime.__version__} lacks ({exc}); checked with 1.32: pip install -U onnxruntime.") from exc
+                          f"{onnxruntime.__version__} lacks ({exc}); checked with 1.32: "
+                          "pip install -U onnxruntime.") from exc
     for handler in [h for h in root.handlers if h not in handlers]:
         root.removeHandler(handler)
     root.setLevel(level)
