@@ -23,6 +23,8 @@ from rosafx.graph.capture import dynamic_shapes_for, normalize_example_inputs
 from rosafx.errors import RosafxError
 
 from rosafx.passes.decompose import decompose_for_onnx
+from rosafx.passes.export_quantized import QuantizedExport, quantize_export
+from rosafx.passes.onnx_weights import DEFAULT_GROUP_SIZE, check_scheme
 from rosafx.passes.merge import merge_adapters
 from rosafx.passes.onnx_latency import LatencyComparison, compare_latency, op_histogram, time_one_session
 
@@ -42,6 +44,7 @@ class ExportReport:
     base_matmul_nodes: int | None = None
     base_latency_ms: float | None = None
     latency: LatencyComparison | None = None   # medians, spreads, same-graph verdict (see onnx_latency.py)
+    weights: QuantizedExport | None = None     # --weights int4|int8: the file written is the quantized one
 
     @property
     def latency_ratio(self) -> float | None:
@@ -53,7 +56,8 @@ class ExportReport:
         return self.latency.same_graph if self.latency is not None else None
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "latency_ratio": self.latency_ratio, "same_graph_as_base": self.same_graph_as_base}
+        return {**asdict(self), "latency_ratio": self.latency_ratio, "same_graph_as_base": self.same_graph_as_base,
+                "weights": self.weights.to_dict() if self.weights is not None else None}
 
     def __str__(self) -> str:
         lines = [f"ONNX written to {self.path}",
@@ -65,6 +69,8 @@ class ExportReport:
             lines.append(self.latency.describe())
         elif self.latency_ms is not None:
             lines.append(f"  onnxruntime latency: median {self.latency_ms:.2f} ms")
+        if self.weights is not None:
+            lines.append(self.weights.describe())
         return "\n".join(lines)
 
 
@@ -135,8 +141,13 @@ def count_matmuls(path) -> int:
 
 
 def export_onnx(model: nn.Module, path, *, example_inputs=None, merge: bool = True, tolerance: float = 1e-4,
-                compare_base: bool = True, latency_repeats: int = 100) -> ExportReport:
+                compare_base: bool = True, latency_repeats: int = 100, weights: str | None = None,
+                group_size: int = DEFAULT_GROUP_SIZE, quant_tolerance: float | None = None) -> ExportReport:
+    """``weights="int4"|"int8"``: the merged weights quantized again (every linear layer a
+    MatMulNBits on blocks of ``group_size``), checked and measured against the fp32 export
+    (passes/export_quantized.py); ``quant_tolerance`` overrides the scheme's output tolerance."""
     path = Path(path)
+    check_scheme(weights, group_size, merge=merge)  # before the slow work
     args, kwargs = _example(model, example_inputs)
     adapted = _is_adapted(model)
     if adapted and merge:
@@ -148,6 +159,7 @@ def export_onnx(model: nn.Module, path, *, example_inputs=None, merge: bool = Tr
     was_training = plain.training
     plain.eval()
     tmp = temp_file_beside(path)  # hidden, cleaned by the next export to path if this one is killed
+    quantized = tmp.with_name(f"{tmp.stem}.{weights}{tmp.suffix}") if weights else None  # the same hidden prefix
     try:
         _to_onnx(plain, args, kwargs, tmp)
         session = _session(tmp)
@@ -167,12 +179,18 @@ def export_onnx(model: nn.Module, path, *, example_inputs=None, merge: bool = Tr
             _compare_with_base(model, args, kwargs, tmp, session, feed, report, latency_repeats)
         elif latency_repeats:
             report.latency_ms = time_one_session(session, feed, latency_repeats)[1]
+        if weights is not None:
+            report.weights = quantize_export(tmp, quantized, weights, group_size, open_session=_session, feed=feed,
+                                             want=want, fp32_session=session, fp32_tolerance=tolerance,
+                                             tolerance=quant_tolerance, latency_repeats=latency_repeats)
+            os.replace(quantized, tmp)
         os.replace(tmp, path)
         return report
     finally:
         plain.train(was_training)
-        if tmp.exists():
-            tmp.unlink()
+        for leftover in (tmp, quantized):
+            if leftover is not None and leftover.exists():
+                leftover.unlink()
 
 
 def _compare_with_base(adapted, args, kwargs, merged_path: Path, session, feed, report: ExportReport,

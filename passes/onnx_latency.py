@@ -41,6 +41,7 @@ class LatencyComparison:
     base_ms: tuple[float, float, float]        # base: p25, median, p75
     ratio: tuple[float, float, float]          # per-round merged / base: p25, median, p75
     same_graph: bool                           # identical op histograms
+    names: tuple[str, str] = ("merged", "base")  # what the two models are, as the report says them
 
     @property
     def within_spread(self) -> bool:
@@ -50,12 +51,13 @@ class LatencyComparison:
     def describe(self) -> str:
         def fmt(q):
             return f"{q[1]:.2f} ms (p25–p75 {q[0]:.2f}–{q[2]:.2f})"
-        line = (f"  onnxruntime latency, median of {self.runs} interleaved runs each: merged {fmt(self.ms)}, "
-                f"base {fmt(self.base_ms)}")
+        ours, base = self.names
+        line = (f"  onnxruntime latency, median of {self.runs} interleaved runs each: {ours} {fmt(self.ms)}, "
+                f"{base} {fmt(self.base_ms)}")
         if self.same_graph:
             return line + "\n  same graph as the base (identical op histograms): any difference is timing noise"
         verdict = "equal within the measured spread" if self.within_spread else "outside the measured spread"
-        return (line + f"\n  merged / base per round: median x{self.ratio[1]:.3f} "
+        return (line + f"\n  {ours} / {base} per round: median x{self.ratio[1]:.3f} "
                        f"(p25–p75 {self.ratio[0]:.3f}–{self.ratio[2]:.3f}), {verdict}")
 
 
@@ -70,7 +72,8 @@ def time_one_session(session, feed, runs: int) -> tuple[float, float, float]:
     return quartiles([_time_one(session, feed) for _ in range(runs)])
 
 
-def compare_latency(session, base_session, feed, runs: int, same_graph: bool) -> LatencyComparison:
+def compare_latency(session, base_session, feed, runs: int, same_graph: bool,
+                    names: tuple[str, str] = ("merged", "base")) -> LatencyComparison:
     for s in (session, base_session):  # warm-up
         s.run(None, feed)
     ours, theirs = [], []
@@ -82,4 +85,4 @@ def compare_latency(session, base_session, feed, runs: int, same_graph: bool) ->
             ours.append(_time_one(session, feed))
             theirs.append(_time_one(base_session, feed))
     ratios = [a / b for a, b in zip(ours, theirs)]
-    return LatencyComparison(runs, quartiles(ours), quartiles(theirs), quartiles(ratios), same_graph)
+    return LatencyComparison(runs, quartiles(ours), quartiles(theirs), quartiles(ratios), same_graph, names)

@@ -22,7 +22,10 @@ def methods() -> list[str]:
 
 def export_onnx(model: nn.Module, path, *, example_inputs=None, merge: bool = True, **options):
     """Export to ONNX (dynamo exporter, dynamic batch/sequence axes), verify with onnxruntime
-    against torch, and return an ``ExportReport`` (max error, latency against the base)."""
+    against torch, and return an ``ExportReport`` (max error, latency against the base).
+    ``weights="int4"|"int8"`` (with ``group_size``, default 32) quantizes the merged weights
+    again: every linear layer an onnxruntime MatMulNBits; the report adds the error this adds,
+    file size and latency against the fp32 export."""
     from rosafx.passes.export import export_onnx as _export
 
     if is_adapted(model) and not (owner := adapted_model(model, "export_onnx")).whole:

@@ -44,6 +44,7 @@ SLOW_FILES = {
     "test_faults_runs.py", "test_rosa_robust.py", "test_train_cli.py", "test_rosa.py", "test_distributed.py",
     "test_hf_trainer.py", "test_faults_inputs.py", "test_fsdp.py", "test_gpu_training.py", "test_packing.py",
     "test_causal_lm_cli.py", "test_decoder_export.py", "test_quantize.py", "test_quantize_cli.py",
+    "test_onnx_weights.py",
 }
 
 

@@ -85,8 +85,13 @@ def read_export_record(folder) -> dict:
     return info
 
 
-def export_run(run_dir, out, *, merge: bool = True, overwrite: bool = False):
+def export_run(run_dir, out, *, merge: bool = True, overwrite: bool = False, weights: str | None = None,
+               group_size: int | None = None):
+    """``weights="int4"|"int8"``: OUT/model.onnx holds the re-quantized merged weights (MatMulNBits)."""
     import rosafx
+    from rosafx.passes.onnx_weights import DEFAULT_GROUP_SIZE, check_scheme
+    group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
+    check_scheme(weights, group_size, merge=merge)
     run_dir, out = Path(run_dir), Path(out)
     record = read_run(run_dir)
     inputs = [run_dir, record["config"]["model"]]
@@ -96,7 +101,7 @@ def export_run(run_dir, out, *, merge: bool = True, overwrite: bool = False):
     module, adapted, tokenizer, record = open_run_model(run_dir, packed=False)
     check_output(out, inputs=inputs, overwrite=overwrite)  # again: it may have changed while the model loaded
     with atomic_directory(out) as tmp:
-        report = rosafx.export_onnx(adapted, tmp / ONNX_NAME, merge=True)
+        report = rosafx.export_onnx(adapted, tmp / ONNX_NAME, merge=True, weights=weights, group_size=group_size)
         report.path = str(out / ONNX_NAME)
         tokenizer.save_pretrained(tmp)
         hf_config = _hf_config(record)
