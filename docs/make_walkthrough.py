@@ -204,7 +204,14 @@ def main() -> None:
               "a few Parameters (`rosafx_bank.group<i>`) that the optimizer sees instead of two tensors per site; "
               "each site tensor stays in its adapter, its storage a slice of its group, and a forward with "
               "gradients reads views of the groups (one `split_with_sizes` per group) through the same "
-              "get_attr nodes: the graph is unchanged.\n"]
+              "get_attr nodes: the graph is unchanged.\n",
+              "* `quantize` (`passes/quantize.py`, `transform(..., quantize=...)`) stores each frozen linear "
+              "weight packed (nf4/int4/int8, `rosafx/ops/quantized.py`) in a `QuantizedWeight` under "
+              "`rosafx_quantized`; the site's call reads it through a `call_module` that dequantizes per call "
+              "(docs/quantization.md). Merge folds adapters into the dequantized weight.\n",
+              "* `onnx_weights` + `export_quantized` (`passes/`, `export_onnx(..., weights=...)`) rewrite the "
+              "exported fp32 ONNX's linear layers as onnxruntime's `MatMulNBits` (int4/int8) and check the "
+              "result against a dequantized reference and the merged torch model (docs/quantized_onnx.md).\n"]
     text = "".join(parts)
     OUT.write_text(re.sub(r"\n{3,}", "\n\n", text))
     print(f"wrote {OUT}")
