@@ -50,7 +50,8 @@ pipeline    rosafx/pipeline/: transform (rules -> adapted graph), partial (captu
             serialize (rosafx adapter files), peft_format + peft_experts (HF PEFT files)
    ^
 passes      passes/: drop_export_asserts, dropout, insert (+ insert_experts), fuse_siblings, lower, merge,
-            decompose, export (+ onnx_latency), to_device, checkpoint_layers, layer_modules
+            decompose, export (+ onnx_latency, onnx_weights, export_quantized), to_device, checkpoint_layers,
+            layer_modules, quantize, bank
    ^
 core        rosafx/graph/: capture, sites (the site-form table), rules (the one matcher), safe_regex,
             plan, adapted_graph (the schema), adapter_tensors, layers
