@@ -85,11 +85,19 @@ def greedy_with_cache(model: nn.Module, prompt_ids: list[int], max_new_tokens: i
     """New token ids from transformers' own greedy ``generate`` with its KV cache (the prompt
     excluded; an EOS token ends it and is kept). The generation config is given whole, so a
     checkpoint's sampling defaults (temperature, repetition penalty) cannot change the tokens."""
+    ids = torch.tensor([prompt_ids], dtype=torch.long)
+    out = model.eval().generate(ids, attention_mask=torch.ones_like(ids),
+                                generation_config=greedy_config(model, max_new_tokens, eos_ids))
+    return out[0, ids.shape[1]:].tolist()
+
+
+def greedy_config(model: nn.Module, max_new_tokens: int, eos_ids, pad_id: int | None = None):
+    """The whole generation config of greedy decoding with the KV cache: given whole, so that a
+    checkpoint's sampling defaults (temperature, repetition penalty) cannot change the tokens.
+    ``pad_id`` None: the model's pad id, else the first EOS id."""
     from transformers import GenerationConfig
     eos = sorted(eos_ids) or None
-    pad = getattr(model.config.get_text_config(decoder=True), "pad_token_id", None)
-    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, use_cache=True,
-                              eos_token_id=eos, pad_token_id=pad if pad is not None else (eos or [0])[0])
-    ids = torch.tensor([prompt_ids], dtype=torch.long)
-    out = model.eval().generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
-    return out[0, ids.shape[1]:].tolist()
+    if pad_id is None:
+        pad_id = getattr(model.config.get_text_config(decoder=True), "pad_token_id", None)
+    return GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, use_cache=True,
+                            eos_token_id=eos, pad_token_id=pad_id if pad_id is not None else (eos or [0])[0])

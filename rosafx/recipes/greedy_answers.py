@@ -13,6 +13,7 @@ import torch
 
 from rosafx.errors import RosafxError
 from rosafx.recipes.data.instructions import eos_id_of, prompt_token_rows
+from rosafx.recipes.generation import greedy_config
 
 
 def generation_prompts(examples, tokenizer, max_length: int, max_new_tokens: int, positions: int | None
@@ -40,6 +41,7 @@ def greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
     from tqdm.auto import tqdm
     eos = eos_id_of(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    config = greedy_config(model, max_new_tokens, {eos}, pad)  # whole: a checkpoint's sampling defaults stay out
     device = next(model.parameters()).device
     answers = []
     with tqdm(total=len(prompts), desc="rosafx generate", unit="row", disable=not progress) as bar:
@@ -48,8 +50,7 @@ def greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
             width = max(len(row) for row in rows)
             input_ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows], device=device)
             mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], device=device)
-            out = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
-                                 eos_token_id=eos, pad_token_id=pad, use_cache=True)
+            out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
             for new in out[:, width:].tolist():
                 new = new[:new.index(eos)] if eos in new else new
                 answers.append(tokenizer.decode(new, skip_special_tokens=True))
