@@ -21,13 +21,10 @@ class Prompt:
 
 
 def positions_of(config) -> int | None:
-    """How many positions the model has (prompt + new tokens), or None where it does not say."""
-    text = config.get_text_config(decoder=True)
-    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
-        value = getattr(text, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    """How many positions the model has (prompt + new tokens), or None where it does not say:
+    the recipe's reading (``recipe.positions_of``) of the decoder's own config."""
+    from rosafx.recipes.recipe import positions_of as config_positions
+    return config_positions(config.get_text_config(decoder=True))
 
 
 def encode_prompt(tokenizer, text, *, positions: int | None, max_new_tokens: int) -> Prompt:
