@@ -84,6 +84,18 @@ def _chat_examples(table: Table, column: str) -> InstructionRows:
 
 
 def _chat_problem(messages) -> str | None:
+    problem = messages_problem(messages)
+    if problem:
+        return problem
+    if messages[-1]["role"] != RESPONSE_ROLE:
+        return f"ends with a {messages[-1]['role']!r} message, not the assistant's response"
+    if not messages[-1]["content"].strip():
+        return "ends with an empty assistant message: there is nothing to learn from the row"
+    return None
+
+
+def messages_problem(messages) -> str | None:
+    """What is wrong with a list of chat messages as such (not its last role), or None."""
     if not isinstance(messages, list) or not messages:
         return f"holds {type(messages).__name__ if messages is not None else 'nothing'}, not a list of messages"
     for i, message in enumerate(messages):
@@ -92,22 +104,40 @@ def _chat_problem(messages) -> str | None:
             return f"message {i + 1} is not an object with a text 'role' and 'content'"
         if message["role"] not in ROLES:
             return f"message {i + 1} has the role {message['role']!r}"
-    if messages[-1]["role"] != RESPONSE_ROLE:
-        return f"ends with a {messages[-1]['role']!r} message, not the assistant's response"
-    if not messages[-1]["content"].strip():
-        return "ends with an empty assistant message: there is nothing to learn from the row"
     return None
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def rendered_prompt(prompt, tokenizer) -> tuple[str, bool]:
+    """One prompt as training renders it, and whether the text carries its own special tokens.
+    ``prompt``: a prompt column's text (a str: the text and ``PROMPT_END``), or the messages
+    before a chat row's response (a list: the tokenizer's chat template with its generation
+    prompt, ``PLAIN_CHAT`` without one). ``rosafx generate`` renders its prompts here too."""
+    if isinstance(prompt, str):
+        return prompt + PROMPT_END, False
+    if has_chat_template(tokenizer):
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True), True
+    return "".join(PLAIN_CHAT["turn"].format(**m) for m in prompt) + PLAIN_CHAT["generation_prompt"], False
+
+
+def prompt_ids(texts: list[str], tokenizer, templated: bool) -> list[list[int]]:
+    """Rendered prompts' tokens: a chat template writes its own special tokens, so the tokenizer
+    adds none to its texts; other prompts get them as any text does (a Llama tokenizer's BOS)."""
+    return tokenizer(texts, add_special_tokens=not templated)["input_ids"]
 
 
 def rendered(examples, tokenizer) -> tuple[list[str], list[str], bool]:
     """(prompt texts, response texts, whether the prompts carry their own special tokens)."""
     if examples.messages is None:
-        return [prompt + PROMPT_END for prompt in examples.texts], list(examples.responses), False
-    template = getattr(tokenizer, "chat_template", None)
+        return [rendered_prompt(prompt, tokenizer)[0] for prompt in examples.texts], list(examples.responses), False
+    templated = has_chat_template(tokenizer)
     prompts, responses = [], []
     for messages in examples.messages:
-        if template:
-            prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        prompt, _ = rendered_prompt(messages[:-1], tokenizer)
+        if templated:
             whole = tokenizer.apply_chat_template(messages, tokenize=False)
             if not whole.startswith(prompt):
                 raise RosafxError("The tokenizer's chat template renders a conversation so that it does not begin "
@@ -115,13 +145,11 @@ def rendered(examples, tokenizer) -> tuple[list[str], list[str], bool]:
                                   "cannot be told apart. Remove chat_template from tokenizer_config.json to use "
                                   "rosafx's plain template (docs/generation.md).")
             # the template's end-of-turn marks stay: the model learns to stop with them
-            prompts.append(prompt)
             responses.append(whole[len(prompt):].rstrip())
         else:
-            turns = "".join(PLAIN_CHAT["turn"].format(**m) for m in messages[:-1])
-            prompts.append(turns + PLAIN_CHAT["generation_prompt"])
             responses.append(messages[-1]["content"])
-    return prompts, responses, bool(template)
+        prompts.append(prompt)
+    return prompts, responses, templated
 
 
 def eos_id_of(tokenizer) -> int:
@@ -141,10 +169,10 @@ def token_rows(examples, tokenizer, max_length: int, chunk: int):
         raise RosafxError(f"--max-length {max_length} leaves no room for a prompt and a response: use 2 or more.")
     prompts, responses, templated = rendered(examples, tokenizer)
     for start in range(0, len(prompts), chunk):
-        prompt_ids = tokenizer(prompts[start:start + chunk], add_special_tokens=not templated)["input_ids"]
+        prompts_ids = prompt_ids(prompts[start:start + chunk], tokenizer, templated)
         response_ids = tokenizer(responses[start:start + chunk], add_special_tokens=False)["input_ids"]
         rows, cut_prompts, cut_responses = [], 0, 0
-        for prompt, response in zip(prompt_ids, response_ids):
+        for prompt, response in zip(prompts_ids, response_ids):
             if not response or response[-1] != eos:
                 response = response + [eos]
             if len(response) > max_length - 1:  # at least one prompt token predicts the first response token
@@ -162,7 +190,7 @@ def prompt_token_rows(examples, tokenizer, budget: int, chunk: int = 2048) -> li
     prompts, _, templated = rendered(examples, tokenizer)
     out = []
     for start in range(0, len(prompts), chunk):
-        for ids in tokenizer(prompts[start:start + chunk], add_special_tokens=not templated)["input_ids"]:
+        for ids in prompt_ids(prompts[start:start + chunk], tokenizer, templated):
             out.append(ids[max(0, len(ids) - budget):])
     return out
 
