@@ -1,4 +1,4 @@
-"""rosafx generate (RUN | OUT) (--prompt TEXT | --data FILE [-o OUT.jsonl]) --max-new-tokens N [--json]"""
+"""rosafx generate (RUN | OUT) (--prompt TEXT | --data FILE [-o OUT.jsonl]) --max-new-tokens N [--json] [--raw]"""
 from __future__ import annotations
 
 import json
@@ -11,15 +11,23 @@ from tqdm.auto import tqdm
 from rosafx.errors import RosafxError
 from rosafx.io.atomic import atomic_file, naming
 from rosafx.io.outputs import check_output
-from rosafx.recipes.generators import open_generator
+from rosafx.recipes.generators import open_generator, prompt_form
+from rosafx.recipes.prompts import PromptForm
 
 from rosafx.cli.options import OverwriteOpt
 
 EXAMPLES = """Examples:
   rosafx generate run --prompt "The movie was" --max-new-tokens 32          # torch, the run's merged model
   rosafx generate out --prompt "The movie was" --max-new-tokens 32 --json   # onnxruntime, KV cache
-  rosafx generate out --data prompts.jsonl --max-new-tokens 64 -o generated.jsonl"""
-PROMPT_COLUMNS = ("prompt", "text")  # looked for in this order when --prompt-column is not given
+  rosafx generate out --data prompts.jsonl --max-new-tokens 64 -o generated.jsonl
+  rosafx generate out --prompt "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n" --raw --max-new-tokens 32
+
+Prompts are rendered as the run's training rendered them: prompt + response runs get the
+prompt and a newline; chat runs get the prompt as one user message in the chat template
+(with its generation prompt); plain-text runs get the text as is. --raw feeds the text as is."""
+# looked for in this order when --prompt-column is not given, after the run's own column
+PROMPT_COLUMNS = ("prompt", "text")
+CHAT_COLUMNS = ("messages",)  # chat runs: conversations, looked for before the prompt columns
 
 
 def generate(target: Annotated[Path, typer.Argument(help="A causal-lm RUN from `rosafx train` (torch), or its export "
@@ -35,6 +43,10 @@ def generate(target: Annotated[Path, typer.Argument(help="A causal-lm RUN from `
                                                          "(default: standard output)")] = None,
              as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: text, token_ids "
                                                    "(generated), prompt_token_ids (what the model was fed)")] = False,
+             raw: Annotated[bool, typer.Option("--raw", help="Feed the prompt text as is (encoded as plain text), "
+                                               "not rendered as the run's training rendered prompts (prompt + "
+                                               "newline, or the chat template): for prompts you render yourself")
+                            ] = False,
              overwrite: OverwriteOpt = False) -> None:
     """Greedy generation with a trained decoder: torch for a RUN, onnxruntime with the KV cache for an export."""
     if (prompt is None) == (data is None):
@@ -43,9 +55,10 @@ def generate(target: Annotated[Path, typer.Argument(help="A causal-lm RUN from `
         raise RosafxError("-o/--out is for --data (one JSON line per row); with --prompt the result is printed.")
     if out is not None:
         check_output(out, inputs=[target, data], overwrite=overwrite, kind="file")  # before the slow work
+    form = prompt_form(target, raw=raw)  # from the run's record: quick
     if data is not None:
-        prompts = _prompts(data, prompt_column)  # a bad file fails before the model loads
-    generator = open_generator(target)
+        prompts = _prompts(data, prompt_column, form)  # a bad file fails before the model loads
+    generator = open_generator(target, form)
     said = set()
 
     def say(notes):
@@ -73,16 +86,24 @@ def generate(target: Annotated[Path, typer.Argument(help="A causal-lm RUN from `
     typer.echo(f"{len(lines)} rows written to {out}", err=True)
 
 
-def _prompts(path: Path, column: str | None) -> list[str]:
+def _prompts(path: Path, column: str | None, form: PromptForm) -> list:
+    """The rows' prompts: texts, and for a chat run conversations (lists of messages) where the
+    column holds them. Without --prompt-column: the run's own prompt or messages column, then
+    (chat runs) 'messages', then 'prompt', then 'text'."""
+    from rosafx.recipes.prompts import as_prompt
     from rosafx.recipes.data.tables import read_table
     table = read_table(path)
     if column is None:
-        column = next((c for c in PROMPT_COLUMNS if c in table.columns), None)
+        looked = ([form.column] if form.column else []) + list(CHAT_COLUMNS if form.kind == "chat" else ())
+        looked = list(dict.fromkeys(looked + list(PROMPT_COLUMNS)))
+        column = next((c for c in looked if c in table.columns), None)
         if column is None:
-            raise RosafxError(f"{path} has no 'prompt' or 'text' column; name the prompts' column with "
+            raise RosafxError(f"{path} has none of the columns {looked}; name the prompts' column with "
                               f"--prompt-column. Columns found: {table.columns}.")
     values = table.column(column)
     for value, line in zip(values, table.lines):
-        if not isinstance(value, str) or not value.strip():
-            raise RosafxError(f"{path}, line {line}: the prompt in '{column}' is empty or not text.")
+        try:
+            as_prompt(value, form)
+        except RosafxError as exc:
+            raise RosafxError(f"{path}, line {line}, '{column}': {exc}") from None
     return values

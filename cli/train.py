@@ -115,7 +115,8 @@ def train(
     # 2. RUN: locked for this process; a fresh run is swapped in whole with its run.json
     new_record = None if resume else {
         "config": settings, "label_names": label_names, "task": settings["task"],
-        "pairs": train_examples.pairs is not None, "distributed": batch_record(settings, here), "inputs": fingerprint}
+        "pairs": train_examples.pairs is not None, "columns": train_examples.columns,
+        "distributed": batch_record(settings, here), "inputs": fingerprint}
     start = None
     try:
         with distributed.main_first():  # rank 0 sets RUN up and writes the token cache; the others then read them

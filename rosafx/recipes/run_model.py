@@ -29,6 +29,10 @@ from rosafx.training.runs import ADAPTER, read_run
 # how the run read its data: evaluate reads other files the same way
 READING_KEYS = ("text_column", "pair_column", "label_column", "prompt_column", "response_column", "messages_column",
                 "max_length", "batch_size")
+# Examples.columns: which columns the training data was read from, as found (with or without
+# flags). run.json and OUT/rosafx_export.json record them as "columns": a causal-lm run's prompt
+# form (text, prompt + response, chat) is what `rosafx generate` renders its prompts as.
+COLUMN_ROLES = ("text", "pair", "label", "prompt", "response", "messages")
 ONNX_NAME = "model.onnx"
 DECODER_NAME = "model_with_past.onnx"
 
@@ -82,7 +86,34 @@ def read_export_record(folder) -> dict:
         raise RosafxError(f"{mark} is damaged: {bad}. Export the run again (`rosafx export RUN -o OUT`).")
     # its reading options go through the options table, as run.json's do
     info["reading"] = options.checked(reading, where=f"{mark}: reading")
+    info["columns"] = _checked_columns(info.get("columns"), mark)
     return info
+
+
+def data_columns(record: dict, config: dict, where) -> dict | None:
+    """The columns a run's training data was read from: as recorded ("columns", in run.json or
+    the export record), else as its options name them (a record from before "columns" was
+    written), else None: found without flags and not recorded."""
+    columns = _checked_columns(record.get("columns"), where)
+    if columns is not None:
+        return columns
+    if config.get("messages_column"):
+        return {"messages": config["messages_column"]}
+    if config.get("prompt_column") and config.get("response_column"):
+        return {"prompt": config["prompt_column"], "response": config["response_column"]}
+    if config.get("text_column"):
+        return {"text": config["text_column"]}
+    return None
+
+
+def _checked_columns(columns, where) -> dict | None:
+    if columns is None:
+        return None
+    if not (isinstance(columns, dict) and set(columns) <= set(COLUMN_ROLES)
+            and all(v is None or isinstance(v, str) for v in columns.values())):
+        raise RosafxError(f"{where} is damaged: 'columns' must map some of {COLUMN_ROLES} to column names. "
+                          "Export (or train) the run again.")
+    return columns
 
 
 def export_run(run_dir, out, *, merge: bool = True, overwrite: bool = False, weights: str | None = None,
@@ -110,9 +141,10 @@ def export_run(run_dir, out, *, merge: bool = True, overwrite: bool = False, wei
         if record["task"] == "causal-lm":
             report.decoder = _export_decoder(module, adapted, tmp, out)
         reading = {k: record["config"].get(k) for k in READING_KEYS}
+        columns = data_columns(record, record["config"], run_dir / "run.json")
         (tmp / EXPORT_MARK).write_text(json.dumps({"run": str(run_dir.resolve()), "task": record["task"],
                                                    "label_names": record["label_names"], "pairs": record["pairs"],
-                                                   "reading": reading}, indent=2))
+                                                   "reading": reading, "columns": columns}, indent=2))
     return report
 
 
