@@ -14,6 +14,7 @@ from rosafx.recipes.decoder_export import export_cached_decoder
 from rosafx.recipes.decoder_io import CacheLayout
 from rosafx.recipes.generation import greedy_with_cache, into_model
 from rosafx.recipes.onnx_decoding import OnnxDecoder
+from tiny_decoders import CHATML
 
 FAMILIES = {"llama": (_llama_like("Llama"), ["q_proj", "v_proj", "down_proj"]),
             "gpt2": (gpt2, ["c_attn", "c_fc"]),
@@ -195,3 +196,167 @@ def test_a_tokenizer_without_eos_is_said_once(trained, tmp_path, capsys):
     assert captured.err.count("generation stops only at --max-new-tokens") == 1
     rows = [json.loads(line) for line in captured.out.strip().splitlines()]
     assert [len(r["token_ids"]) for r in rows] == [7, 7, 7]
+
+
+# ------------------------------------------- prompts rendered as the run trained on them
+
+def one_row_prompt_ids(tmp_path, row: dict, tokenizer, config: dict | None = None) -> list[int]:
+    """The prompt's ids by training's and evaluate's path: the row read as data (a run's columns,
+    or found without flags) and rendered by ``prompt_token_rows``, no truncation."""
+    import json
+
+    from rosafx.recipes.data import examples_from, read_table
+    from rosafx.recipes.data.instructions import prompt_token_rows
+    path = tmp_path / "one_row.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    config = config or {}
+    examples = examples_from(read_table(path), "causal-lm", prompt_column=config.get("prompt_column"),
+                             response_column=config.get("response_column"),
+                             messages_column=config.get("messages_column"))
+    return prompt_token_rows(examples, tokenizer, 10 ** 6)[0]
+
+
+CHAT_PROMPT = "What is 3 plus 1?"
+ROW_FORMS = {  # the form -> (the chat template, a data row holding CHAT_PROMPT, the text training saw before the answer)
+    "instruction": (None, {"question": CHAT_PROMPT, "answer": "#### 4"}, CHAT_PROMPT + "\n"),
+    "chat-template": (CHATML, {"messages": [{"role": "user", "content": CHAT_PROMPT},
+                                            {"role": "assistant", "content": "#### 4"}]},
+                      f"<|im_start|>user\n{CHAT_PROMPT}<|im_end|>\n<|im_start|>assistant\n"),
+    "chat-plain": (None, {"messages": [{"role": "user", "content": CHAT_PROMPT},
+                                       {"role": "assistant", "content": "#### 4"}]},
+                   f"user: {CHAT_PROMPT}\nassistant: "),
+}
+
+
+@pytest.mark.parametrize("form", list(ROW_FORMS))
+def test_a_prompt_is_encoded_as_training_encodes_it(form, tmp_path):
+    from rosafx.recipes.prompts import PromptForm, encode_prompt
+    from tiny_decoders import bpe_tokenizer
+    template, row, seen = ROW_FORMS[form]
+    tokenizer = bpe_tokenizer(chat_template=template)
+    kind = form.split("-")[0]
+    got = encode_prompt(tokenizer, CHAT_PROMPT, form=PromptForm(kind, None), positions=None, max_new_tokens=4)
+    assert got.ids == one_row_prompt_ids(tmp_path, row, tokenizer)           # training's path
+    assert got.ids == tokenizer(seen, add_special_tokens=template is None)["input_ids"]   # the text, by hand
+    raw = encode_prompt(tokenizer, CHAT_PROMPT, form=PromptForm("raw", None), positions=None, max_new_tokens=4)
+    assert raw.ids == tokenizer(CHAT_PROMPT)["input_ids"] != got.ids
+    cut = encode_prompt(tokenizer, CHAT_PROMPT, form=PromptForm(kind, None), positions=10, max_new_tokens=4)
+    assert cut.ids == got.ids[-6:] and "cut from the left to 6" in cut.notes[0]
+
+
+def test_a_conversation_is_answered_after_its_last_message(tmp_path):
+    """A chat run takes a conversation whole; a closing assistant message (an evaluation row's
+    reference) is dropped, as training and evaluate drop it; bad ones are one-line errors."""
+    from rosafx.errors import RosafxError
+    from rosafx.recipes.prompts import PromptForm, encode_prompt
+    from tiny_decoders import bpe_tokenizer
+    tokenizer = bpe_tokenizer(chat_template=CHATML)
+    chat = PromptForm("chat", "messages")
+    turns = [{"role": "system", "content": "Answer with a number."}, {"role": "user", "content": "2 + 2?"},
+             {"role": "assistant", "content": "#### 4"}, {"role": "user", "content": "And 3 + 3?"}]
+    reference = {"role": "assistant", "content": "#### 6"}
+    want = one_row_prompt_ids(tmp_path, {"messages": turns + [reference]}, tokenizer)
+    for given in (turns, turns + [reference]):
+        assert encode_prompt(tokenizer, given, form=chat, positions=None, max_new_tokens=4).ids == want
+    for bad, says in (([reference], "only the assistant's answer"), ([{"role": "robot", "content": "x"}], "role"),
+                      ([], "not a list of messages")):
+        with pytest.raises(RosafxError, match=says):
+            encode_prompt(tokenizer, bad, form=chat, positions=None, max_new_tokens=4)
+    with pytest.raises(RosafxError, match="prompted with text"):
+        encode_prompt(tokenizer, turns, form=PromptForm("instruction", "q"), positions=None, max_new_tokens=4)
+
+
+@pytest.fixture(scope="module")
+def row_runs(tmp_path_factory):
+    """A tiny Llama trained 1 step on prompt + response rows and one on chat rows (the ChatML
+    template), both with columns found without flags, and their exports."""
+    import json
+
+    from cli_runner import run_cli
+    from tiny_decoders import save_decoder
+    root = tmp_path_factory.mktemp("row_runs")
+    runs = {}
+    for form, template in (("instruction", None), ("chat", CHATML)):
+        model = save_decoder(root / f"{form}-llama", "llama", **({"chat_template": template} if template else {}))
+        rows = [{"question": f"What is {i} plus 1?", "answer": f"#### {i + 1}"} for i in range(8)]
+        if form == "chat":
+            rows = [{"messages": [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]}
+                    for r in rows]
+        data = root / f"{form}.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        run, out = root / f"{form}-run", root / f"{form}-out"
+        assert run_cli("train", model, "--method", "lora", "--rank", "2", "--task", "causal-lm", "--data", data,
+                       "--max-steps", "1", "--max-length", "48", "--batch-size", "4", "--lr", "1e-2", "-o", run) == 0
+        assert run_cli("export", run, "--merge", "-o", out) == 0
+        from transformers import AutoTokenizer
+        runs[form] = run, out, data, AutoTokenizer.from_pretrained(model, local_files_only=True)
+    return runs
+
+
+@pytest.mark.parametrize("form", ["instruction", "chat"])
+def test_cli_generate_feeds_the_prompt_training_fed(row_runs, form, tmp_path, capsys):
+    import json
+    run, out, data, tokenizer = row_runs[form]
+    columns = json.loads((run / "run.json").read_text())["columns"]
+    assert json.loads((out / "rosafx_export.json").read_text())["columns"] == columns   # the export carries it
+    row = ({"question": CHAT_PROMPT, "answer": "#### 4"} if form == "instruction" else
+           {"messages": [{"role": "user", "content": CHAT_PROMPT}, {"role": "assistant", "content": "#### 4"}]})
+    want = one_row_prompt_ids(tmp_path, row, tokenizer)
+    prompt = ["--prompt", CHAT_PROMPT, "--max-new-tokens", "6"]
+    from_run, from_onnx = generate_json(capsys, run, *prompt), generate_json(capsys, out, *prompt)
+    assert from_run["prompt_token_ids"] == want
+    assert from_onnx == from_run                        # the export generates as its RUN does
+    raw = [generate_json(capsys, target, *prompt, "--raw") for target in (run, out)]
+    assert raw[0] == raw[1] and raw[0]["prompt_token_ids"] == tokenizer(CHAT_PROMPT)["input_ids"] != want
+
+
+@pytest.mark.parametrize("form", ["instruction", "chat"])
+def test_cli_generate_data_rows_and_evaluate_agree(row_runs, form, tmp_path, capsys):
+    """`rosafx generate --data` on the run's own data (its prompt or messages column found without
+    flags; a chat row's closing answer dropped) feeds training's prompts; evaluate's greedy answers
+    are the generated texts: with them as the references, exact match is 1."""
+    import json
+
+    from cli_runner import run_cli
+    from rosafx.recipes.data import examples_from, read_table
+    from rosafx.recipes.data.instructions import prompt_token_rows
+    run, out, data, tokenizer = row_runs[form]
+    rows = [json.loads(line) for line in data.read_text().splitlines()][:3]
+    data3 = tmp_path / "rows.jsonl"
+    data3.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert run_cli("generate", run, "--data", data3, "--max-new-tokens", "4", "-o", tmp_path / "gen.jsonl") == 0
+    generated = [json.loads(line) for line in (tmp_path / "gen.jsonl").read_text().splitlines()]
+    want = prompt_token_rows(examples_from(read_table(data3), "causal-lm"), tokenizer, 10 ** 6)
+    assert [g["prompt_token_ids"] for g in generated] == want
+    assert all(g["text"].strip() for g in generated), "an empty answer cannot be a reference: pick other rows"
+    references = tmp_path / "references.jsonl"
+    if form == "instruction":
+        answered = [{**r, "answer": g["text"]} for r, g in zip(rows, generated)]
+    else:
+        answered = [{"messages": r["messages"][:-1] + [{"role": "assistant", "content": g["text"]}]}
+                    for r, g in zip(rows, generated)]
+    references.write_text("".join(json.dumps(r) + "\n" for r in answered))
+    capsys.readouterr()
+    assert run_cli("evaluate", run, "--data", references, "--max-new-tokens", "4", "--extract", "none", "--json") == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["exact_match"] == 1.0
+
+
+def test_an_export_without_recorded_columns_feeds_prompts_raw_and_says_so(row_runs, tmp_path, capsys):
+    import json
+    import shutil
+
+    from cli_runner import run_cli
+    _, out, _, tokenizer = row_runs["instruction"]
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    record = json.loads((old / "rosafx_export.json").read_text())
+    del record["columns"]   # as exports before it was written; the run found its columns without flags
+    (old / "rosafx_export.json").write_text(json.dumps(record))
+    data = tmp_path / "p.jsonl"
+    data.write_text('{"prompt": "one two"}\n{"prompt": "three"}\n')
+    capsys.readouterr()
+    assert run_cli("generate", old, "--data", data, "--max-new-tokens", "3") == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("does not record which columns") == 1
+    rows = [json.loads(line) for line in captured.out.strip().splitlines()]
+    assert [r["prompt_token_ids"] for r in rows] == [tokenizer(t)["input_ids"] for t in ("one two", "three")]
