@@ -20,11 +20,12 @@ EXAMPLES = """Examples:
   rosafx generate run --prompt "The movie was" --max-new-tokens 32          # torch, the run's merged model
   rosafx generate out --prompt "The movie was" --max-new-tokens 32 --json   # onnxruntime, KV cache
   rosafx generate out --data prompts.jsonl --max-new-tokens 64 -o generated.jsonl
-  rosafx generate out --prompt "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n" --raw --max-new-tokens 32
+  rosafx generate out --prompt "$(cat rendered.txt)" --raw --max-new-tokens 32   # a prompt you rendered
 
-Prompts are rendered as the run's training rendered them: prompt + response runs get the
-prompt and a newline; chat runs get the prompt as one user message in the chat template
-(with its generation prompt); plain-text runs get the text as is. --raw feeds the text as is."""
+Prompts are rendered as the run's training rendered them: prompt + response runs get the prompt \
+and a newline; chat runs get the prompt as one user message in the chat template (with its generation \
+prompt), and --data rows of chat messages whole; plain-text runs get the text as is. --raw feeds the \
+text as is."""
 # looked for in this order when --prompt-column is not given, after the run's own column
 PROMPT_COLUMNS = ("prompt", "text")
 CHAT_COLUMNS = ("messages",)  # chat runs: conversations, looked for before the prompt columns
@@ -34,11 +35,13 @@ def generate(target: Annotated[Path, typer.Argument(help="A causal-lm RUN from `
                                                     "folder from `rosafx export RUN --merge` (onnxruntime)")],
              max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate at most "
                                                          "(fewer when an end-of-sequence token comes)")],
-             prompt: Annotated[Optional[str], typer.Option("--prompt", help="Text to continue")] = None,
+             prompt: Annotated[Optional[str], typer.Option("--prompt", help="The prompt: rendered as the run's training "
+                                                  "rendered its prompts (--raw: as is)")] = None,
              data: Annotated[Optional[Path], typer.Option("--data", help="Generate for every row of this file "
                                                           "(.jsonl, .csv, .tsv, .txt) into JSON Lines")] = None,
              prompt_column: Annotated[Optional[str], typer.Option("--prompt-column", help="The column holding "
-                                      "prompts in --data (default: 'prompt', else 'text')")] = None,
+                                      "prompts in --data (default: the run's own prompt or messages column, then 'messages' for a chat run, "
+                                      "'prompt', 'text')")] = None,
              out: Annotated[Optional[Path], typer.Option("--out", "-o", help="JSON Lines file for --data "
                                                          "(default: standard output)")] = None,
              as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: text, token_ids "

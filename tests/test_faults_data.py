@@ -264,6 +264,7 @@ def test_evaluate_onnx_faults(row, make, words, tokenizer, tmp_path, capsys):
     (json.dumps({"task": "sorting", "label_names": ["0", "1"]}), ["'task'"]),
     (json.dumps({"task": "classification", "label_names": ["0", "1"], "reading": {"max_length": -1}}),
      ["max_length"]),
+    (json.dumps({"task": "causal-lm", "columns": {"prompt": 3}}), ["rosafx_export.json", "'columns'"]),
 ])
 def test_evaluate_refuses_a_damaged_export_record(record, words, tmp_path, capsys):
     (tmp_path / "model.onnx").write_bytes(b"")
