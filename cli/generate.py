@@ -35,13 +35,13 @@ def generate(target: Annotated[Path, typer.Argument(help="A causal-lm RUN from `
                                                     "folder from `rosafx export RUN --merge` (onnxruntime)")],
              max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate at most "
                                                          "(fewer when an end-of-sequence token comes)")],
-             prompt: Annotated[Optional[str], typer.Option("--prompt", help="The prompt: rendered as the run's training "
-                                                  "rendered its prompts (--raw: as is)")] = None,
+             prompt: Annotated[Optional[str], typer.Option("--prompt", help="The prompt: rendered as the run's "
+                                                  "training rendered its prompts (--raw: as is)")] = None,
              data: Annotated[Optional[Path], typer.Option("--data", help="Generate for every row of this file "
                                                           "(.jsonl, .csv, .tsv, .txt) into JSON Lines")] = None,
              prompt_column: Annotated[Optional[str], typer.Option("--prompt-column", help="The column holding "
-                                      "prompts in --data (default: the run's own prompt or messages column, then 'messages' for a chat run, "
-                                      "'prompt', 'text')")] = None,
+                                      "prompts in --data (default: the run's own prompt or messages column, then "
+                                      "'messages' for a chat run, 'prompt', 'text')")] = None,
              out: Annotated[Optional[Path], typer.Option("--out", "-o", help="JSON Lines file for --data "
                                                          "(default: standard output)")] = None,
              as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: text, token_ids "

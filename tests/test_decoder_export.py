@@ -217,7 +217,8 @@ def one_row_prompt_ids(tmp_path, row: dict, tokenizer, config: dict | None = Non
 
 
 CHAT_PROMPT = "What is 3 plus 1?"
-ROW_FORMS = {  # the form -> (the chat template, a data row holding CHAT_PROMPT, the text training saw before the answer)
+# the form -> (the chat template, a data row holding CHAT_PROMPT, the text training saw before its answer)
+ROW_FORMS = {
     "instruction": (None, {"question": CHAT_PROMPT, "answer": "#### 4"}, CHAT_PROMPT + "\n"),
     "chat-template": (CHATML, {"messages": [{"role": "user", "content": CHAT_PROMPT},
                                             {"role": "assistant", "content": "#### 4"}]},
@@ -280,8 +281,8 @@ def row_runs(tmp_path_factory):
         model = save_decoder(root / f"{form}-llama", "llama", **({"chat_template": template} if template else {}))
         rows = [{"question": f"What is {i} plus 1?", "answer": f"#### {i + 1}"} for i in range(8)]
         if form == "chat":
-            rows = [{"messages": [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]}
-                    for r in rows]
+            rows = [{"messages": [{"role": "user", "content": r["question"]},
+                                  {"role": "assistant", "content": r["answer"]}]} for r in rows]
         data = root / f"{form}.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
         run, out = root / f"{form}-run", root / f"{form}-out"
@@ -360,3 +361,17 @@ def test_an_export_without_recorded_columns_feeds_prompts_raw_and_says_so(row_ru
     assert captured.err.count("does not record which columns") == 1
     rows = [json.loads(line) for line in captured.out.strip().splitlines()]
     assert [r["prompt_token_ids"] for r in rows] == [tokenizer(t)["input_ids"] for t in ("one two", "three")]
+
+
+def test_cli_bad_conversations_exit_2_naming_the_line(row_runs, tmp_path, capsys):
+    from cli_runner import run_cli
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [{"role": "robot", "content": "x"}]}\n')
+    capsys.readouterr()
+    assert run_cli("generate", row_runs["chat"][1], "--data", data, "--max-new-tokens", "2") == 2
+    err = capsys.readouterr().err
+    assert "line 2" in err and "role 'robot'" in err
+    # a run trained on prompt + response rows is prompted with text, not messages
+    assert run_cli("generate", row_runs["instruction"][1], "--data", data, "--prompt-column", "messages",
+                   "--max-new-tokens", "2") == 2
+    assert "line 1" in capsys.readouterr().err

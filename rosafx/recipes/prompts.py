@@ -53,8 +53,8 @@ def form_of_columns(columns: dict | None, *, where: str, raw: bool = False) -> P
 
 
 def as_prompt(value, form: PromptForm):
-    """What a chat run is prompted with: a text becomes one user message; a conversation (a list
-    of messages, as in chat data) is taken whole, less a closing assistant message (the reference
+    """``value`` as the form takes it. A chat run: a text becomes one user message; a conversation
+    (a list of messages, as in chat data) is taken whole, less a closing assistant message (the reference
     answer of a training or evaluation row: the answer is generated after the messages before
     it). Other forms take text only. Raises RosafxError (a sentence) on anything else."""
     if isinstance(value, str):
