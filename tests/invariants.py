@@ -12,6 +12,8 @@ from typing import Callable
 
 import torch
 
+from rosafx.passes.bank import BANK
+
 import rosafx
 from rosafx.graph.adapted_graph import adapters_of
 
@@ -50,10 +52,12 @@ def rel_err(got, want) -> float:
 def perturb(adapted, seed=0, std=0.05):
     """Move every trainable adapter tensor off its init so the delta is not zero."""
     g = torch.Generator().manual_seed(seed)
+    bank = adapted._modules.get(BANK)           # banked tensors train through their group (passes/bank.py)
+    banked = {id(a._parameters[n]) for members in (bank.members if bank else []) for a, n in members}
     with torch.no_grad():
         for adapter in adapters_of(adapted).values():
             for p in adapter.parameters():
-                if p.requires_grad:
+                if p.requires_grad or id(p) in banked:
                     p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device) * std)
 
 
