@@ -107,6 +107,20 @@ class AdapterBank(nn.Module):
         for t in tensors:
             t.requires_grad_(False)
 
+    def realias(self) -> None:
+        """Every group aliased by its members again, now (not at the next forward): a later in-place
+        change to a group Parameter (an init, a perturbation) then reaches the sites."""
+        for i in range(len(self.members)):
+            if not self._aliased(i):
+                self.restack(i)
+
+    def _apply(self, fn, recurse=True):
+        """``model.to(...)``/``.double()`` convert each Parameter on its own (the members first: the
+        bank is registered last), which breaks the aliasing; it is restored at once."""
+        out = super()._apply(fn, recurse)
+        self.realias()
+        return out
+
     def install(self) -> None:
         """Each member's instance attribute: its view of the group Parameter (this forward's)."""
         for i, (members, rows) in enumerate(zip(self.members, self.rows)):
@@ -185,7 +199,14 @@ def bank_adapters(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+def bank_whole(model: nn.Module) -> nn.Module:
+    """``bank_adapters`` on a model captured as one graph; a model captured in parts as it is."""
+    return bank_adapters(model) if isinstance(model, fx.GraphModule) else model
+
+
 def _hook(gm: fx.GraphModule) -> None:
+    if BANK in gm._modules:
+        gm._modules[BANK].realias()        # a deepcopy clones each Parameter on its own
     if BANK in gm._modules and _views_in not in gm._forward_pre_hooks.values():
         gm.register_forward_pre_hook(_views_in)
         gm.register_forward_hook(_views_out, always_call=True)

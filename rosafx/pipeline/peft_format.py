@@ -27,7 +27,7 @@ from rosafx.pipeline.peft_experts import expert_groups, experts_from_peft, exper
 from rosafx.graph.plan import Plan
 from rosafx.graph.rules import Key, Kind, best_match, parse_key
 from rosafx.methods import REGISTRY, get_method
-from rosafx.passes.bank import bank_adapters
+from rosafx.passes.bank import bank_whole
 from rosafx.pipeline.transform import apply, capture_sites
 
 PREFIX = "base_model.model."
@@ -278,4 +278,4 @@ def load_peft(model: nn.Module, directory, *, example_inputs=None, quantize=None
                    expert_keys)
     adapted = apply(captured, Plan.from_dict({"sites": planned, "full": modules_to_save}), quantize, bank=False)
     install_tensors(adapted, installs)
-    return bank_adapters(adapted)  # as transform returns it (stacked after the values are in)
+    return bank_whole(adapted)  # as transform returns it (stacked after the values are in)

@@ -25,7 +25,7 @@ from rosafx.io.outputs import check_output
 from rosafx.pipeline.peft_format import load_peft, save_peft
 from rosafx.graph.plan import Plan
 from rosafx.ops.quantized import Quantization
-from rosafx.passes.bank import bank_adapters
+from rosafx.passes.bank import bank_whole
 from rosafx.pipeline.transform import apply, capture_sites
 
 FORMAT_VERSION = 1
@@ -121,7 +121,7 @@ def load(model: nn.Module, directory, *, example_inputs=None, quantize=None) -> 
         raise RosafxError(f"The adapter in {directory} was built on other base weights than this model's "
                           "(fingerprint mismatch). Load it onto the model it was trained from.")
     install_tensors(adapted, read_safetensors(directory / TENSORS_NAME, "the adapter tensors"))
-    return bank_adapters(adapted)  # as transform returns it (stacked after the values are in)
+    return bank_whole(adapted)  # as transform returns it (stacked after the values are in)
 
 
 def _check_same_sites(saved: dict, captured, directory: Path) -> None:
