@@ -1,4 +1,5 @@
-"""bank: many small adapter tensors trained as a few stacked Parameters (issue 22).
+"""bank: many small adapter tensors trained as a few stacked Parameters (issue 22); what
+``rosafx.transform`` and ``rosafx.load`` return by default (``bank=False`` to opt out).
 
 An optimizer built the PyTorch way, ``torch.optim.AdamW([p for p in model.parameters() if
 p.requires_grad])``, runs its single-tensor loop on CPU: about ten dispatched ops and 40 µs
@@ -6,8 +7,9 @@ of host time per tensor and step, whatever the tensor's size. With 154 LoRA site
 tensors of 1–2 K numbers each, the TinyLlama row of bench/overhead.py) that is 12–13 ms of a
 70 ms step, more than all the adapters' forward and backward arithmetic. ``bank_adapters``
 stacks the bankable tensors (``Adapter.bankable``: lora's A and B) of equal trailing shape,
-dtype and device along dim 0 into one Parameter per group (``gm.rosafx_bank.group<i>``, three
-groups for Llama's projections), so the optimizer sees three tensors; Adam's update is
+dtype and device along dim 0 into one Parameter per group (``gm.rosafx_bank.lora_A_<i>`` /
+``lora_B_<i>``: a filter by name such as ``"lora_" in name`` still finds them; three groups for
+Llama's projections), so the optimizer sees three tensors; Adam's update is
 elementwise, so the stacked update is the per-tensor one (same values, same step counts)
 as long as every banked tensor gets a gradient every step (a site the loss never reaches
 gets a zero gradient here, where the per-tensor loop would skip it).
@@ -29,10 +31,12 @@ Parameter on its own; a Parameter replaced or its ``.data`` reassigned), the nex
 stacks the site tensors again into the same group Parameter object (``.data`` replaced, so an
 optimizer built before keeps it): the site tensors are the authority.
 
-Not for: torch.compile or export of the training forward (the hooks refuse; ``unbank_adapters``
-first), FSDP's per-layer sharding, pickling the module itself (``torch.save(model)``, and
-``copy.copy``: GraphModule rebuilds itself from what its graph reads, leaving the groups and the
-hooks behind, so the copy's site tensors would not train; ``copy.deepcopy`` is handled), and the methods whose life cycle works on single tensors
+torch.compile (not ``fullgraph``) traces the hooks with the forward, breaks the graph at the
+aliasing check and sees the views (tests/test_bank.py, float64). Not for: ``fullgraph=True``
+compiles (``rosafx.fit(compile=True)`` unbanks first), export of a training forward (refused:
+``unbank_adapters`` first), FSDP's per-layer sharding (``shard_layers`` unbanks), ``copy.copy``
+(GraphModule rebuilds itself from what its graph reads, leaving the groups and the hooks
+behind, so the copy's site tensors would not train; ``copy.deepcopy`` is handled), and the methods whose life cycle works on single tensors
 (rosa's resample clears each factor's optimizer state, rosa-robust replaces its values,
 lora-ga calibrates): their adapters are not bankable and stay as they are.
 """
@@ -50,16 +54,18 @@ BANK = "rosafx_bank"
 
 
 class AdapterBank(nn.Module):
-    """The group Parameters (``group<i>``, site tensors stacked along dim 0) and, per group, its
+    """The group Parameters (``lora_A_<i>`` ..., site tensors stacked along dim 0) and, per group, its
     members ``(adapter module, tensor name)`` and their row counts. The members are plain
     attributes (lists), not submodules: deepcopy maps them to the copy's adapters."""
 
     def __init__(self, groups: list[list[tuple[nn.Module, str]]]):
         super().__init__()
-        self.members, self.rows = [], []
+        self.members, self.rows, self.names = [], [], []
         for i, members in enumerate(groups):
             tensors = [adapter._parameters[name] for adapter, name in members]
-            self.register_parameter(f"group{i}", nn.Parameter(torch.cat([t.detach() for t in tensors])))
+            # named after what it stacks ("lora_A_0"): a filter by name ("lora_" in name) still finds it
+            self.names.append(f"{members[0][1]}_{i}")
+            self.register_parameter(self.names[i], nn.Parameter(torch.cat([t.detach() for t in tensors])))
             self.members.append(list(members))
             self.rows.append([t.shape[0] for t in tensors])
             self._alias(i)
@@ -67,7 +73,7 @@ class AdapterBank(nn.Module):
                 t.requires_grad_(False)
 
     def group(self, i: int) -> nn.Parameter:
-        return self._parameters[f"group{i}"]
+        return self._parameters[self.names[i]]
 
     def _alias(self, i: int) -> None:
         """Each member's storage becomes its rows of the group Parameter."""
@@ -100,6 +106,20 @@ class AdapterBank(nn.Module):
         self._alias(i)
         for t in tensors:
             t.requires_grad_(False)
+
+    def realias(self) -> None:
+        """Every group aliased by its members again, now (not at the next forward): a later in-place
+        change to a group Parameter (an init, a perturbation) then reaches the sites."""
+        for i in range(len(self.members)):
+            if not self._aliased(i):
+                self.restack(i)
+
+    def _apply(self, fn, recurse=True):
+        """``model.to(...)``/``.double()`` convert each Parameter on its own (the members first: the
+        bank is registered last), which breaks the aliasing; it is restored at once."""
+        out = super()._apply(fn, recurse)
+        self.realias()
+        return out
 
     def install(self) -> None:
         """Each member's instance attribute: its view of the group Parameter (this forward's)."""
@@ -139,12 +159,14 @@ class views:
 
 
 def _views_in(module: nn.Module, args) -> None:
+    """Under torch.compile dynamo traces this hook too (it breaks the graph at the aliasing check,
+    so ``fullgraph=True`` needs ``rosafx.unbank`` first) and sees the views put in place."""
     bank = module._modules.get(BANK)
     if bank is None or not torch.is_grad_enabled():
         return
-    if torch.compiler.is_compiling():
-        raise RosafxError("This model's adapters are banked (rosafx.bank), which runs in eager mode only: "
-                          "call rosafx.unbank(model) before torch.compile or export.")
+    if torch.compiler.is_exporting():
+        raise RosafxError("This model's adapters are banked (rosafx.bank, the default of rosafx.transform): "
+                          "call rosafx.unbank(model) before exporting a training forward.")
     bank.install()
 
 
@@ -177,7 +199,14 @@ def bank_adapters(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+def bank_whole(model: nn.Module) -> nn.Module:
+    """``bank_adapters`` on a model captured as one graph; a model captured in parts as it is."""
+    return bank_adapters(model) if isinstance(model, fx.GraphModule) else model
+
+
 def _hook(gm: fx.GraphModule) -> None:
+    if BANK in gm._modules:
+        gm._modules[BANK].realias()        # a deepcopy clones each Parameter on its own
     if BANK in gm._modules and _views_in not in gm._forward_pre_hooks.values():
         gm.register_forward_pre_hook(_views_in)
         gm.register_forward_hook(_views_out, always_call=True)

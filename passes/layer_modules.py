@@ -25,6 +25,9 @@ from rosafx.graph.layers import LayerRun, layer_runs
 
 
 def layer_modules(gm: fx.GraphModule) -> fx.GraphModule:
+    if "rosafx_bank" in gm._modules:   # its views come from gm's own forward hooks, which the copy has not
+        raise RosafxError("layer_modules needs each adapter tensor as its own Parameter: call rosafx.unbank(model) "
+                          "first (rosafx.training.fsdp.shard_layers does).")
     runs = layer_runs(gm)
     paths = [run.path for run in runs]
     if len(set(paths)) != len(paths):

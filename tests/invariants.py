@@ -12,6 +12,8 @@ from typing import Callable
 
 import torch
 
+from rosafx.passes.bank import BANK
+
 import rosafx
 from rosafx.graph.adapted_graph import adapters_of
 
@@ -50,11 +52,18 @@ def rel_err(got, want) -> float:
 def perturb(adapted, seed=0, std=0.05):
     """Move every trainable adapter tensor off its init so the delta is not zero."""
     g = torch.Generator().manual_seed(seed)
+    banked = banked_ids(adapted)
     with torch.no_grad():
         for adapter in adapters_of(adapted).values():
             for p in adapter.parameters():
-                if p.requires_grad:
+                if p.requires_grad or id(p) in banked:
                     p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device) * std)
+
+
+def banked_ids(adapted) -> set[int]:
+    """ids of the adapter tensors that train through a bank group (passes/bank.py)."""
+    bank = adapted._modules.get(BANK)
+    return {id(a._parameters[n]) for members in (bank.members if bank else []) for a, n in members}
 
 
 def trainable_names(module):
@@ -69,10 +78,12 @@ def check_identity_at_init(case: Case):
 def check_only_adapters_train(case: Case, steps: int = 2):
     model, _, adapted, inputs = case.build()
     names = trainable_names(adapted)
-    assert names and all(n.startswith("rosafx_adapters.") or n.startswith("rosafx_shared.")
+    assert names and all(n.startswith(("rosafx_adapters.", "rosafx_shared.", "rosafx_bank."))
                          or any(n.startswith(f + ".") for f in adapted.meta["rosafx"]["plan"].full) for n in names), names
     user_before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    base_before = {n: p.detach().clone() for n, p in adapted.named_parameters() if not p.requires_grad}
+    banked = banked_ids(adapted)
+    base_before = {n: p.detach().clone() for n, p in adapted.named_parameters()
+                   if not p.requires_grad and id(p) not in banked}
     train_before = {n: p.detach().clone() for n, p in adapted.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW([p for p in adapted.parameters() if p.requires_grad], lr=1e-2)
     adapted.train()

@@ -1,6 +1,7 @@
-"""passes/bank.py (rosafx.bank): lora's tensors trained as a few stacked Parameters.
+"""passes/bank.py (rosafx.bank, the default of rosafx.transform): lora's tensors trained as a
+few stacked Parameters.
 
-The reference is the same model unbanked, in float64: per-tensor AdamW on per-site
+The reference is the same model unbanked (``transform(..., bank=False)``), in float64: per-tensor AdamW on per-site
 Parameters, the path the rest of the suite holds to float64 math. Banked training must give
 the same outputs, gradients and trained values; merge, save (both formats), load, a dtype
 conversion, deepcopy and unbank must see the trained values; methods with a life cycle are
@@ -40,11 +41,11 @@ LORA = {"method": "lora", "rank": 3, "alpha": 6}
 RULES = {r"q|k|v|gate|up|down": LORA}
 
 
-def build(rules=RULES, dtype=torch.float64, fuse=False):
+def build(rules=RULES, dtype=torch.float64, fuse=False, bank=False):
     torch.manual_seed(0)
     model = Block().to(dtype).eval()
     x = torch.randn(2, 7, 12, dtype=dtype)
-    adapted = rosafx.transform(model, rules, example_inputs=(x,))
+    adapted = rosafx.transform(model, rules, example_inputs=(x,), bank=bank)
     adapted.to(dtype)
     perturb(adapted, std=0.3)
     if fuse:
@@ -79,7 +80,7 @@ def test_banked_training_matches_per_tensor_float64(fuse):
     rosafx.bank(banked)
     trainable = [n for n, p in banked.named_parameters() if p.requires_grad]
     # the 12-wide A's, every B (rank wide); down's A, the only 20-wide one, stays on its own
-    assert trainable == ["rosafx_adapters.down.lora_A", f"{BANK}.group0", f"{BANK}.group1"]
+    assert trainable == ["rosafx_adapters.down.lora_A", f"{BANK}.lora_A_0", f"{BANK}.lora_B_1"]
     assert sum(p.numel() for n, p in banked.named_parameters() if p.requires_grad) == \
         sum(p.numel() for p in reference.parameters() if p.requires_grad)
 
@@ -121,12 +122,12 @@ def test_merge_save_load_after_banked_training(tmp_path):
             assert rel_err(rosafx.load(model, tmp_path / fmt, example_inputs=(x,))(x), y) < 1e-5, fmt
     state = banked.state_dict()
     assert not any(k.startswith(BANK) for k in state)                       # the site tensors are the state
-    fresh = rosafx.bank(rosafx.transform(model, RULES, example_inputs=(x,)))
+    fresh = rosafx.transform(model, RULES, example_inputs=(x,))             # banked by default
     fresh.load_state_dict(state)                                            # writes through to the groups
     fresh.eval()
     with torch.no_grad():
         assert rel_err(fresh(x), y) < 1e-6
-    group = fresh.get_parameter(f"{BANK}.group0")
+    group = fresh.get_parameter(f"{BANK}.lora_A_0")
     a = adapters_of(fresh)["q"].lora_A
     assert a.data_ptr() == group.data_ptr() and torch.equal(group[: a.shape[0]], a)
 
@@ -137,12 +138,12 @@ def test_conversion_restacks_and_keeps_training():
     before = site_tensors(banked)
     banked.to(torch.float64)                      # converts each Parameter on its own: aliasing broken
     optimizer = train(banked, [x.double()], steps=1)
-    group = banked.get_parameter(f"{BANK}.group0")
+    group = banked.get_parameter(f"{BANK}.lora_A_0")
     assert group.dtype == torch.float64 and any(group is p for p in optimizer.param_groups[0]["params"])
     after = site_tensors(banked)
     adapters = adapters_of(banked)
     offset = 0
-    for path in ("q", "k", "v", "gate", "up"):                               # group0: the 12-wide A's
+    for path in ("q", "k", "v", "gate", "up"):                               # lora_A_0: the 12-wide A's
         a = adapters[path].lora_A
         assert a.data_ptr() == group.data_ptr() + offset * 12 * 8
         assert torch.equal(group.detach()[offset: offset + a.shape[0]], a)
@@ -175,7 +176,7 @@ def test_deepcopy_trains_its_own_groups():
     train(copied, [x], steps=2)
     assert all(torch.equal(v, original[k]) for k, v in site_tensors(banked).items())
     assert any(not torch.equal(v, original[k]) for k, v in site_tensors(copied).items())
-    assert adapters_of(copied)["q"].lora_A.data_ptr() == copied.get_parameter(f"{BANK}.group0").data_ptr()
+    assert adapters_of(copied)["q"].lora_A.data_ptr() == copied.get_parameter(f"{BANK}.lora_A_0").data_ptr()
 
 
 def test_without_gradients_the_parameters_are_read():
@@ -196,41 +197,57 @@ def test_only_lora_is_banked():
     rosafx.bank(banked)
     adapters = adapters_of(banked)
     trainable = {n for n, p in banked.named_parameters() if p.requires_grad}
-    assert {f"{BANK}.group0", f"{BANK}.group1"} <= trainable              # q, k: A's and B's
+    assert {f"{BANK}.lora_A_0", f"{BANK}.lora_B_1"} <= trainable              # q, k: A's and B's
     for path in ("v", "gate", "up", "down"):
         params = list(adapters[path].parameters())
         assert params and all(p.requires_grad for p in params), path      # untouched: their own Parameters
     assert not adapters["q"].lora_A.requires_grad
 
 
-def test_compiling_is_refused(monkeypatch):
-    _, banked, x = build()
-    rosafx.bank(banked)
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    with pytest.raises(RosafxError, match="unbank"):
-        banked(x)
+def test_transform_banks_by_default_and_load_too(tmp_path):
+    model, banked, x = build(bank=True)
+    assert BANK in banked._modules and not adapters_of(banked)["q"].lora_A.requires_grad
+    rosafx.save(banked, tmp_path / "saved")
+    loaded = rosafx.load(model, tmp_path / "saved", example_inputs=(x,))
+    assert BANK in loaded._modules
+    _, reference, _ = build()
+    assert BANK not in reference._modules
+    assert all(p.requires_grad for n, p in reference.named_parameters() if "lora_" in n)
 
 
-def test_grad_checkpointed_banked_llama_float64():
-    """GradCheckpointed runs the adapters through its own view of the graph, where the banked
-    graph's hooks do not fire: it puts the views in place itself (passes/bank.py, ``views``)."""
-    from models import _ids, main_output, tiny_llama
-    from rosafx.training.activation_checkpointing import GradCheckpointed
-    rules = {r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)": {"method": "lora", "rank": 2}}
-    ids = _ids(2, 6)
-    built = []
-    for _ in range(2):
-        llama, _ = tiny_llama()
-        adapted = rosafx.transform(llama.double(), rules, example_inputs=(ids,)).double()
-        perturb(adapted, std=0.3)
-        built.append(adapted.train())
-    reference, banked = built
-    rosafx.bank(banked)
-    main_output(reference(ids)).pow(2).mean().backward()
-    main_output(GradCheckpointed(banked)(ids)).pow(2).mean().backward()
+def test_name_filter_finds_the_groups():
+    """An optimizer built the PEFT way, by name, trains the banked model as the unbanked one."""
+    _, reference, x = build()
+    _, banked, _ = build(bank=True)
+    for model in (reference, banked):
+        model.train()
+        optimizer = torch.optim.AdamW([p for n, p in model.named_parameters() if "lora_" in n], lr=1e-2)
+        for _ in range(2):
+            optimizer.zero_grad()
+            loss_of(model, x)[0].backward()
+            optimizer.step()
+    want, got = site_tensors(reference), site_tensors(banked)
+    assert all(rel_err(got[k], want[k]) < 1e-12 for k in want)
+
+
+def test_torch_compile_runs_the_hooks_eagerly_float64():
+    """torch.compile (not fullgraph) breaks the graph at the bank's hooks, which run eagerly; the
+    compiled forward takes the views as inputs and the gradients reach the groups."""
+    _, reference, x = build()
+    _, banked, _ = build(bank=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(banked, backend="aot_eager")
+    for model, call in ((reference, reference), (banked, compiled)):
+        model.train()
+        loss_of(call, x)[0].backward()
     ref_adapters = adapters_of(reference)
     for path, adapter in adapters_of(banked).items():
         for name in ("lora_A", "lora_B"):
-            want = getattr(ref_adapters[path], name).grad
-            assert float(want.abs().max()) > 0
-            assert rel_err(site_grad(banked, adapter, name), want) < 1e-11, (path, name)
+            assert rel_err(site_grad(banked, adapter, name), getattr(ref_adapters[path], name).grad) < 1e-12
+
+
+def test_exporting_a_training_forward_is_refused(monkeypatch):
+    _, banked, x = build(bank=True)
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    with pytest.raises(RosafxError, match="unbank"):
+        banked.train()(x)

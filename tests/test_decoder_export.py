@@ -27,7 +27,7 @@ def merged_model(family):
     changes the weights), merged and put back into a copy of the HF model."""
     factory, targets = FAMILIES[family]
     arch = factory()
-    adapted = rosafx.transform(arch.model, {t: {"method": "lora", "rank": 2, "alpha": 4} for t in targets})
+    adapted = rosafx.transform(arch.model, {t: {"method": "lora", "rank": 2, "alpha": 4} for t in targets}, bank=False)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, p in adapted.named_parameters():

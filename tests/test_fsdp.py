@@ -9,10 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 import rosafx
+from rosafx.errors import RosafxError
 from rosafx.passes.layer_modules import layer_modules
 from rosafx.pipeline.serialize import adapter_tensors
 
@@ -26,7 +28,9 @@ HERE = Path(__file__).parent
 def test_layer_modules_compute_the_same_with_the_same_names():
     adapted = adapt(CONFIG)
     adapted.train()
-    structured = layer_modules(adapted)
+    with pytest.raises(RosafxError, match="unbank"):
+        layer_modules(adapted)                                  # banked: the copy would not see the views
+    structured = layer_modules(rosafx.unbank(adapted))
     assert list(structured.state_dict()) != [] and set(structured.state_dict()) == set(adapted.state_dict())
     assert type(structured.get_submodule("bert.encoder.layer.0")).__name__ != type(
         adapted.get_submodule("bert.encoder.layer.0")).__name__  # the layer is a module that runs now

@@ -148,7 +148,7 @@ def test_method_trains_merges_saves_and_loads_on_a_quantized_base(scheme, method
     assert relative(adapted(X), reference(X.double())) <= 1e-5
     # only adapter tensors and the full head train; the packed base does not move
     trainable = {n for n, p in adapted.named_parameters() if p.requires_grad}
-    assert trainable and all(n.startswith("rosafx_adapters.") or n.startswith("head.") for n in trainable)
+    assert trainable and all(n.startswith(("rosafx_adapters.", "rosafx_bank.", "head.")) for n in trainable)
     packed_before = {n: b.clone() for n, b in adapted.named_buffers() if n.startswith("rosafx_quantized.")}
     assert {n.split(".")[1] for n in packed_before} == {f"{n}__weight" for n in QUANTIZED}
     optimizer = torch.optim.SGD([p for p in adapted.parameters() if p.requires_grad], lr=0.5)
@@ -160,7 +160,7 @@ def test_method_trains_merges_saves_and_loads_on_a_quantized_base(scheme, method
     adapted.eval()
     assert all(torch.equal(b, packed_before[n]) for n, b in adapted.named_buffers() if n in packed_before)
     moved = [n for n, p in adapted.named_parameters() if p.requires_grad and not torch.equal(p, start[n])]
-    assert any(n.startswith("rosafx_adapters.") for n in moved)
+    assert any(n.startswith(("rosafx_adapters.", "rosafx_bank.")) for n in moved)
     # merge: a plain fp32 graph, equal to the adapted model
     merged = rosafx.merge(adapted)
     assert not list(merged.buffers()) and all(p.dtype == torch.float32 for p in merged.parameters())

@@ -180,7 +180,8 @@ class Adapter(nn.Module):
                               f"unexpected {unexpected}.")
 
     def trainable_count(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+        """Banked tensors (passes/bank.py) train through their group but count here, as their own."""
+        return sum(p.numel() for n, p in self.named_parameters() if p.requires_grad or n in self.bankable)
 
 
 def kaiming_uniform_(tensor: Tensor, generator: torch.Generator | None = None) -> Tensor:

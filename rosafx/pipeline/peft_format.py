@@ -27,6 +27,7 @@ from rosafx.pipeline.peft_experts import expert_groups, experts_from_peft, exper
 from rosafx.graph.plan import Plan
 from rosafx.graph.rules import Key, Kind, best_match, parse_key
 from rosafx.methods import REGISTRY, get_method
+from rosafx.passes.bank import bank_whole
 from rosafx.pipeline.transform import apply, capture_sites
 
 PREFIX = "base_model.model."
@@ -275,6 +276,6 @@ def load_peft(model: nn.Module, directory, *, example_inputs=None, quantize=None
         installs.update({f"full.{path}.{k[len(prefix):]}": v for k, v in tensors.items() if k.startswith(prefix)})
     check_all_used(config, tensors, installs, planned, [s for s in sites if s.expert is None], tensors_path,
                    expert_keys)
-    adapted = apply(captured, Plan.from_dict({"sites": planned, "full": modules_to_save}), quantize)
+    adapted = apply(captured, Plan.from_dict({"sites": planned, "full": modules_to_save}), quantize, bank=False)
     install_tensors(adapted, installs)
-    return adapted
+    return bank_whole(adapted)  # as transform returns it (stacked after the values are in)

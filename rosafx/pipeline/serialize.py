@@ -25,6 +25,7 @@ from rosafx.io.outputs import check_output
 from rosafx.pipeline.peft_format import load_peft, save_peft
 from rosafx.graph.plan import Plan
 from rosafx.ops.quantized import Quantization
+from rosafx.passes.bank import bank_whole
 from rosafx.pipeline.transform import apply, capture_sites
 
 FORMAT_VERSION = 1
@@ -115,12 +116,12 @@ def load(model: nn.Module, directory, *, example_inputs=None, quantize=None) -> 
     captured = capture_sites(model, example_inputs)
     _check_same_sites(saved, captured, directory)
     plan = Plan.from_dict({"sites": {p: site["config"] for p, site in saved["sites"].items()}, "full": saved["full"]})
-    adapted = apply(captured, plan, quantization)
+    adapted = apply(captured, plan, quantization, bank=False)
     if record(adapted)["fingerprint"] != saved["fingerprint"]:  # of the user's weights, before quantizing
         raise RosafxError(f"The adapter in {directory} was built on other base weights than this model's "
                           "(fingerprint mismatch). Load it onto the model it was trained from.")
     install_tensors(adapted, read_safetensors(directory / TENSORS_NAME, "the adapter tensors"))
-    return adapted
+    return bank_whole(adapted)  # as transform returns it (stacked after the values are in)
 
 
 def _check_same_sites(saved: dict, captured, directory: Path) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from rosafx.passes.bank import bank_adapters
 from rosafx.passes.drop_export_asserts import drop_export_asserts
 from rosafx.passes.dropout import dropout_follows_mode
 from rosafx.passes.insert import insert_planned
@@ -45,7 +46,8 @@ def capture_sites(model: nn.Module, example_inputs: Any = None) -> Captured:
     return Captured(gm, find_sites(gm), module_types(gm), (args, kwargs))
 
 
-def transform(model: nn.Module, rules: dict, *, example_inputs: Any = None, quantize=None) -> fx.GraphModule:
+def transform(model: nn.Module, rules: dict, *, example_inputs: Any = None, quantize=None,
+              bank: bool = True) -> fx.GraphModule:
     """Capture ``model`` as an FX graph and insert adapters on the sites that ``rules`` select.
 
     ``rules`` maps a key to a config (``{"method": "lora", "rank": 8, "alpha": 16}``, a method
@@ -67,16 +69,24 @@ def transform(model: nn.Module, rules: dict, *, example_inputs: Any = None, quan
     (default group 64): every linear weight outside the ``full`` modules is stored quantized
     and dequantized inside its product; adapters train on top (QLoRA). See
     rosafx/ops/quantized.py and passes/quantize.py.
+
+    ``bank`` (default on): lora's many small A and B tensors train as a few stacked
+    Parameters (``rosafx_bank.lora_A_0`` ...), so an optimizer's per-tensor loop runs over a
+    handful of tensors instead of two per site (passes/bank.py). The graph, merge, save and
+    export are unchanged; a site's gradient is ``rosafx.passes.bank.site_grad``.
+    ``bank=False`` (or ``rosafx.unbank`` later) gives each tensor its own Parameter, as
+    ``torch.compile(fullgraph=True)``, export of a training forward and FSDP need.
     """
     quantization = Quantization.parse(quantize)  # a bad scheme fails before the capture
     captured = capture_sites(model, example_inputs)
     plan = Plan.from_rules(rules, captured.sites, captured.modules)
-    return apply(captured, plan, quantization)
+    return apply(captured, plan, quantization, bank=bank)
 
 
-def apply(captured: Captured, plan: Plan, quantize: Quantization | None = None) -> nn.Module:
+def apply(captured: Captured, plan: Plan, quantize: Quantization | None = None, *, bank: bool = True) -> nn.Module:
     """Insert the plan's adapters into the captured graph (or parts) and record the plan;
-    with ``quantize``, the frozen linear weights are stored packed (passes/quantize.py)."""
+    with ``quantize``, the frozen linear weights are stored packed (passes/quantize.py);
+    with ``bank``, lora's tensors are stacked for the optimizer (passes/bank.py)."""
     if captured.partial_reason is not None and quantize is not None:
         raise RosafxError(f"A quantized base needs the whole model in one graph; this one is captured in parts "
                           f"({captured.partial_reason}). Train it without quantize.")
@@ -99,6 +109,8 @@ def apply(captured: Captured, plan: Plan, quantize: Quantization | None = None) 
     extra = {"quantize": quantize} if quantize is not None else {}
     gm.meta[META] = make_record(plan, weights, captured.example_inputs, base_print, **extra)
     _install_ready_check(gm)
+    if bank:
+        gm = bank_adapters(gm)
     return gm
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
+from rosafx.passes.bank import unbank_adapters
 from rosafx.training.checkpoint import capture_state, restore_state
 from rosafx.errors import RosafxError
 from rosafx.training.lifecycle import Lifecycles
@@ -82,6 +83,8 @@ def fit(adapted: fx.GraphModule, train_batches: Iterable, loss_fn: LossFn, *,
     checked({name: value for name, value in locals().items() if name in TRAINING_OPTIONS}, TRAINING_OPTIONS,
             where="rosafx.fit")
     total = total_steps(train_batches, steps, epochs, grad_accum)
+    if compile:
+        unbank_adapters(adapted)  # a step compiled whole (fullgraph) reads each adapter tensor as its own Parameter
     run = Run(run) if run is not None and not isinstance(run, Run) else run
     device = next(iter(trainable_parameters(adapted)), torch.empty(0)).device
     log_every = log_every or (LOG_EVERY_COMPILED if compile else 1)

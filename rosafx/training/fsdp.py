@@ -34,10 +34,12 @@ def shard_layers(adapted: fx.GraphModule, *, reshard_after_forward: bool = True)
     adapters are ``adapted``'s own Parameters (train them there)."""
     from torch.distributed.fsdp import fully_shard
 
+    from rosafx.passes.bank import unbank_adapters
     from rosafx.passes.layer_modules import layer_modules
     if not (dist.is_available() and dist.is_initialized()):
         raise RosafxError("shard_layers needs an initialized process group (torchrun, then "
                           "rosafx.training.distributed.init_from_torchrun()).")
+    unbank_adapters(adapted)  # the structured copy runs without adapted's forward hooks: one Parameter a tensor
     structured = layer_modules(adapted)
     for path in dict.fromkeys(run.path for run in layer_runs(adapted)):
         fully_shard(structured.get_submodule(path), reshard_after_forward=reshard_after_forward)

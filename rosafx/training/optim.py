@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from rosafx.training.bank_state import from_canonical, to_canonical
 from rosafx.errors import RosafxError
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -57,8 +58,10 @@ class Optimization:
     schedule: Callable[[int], float]
     optimizer: torch.optim.Optimizer = None
     scheduler: torch.optim.lr_scheduler.LambdaLR = None
+    model: nn.Module = None          # what the optimizer was built over (its banking decides the state's form)
 
     def build(self, model: nn.Module) -> "Optimization":
+        self.model = model
         params = trainable_parameters(model)
         if not params:
             raise RosafxError("The model has no trainable parameters: transform it with at least one adapter rule.")
@@ -82,7 +85,8 @@ class Optimization:
     def state_dict(self) -> dict:
         """Rates as Python floats, so a checkpoint of a compiled run (tensor rates) resumes
         eagerly and the other way round."""
-        optimizer, scheduler = self.optimizer.state_dict(), self.scheduler.state_dict()
+        optimizer = to_canonical(self.model, self.optimizer, self.optimizer.state_dict())
+        scheduler = self.scheduler.state_dict()
         optimizer["param_groups"] = [{k: _number(v) if k in RATES else v for k, v in group.items()}
                                      for group in optimizer["param_groups"]]
         scheduler = {k: ([_number(v) for v in value] if k in ("base_lrs", "_last_lr") else value)
@@ -93,7 +97,7 @@ class Optimization:
         """Loads ``state``; rates this optimizer holds as tensors stay those tensors (filled)."""
         tensors = [{k: v for k, v in group.items() if k in RATES and isinstance(v, torch.Tensor)}
                    for group in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(from_canonical(self.model, self.optimizer, state["optimizer"]))
         self.scheduler.load_state_dict(state["scheduler"])
         for group, kept in zip(self.optimizer.param_groups, tensors):
             for key, tensor in kept.items():
