@@ -11,9 +11,10 @@ Two rows (``--rows``):
 
 Variants of a row: ``floor`` (frozen base, input gradients only), ``graph-floor`` (the
 same on the captured graph before any adapter), ``peft`` (HF PEFT LoRA),
-``rosafx`` (the module ``rosafx.transform`` returns, as is), ``rosafx-banked`` (the same after
-``rosafx.bank``: lora's tensors stacked into three Parameters, passes/bank.py), and A/Bs of one rosafx code
-path: ``rosafx-opaque`` (every lowrank_linear site forced onto the custom op with its Python
+``rosafx`` (the module ``rosafx.transform`` returns, as is: lora's tensors banked into three
+stacked Parameters by default, passes/bank.py), and A/Bs of one rosafx code path:
+``rosafx-unbanked`` (``transform(..., bank=False)``: two Parameters a site, the default before),
+``rosafx-opaque`` (every lowrank_linear site forced onto the custom op with its Python
 backward, the route before issue 22), ``rosafx-asserts`` (export's asserts kept) and, on
 minilm, ``rosafx-before`` (both: each node calling the custom op directly, asserts kept). Each
 trains eagerly with AdamW in a plain loop. Variants are interleaved repeat after repeat (order
@@ -95,19 +96,17 @@ def llama_peft(base, ids):
     return training_step(model, lambda: as_hidden(model(input_ids=ids)))
 
 
-def llama_rosafx(base, ids, keep_asserts: bool = False, bank: bool = False):
+def llama_rosafx(base, ids, keep_asserts: bool = False, bank: bool = True):
     if keep_asserts:
         from rosafx.pipeline import transform as pipeline
         original = pipeline.drop_export_asserts
         pipeline.drop_export_asserts = lambda gm: gm
         try:
-            adapted = rosafx.transform(base, {LLAMA_PROJECTIONS: LLAMA_LORA}, example_inputs=(ids,))
+            adapted = rosafx.transform(base, {LLAMA_PROJECTIONS: LLAMA_LORA}, example_inputs=(ids,), bank=bank)
         finally:
             pipeline.drop_export_asserts = original
     else:
-        adapted = rosafx.transform(base, {LLAMA_PROJECTIONS: LLAMA_LORA}, example_inputs=(ids,))
-    if bank:
-        rosafx.bank(adapted)                               # before the optimizer is built
+        adapted = rosafx.transform(base, {LLAMA_PROJECTIONS: LLAMA_LORA}, example_inputs=(ids,), bank=bank)
     return training_step(adapted, lambda: as_hidden(adapted(ids)))
 
 
@@ -144,11 +143,11 @@ def minilm_graph_floor(base, ids):
     return step, 0
 
 
-def minilm_banked(base, ids):
-    """bench/train_step.py's lora with ``rosafx.bank`` (passes/bank.py) before the optimizer."""
+def minilm_unbanked(base, ids):
+    """bench/train_step.py's lora with ``bank=False`` (two Parameters a site, the default before)."""
     from common import ENCODER_LINEARS
     from train_step import LORA
-    adapted = rosafx.bank(rosafx.transform(base, {ENCODER_LINEARS: LORA}))
+    adapted = rosafx.transform(base, {ENCODER_LINEARS: LORA}, bank=False)
     return training_step(adapted, lambda: adapted(ids))
 
 
@@ -162,7 +161,7 @@ def minilm_before(base, ids):
     original = pipeline.drop_export_asserts
     pipeline.drop_export_asserts = lambda gm: gm
     try:
-        adapted = rosafx.transform(base, {ENCODER_LINEARS: LORA})
+        adapted = rosafx.transform(base, {ENCODER_LINEARS: LORA}, bank=False)
     finally:
         pipeline.drop_export_asserts = original
     for node in adapter_nodes(adapted):
@@ -178,14 +177,14 @@ ROWS = {
                            "rosafx": llama_rosafx,
                            "rosafx-opaque": forced_opaque(llama_rosafx),
                            "rosafx-asserts": lambda base, ids: llama_rosafx(base, ids, keep_asserts=True),
-                           "rosafx-banked": lambda base, ids: llama_rosafx(base, ids, bank=True)}},
+                           "rosafx-unbanked": lambda base, ids: llama_rosafx(base, ids, bank=False)}},
     "minilm": {"load": load_minilm, "ids": (32, 64), "sites": 36,
                "variants": {"floor": minilm("floor"), "graph-floor": minilm_graph_floor,
                             "peft": minilm("peft-lora"), "rosafx": minilm("lora"),
-                            "rosafx-before": minilm_before, "rosafx-banked": minilm_banked}},
+                            "rosafx-before": minilm_before, "rosafx-unbanked": minilm_unbanked}},
 }
-DEFAULT_VARIANTS = {"llama": "floor,graph-floor,peft,rosafx,rosafx-banked,rosafx-opaque",
-                    "minilm": "floor,peft,rosafx,rosafx-banked"}
+DEFAULT_VARIANTS = {"llama": "floor,graph-floor,peft,rosafx,rosafx-unbanked,rosafx-opaque",
+                    "minilm": "floor,peft,rosafx,rosafx-unbanked"}
 
 
 class OpCounter(TorchDispatchMode):

@@ -2,7 +2,7 @@
 backward and optimizer.step timed apart, per variant, variants interleaved (order reversed on
 odd repeats), 3 steps per repeat; each figure the median over all steps.
 
-    python bench/step_parts.py [--variants floor,graph-floor,peft,rosafx,rosafx-banked] [--repeats 15]
+    python bench/step_parts.py [--variants floor,graph-floor,peft,rosafx,rosafx-unbanked] [--repeats 15]
 
 floor and graph-floor have no trainable tensor: their optimizer is AdamW over one unused
 tensor (what an empty step costs).
@@ -42,9 +42,8 @@ def build(name, base, ids):
         model = get_peft_model(copy.deepcopy(base), LoraConfig(r=16, lora_alpha=32, target_modules=LLAMA_PROJECTIONS))
         call = lambda: model(input_ids=ids).logits                                   # noqa: E731
     else:
-        model = rosafx.transform(base, {LLAMA_PROJECTIONS: LLAMA_LORA}, example_inputs=(ids,))
-        if name == "rosafx-banked":
-            rosafx.bank(model)
+        model = rosafx.transform(base, {LLAMA_PROJECTIONS: LLAMA_LORA}, example_inputs=(ids,),
+                                 bank=name != "rosafx-unbanked")
         call = lambda: as_hidden(model(ids)).last_hidden_state                     # noqa: E731
     model.train()
     return model, call, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -52,7 +51,7 @@ def build(name, base, ids):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", default="floor,graph-floor,peft,rosafx,rosafx-banked")
+    parser.add_argument("--variants", default="floor,graph-floor,peft,rosafx,rosafx-unbanked")
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
     torch.set_num_threads(1)

@@ -31,9 +31,12 @@ Parameter on its own; a Parameter replaced or its ``.data`` reassigned), the nex
 stacks the site tensors again into the same group Parameter object (``.data`` replaced, so an
 optimizer built before keeps it): the site tensors are the authority.
 
-torch.compile (not ``fullgraph``) traces the hooks with the forward, breaks the graph at the
-aliasing check and sees the views (tests/test_bank.py, float64). Not for: ``fullgraph=True``
-compiles (``rosafx.fit(compile=True)`` unbanks first), export of a training forward (refused:
+torch.compile traces the hooks with the forward, ``fullgraph=True`` included, and sees the
+views (tests/test_bank.py, float64); the aliasing check reads data pointers and runs in eager
+calls only, so a compiled call after a Parameter's ``.data`` was replaced by hand reads the
+stale group until an eager forward restacks it (``.to()`` and deepcopy re-alias at once).
+``rosafx.fit(compile=True)`` unbanks anyway (its compiled step and capturable AdamW were
+built and checked per tensor). Not for: export of a training forward (refused:
 ``unbank_adapters`` first), FSDP's per-layer sharding (``shard_layers`` unbanks), ``copy.copy``
 (GraphModule rebuilds itself from what its graph reads, leaving the groups and the hooks
 behind, so the copy's site tensors would not train; ``copy.deepcopy`` is handled), and the methods whose life cycle works on single tensors
@@ -124,7 +127,7 @@ class AdapterBank(nn.Module):
     def install(self) -> None:
         """Each member's instance attribute: its view of the group Parameter (this forward's)."""
         for i, (members, rows) in enumerate(zip(self.members, self.rows)):
-            if not self._aliased(i):
+            if not torch.compiler.is_compiling() and not self._aliased(i):  # data pointers: eager only
                 self.restack(i)
             for (adapter, name), view in zip(members, torch.split_with_sizes(self.group(i), rows)):
                 adapter.__dict__[name] = view
@@ -159,8 +162,8 @@ class views:
 
 
 def _views_in(module: nn.Module, args) -> None:
-    """Under torch.compile dynamo traces this hook too (it breaks the graph at the aliasing check,
-    so ``fullgraph=True`` needs ``rosafx.unbank`` first) and sees the views put in place."""
+    """Under torch.compile dynamo traces this hook with the forward (``fullgraph=True`` holds) and
+    sees the views put in place; the aliasing check (data pointers) runs in eager calls only."""
     bank = module._modules.get(BANK)
     if bank is None or not torch.is_grad_enabled():
         return

@@ -84,8 +84,9 @@ def fuse_siblings(adapted: fx.GraphModule) -> fx.GraphModule:
 def bank(adapted: fx.GraphModule) -> fx.GraphModule:
     """Train the small adapter tensors (lora's A and B) as a few stacked Parameters, so an
     optimizer's per-tensor loop runs over three tensors instead of two per site (passes/bank.py;
-    the graph, merge, save and export are unchanged). In place, eager training only; build the
-    optimizer afterwards. ``unbank`` undoes it."""
+    the graph, merge, save and export are unchanged). What ``transform`` and ``load`` return by
+    default; for a model built with ``bank=False`` or unbanked. In place; build the optimizer
+    afterwards. ``unbank`` undoes it."""
     from rosafx.passes.bank import bank_adapters
     adapted_model(adapted, "bank", whole_graph=True)
     return bank_adapters(adapted)

@@ -230,13 +230,14 @@ def test_name_filter_finds_the_groups():
     assert all(rel_err(got[k], want[k]) < 1e-12 for k in want)
 
 
-def test_torch_compile_runs_the_hooks_eagerly_float64():
-    """torch.compile (not fullgraph) breaks the graph at the bank's hooks, which run eagerly; the
-    compiled forward takes the views as inputs and the gradients reach the groups."""
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_torch_compile_traces_the_hooks_float64(fullgraph):
+    """torch.compile traces the bank's hooks with the forward (the split into views, the views
+    put in place): one graph, and the gradients reach the groups."""
     _, reference, x = build()
     _, banked, _ = build(bank=True)
     torch._dynamo.reset()
-    compiled = torch.compile(banked, backend="aot_eager")
+    compiled = torch.compile(banked, backend="aot_eager", fullgraph=fullgraph)
     for model, call in ((reference, reference), (banked, compiled)):
         model.train()
         loss_of(call, x)[0].backward()

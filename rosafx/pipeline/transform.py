@@ -75,7 +75,7 @@ def transform(model: nn.Module, rules: dict, *, example_inputs: Any = None, quan
     handful of tensors instead of two per site (passes/bank.py). The graph, merge, save and
     export are unchanged; a site's gradient is ``rosafx.passes.bank.site_grad``.
     ``bank=False`` (or ``rosafx.unbank`` later) gives each tensor its own Parameter, as
-    ``torch.compile(fullgraph=True)``, export of a training forward and FSDP need.
+    export of a training forward and FSDP need (torch.compile works either way).
     """
     quantization = Quantization.parse(quantize)  # a bad scheme fails before the capture
     captured = capture_sites(model, example_inputs)
