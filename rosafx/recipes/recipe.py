@@ -124,10 +124,31 @@ def open_tokenizer(source: ModelSource):
         raise RosafxError(f"{directory} has no tokenizer files with a vocabulary (its tokenizer holds only its "
                           f"{special} special tokens): save the model's tokenizer there with "
                           "tokenizer.save_pretrained(DIR).")
-    embedded = getattr(hf_config(directory), "vocab_size", None)
+    config = hf_config(directory)
+    embedded = getattr(config, "vocab_size", None)
     if isinstance(embedded, int) and len(tokenizer) > embedded:
         raise RosafxError(f"The tokenizer in {directory} has {len(tokenizer)} tokens, but the model embeds "
                           f"{embedded} (vocab_size): they are not a pair. Save the model's own tokenizer there.")
+    return only_inputs_the_model_takes(tokenizer, config)
+
+
+def only_inputs_the_model_takes(tokenizer, config):
+    """A tokenizer made for another architecture (a BERT one saved beside a decoder) returns
+    ``token_type_ids`` that the model's forward does not name; fed to it, torch.export cannot
+    trace the whole model (it is captured in parts) and ONNX export fails. The tokenizer stops
+    returning them (``model_input_names``, which HF tokenizers honour) when the architecture's
+    base model (``AutoModel``'s class for this config) takes none."""
+    if "token_type_ids" not in tokenizer.model_input_names:
+        return tokenizer
+    import inspect
+
+    import transformers
+    try:
+        base_class = transformers.AutoModel._model_mapping[type(config)]
+    except KeyError:   # an architecture AutoModel does not know: leave the tokenizer as it is
+        return tokenizer
+    if "token_type_ids" not in inspect.signature(base_class.forward).parameters:
+        tokenizer.model_input_names = [n for n in tokenizer.model_input_names if n != "token_type_ids"]
     return tokenizer
 
 
