@@ -4,6 +4,7 @@ onnxruntime's greedy tokens, one call per new token, equal transformers' own gre
 `rosafx train` -> `export` -> `generate`."""
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -375,3 +376,38 @@ def test_cli_bad_conversations_exit_2_naming_the_line(row_runs, tmp_path, capsys
     assert run_cli("generate", row_runs["instruction"][1], "--data", data, "--prompt-column", "messages",
                    "--max-new-tokens", "2") == 2
     assert "line 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_cached_decoder_weights_requantized(scheme, tmp_path):
+    """``weights=``: model_with_past's linear layers become MatMulNBits, checked as model.onnx's
+    are; greedy generation runs on it, its logits stay near the fp32 file's, and it is smaller."""
+    model = merged_model("llama")
+    fp32 = export_cached_decoder(model, tmp_path / "fp32.onnx")
+    report = export_cached_decoder(model, tmp_path / "q.onnx", weights=scheme, group_size=16)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "q.onnx"), load_external_data=False).graph.node]
+    assert report.weights is not None and report.weights.weights.linears > 0
+    assert "MatMulNBits" in ops and "MatMulNBits" not in [
+        n.op_type for n in onnx.load(str(tmp_path / "fp32.onnx"), load_external_data=False).graph.node]
+    assert report.weights.max_rel_error <= report.weights.tolerance
+    assert (tmp_path / "q.onnx").stat().st_size < (tmp_path / "fp32.onnx").stat().st_size
+    assert fp32.weights is None and scheme in str(report)
+    prompt = torch.randint(3, 97, (7,), generator=torch.Generator().manual_seed(5)).tolist()
+    want_logits, _ = OnnxDecoder(tmp_path / "fp32.onnx").step(np.array([prompt]), OnnxDecoder(
+        tmp_path / "fp32.onnx").empty_state(1))
+    quantized = OnnxDecoder(tmp_path / "q.onnx")
+    got_logits, _ = quantized.step(np.array([prompt]), quantized.empty_state(1))
+    scale = float(np.abs(want_logits).max())
+    assert 0 < float(np.abs(got_logits - want_logits).max()) <= report.weights.tolerance * max(1.0, scale)
+    assert len(quantized.greedy(prompt, NEW_TOKENS)) == NEW_TOKENS
+
+
+def test_cli_export_weights_quantizes_both_decoder_files(trained, tmp_path, capsys):
+    from cli_runner import run_cli
+    run, _, _ = trained
+    out = tmp_path / "int8"
+    assert run_cli("export", run, "--merge", "--weights", "int8", "-o", out) == 0
+    for name in ("model.onnx", "model_with_past.onnx"):
+        ops = {n.op_type for n in onnx.load(str(out / name), load_external_data=False).graph.node}
+        assert "MatMulNBits" in ops, name
+    assert generate_json(capsys, out, "--prompt", "the film is", "--max-new-tokens", "4")["token_ids"]

@@ -60,11 +60,13 @@ class CachedExportReport:
     layers: int
     max_abs_error: float      # onnxruntime vs the HF model, prompt step and one decode step
     tolerance: float
+    weights: object = None    # passes/export_quantized.QuantizedExport when re-quantized (int4/int8)
 
     def __str__(self) -> str:
-        return (f"ONNX with KV cache written to {self.path} ({self.layers} layers; one call per new token)\n"
+        text = (f"ONNX with KV cache written to {self.path} ({self.layers} layers; one call per new token)\n"
                 f"  parity vs torch (prompt + one cached step): max abs error {self.max_abs_error:.2e} "
                 f"(tolerance {self.tolerance:.0e})")
+        return text if self.weights is None else text + "\n" + self.weights.describe()
 
 
 def _example(layout: CacheLayout, vocab: int, batch=2, new=3, past=4):
@@ -79,8 +81,12 @@ def _example(layout: CacheLayout, vocab: int, batch=2, new=3, past=4):
     return ids, mask, positions, pasts
 
 
-def export_cached_decoder(model: nn.Module, path, *, tolerance: float = 1e-4) -> CachedExportReport:
-    """Export ``model`` (an HF causal LM, e.g. ``into_model(base, rosafx.merge(adapted))``)."""
+def export_cached_decoder(model: nn.Module, path, *, tolerance: float = 1e-4, weights: str | None = None,
+                          group_size: int | None = None) -> CachedExportReport:
+    """Export ``model`` (an HF causal LM, e.g. ``into_model(base, rosafx.merge(adapted))``).
+    ``weights="int4"|"int8"``: the verified fp32 file's linear layers re-quantized to
+    MatMulNBits and checked as ``model.onnx``'s are (passes/export_quantized.py), on the
+    export's example inputs (a non-empty past and three new tokens)."""
     path = Path(path)
     model = model.eval()
     layout = CacheLayout.of(model.config)
@@ -105,11 +111,38 @@ def export_cached_decoder(model: nn.Module, path, *, tolerance: float = 1e-4) ->
                               f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]} "
                               "(set ROSAFX_DEBUG=1 for the trace).") from exc
         error = _check_parity(model, tmp, layout, tolerance)
+        quantized = None
+        if weights is not None:
+            quantized = _quantize_weights(wrapper, args, layout, tmp, weights, group_size, tolerance)
         os.replace(tmp, path)
-        return CachedExportReport(str(path), layout.layers, error, tolerance)
+        return CachedExportReport(str(path), layout.layers, error, tolerance, quantized)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _quantize_weights(wrapper: CachedDecoder, args, layout: CacheLayout, fp32_path: Path, scheme: str,
+                      group_size: int | None, tolerance: float):
+    """``fp32_path`` replaced by its weight-quantized twin once it passes the three checks."""
+    from rosafx.passes.export_quantized import quantize_export
+    from rosafx.passes.onnx_weights import DEFAULT_GROUP_SIZE
+    ids, mask, positions, pasts = args
+    names = [INPUT_IDS, ATTENTION_MASK, POSITION_IDS, *layout.names()]
+    feed = dict(zip(names, [ids.numpy().astype(np.int64), mask.numpy().astype(np.int64),
+                            positions.numpy().astype(np.int64), *[p.numpy() for p in pasts]]))
+    with torch.no_grad():
+        want = [o.float().numpy() for o in wrapper(*args)]
+    quantized = temp_file_beside(fp32_path)
+    try:
+        report = quantize_export(fp32_path, quantized, scheme, DEFAULT_GROUP_SIZE if group_size is None else group_size,
+                                 open_session=lambda p: OnnxDecoder(p).session, feed=feed, want=want,
+                                 fp32_session=OnnxDecoder(fp32_path).session, fp32_tolerance=tolerance,
+                                 tolerance=None, latency_repeats=0)
+        os.replace(quantized, fp32_path)
+        return report
+    finally:
+        if quantized.exists():
+            quantized.unlink()
 
 
 def _check_parity(model, onnx_path: Path, layout: CacheLayout, tolerance: float) -> float:

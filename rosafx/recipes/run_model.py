@@ -139,7 +139,7 @@ def export_run(run_dir, out, *, merge: bool = True, overwrite: bool = False, wei
         hf_config.rosafx_task = record["task"]
         hf_config.save_pretrained(tmp)
         if record["task"] == "causal-lm":
-            report.decoder = _export_decoder(module, adapted, tmp, out)
+            report.decoder = _export_decoder(module, adapted, tmp, out, weights, group_size)
         reading = {k: record["config"].get(k) for k in READING_KEYS}
         columns = data_columns(record, record["config"], run_dir / "run.json")
         (tmp / EXPORT_MARK).write_text(json.dumps({"run": str(run_dir.resolve()), "task": record["task"],
@@ -148,13 +148,14 @@ def export_run(run_dir, out, *, merge: bool = True, overwrite: bool = False, wei
     return report
 
 
-def _export_decoder(module, adapted, tmp: Path, out: Path):
-    """The KV-cache ONNX of the run's decoder and its generation config, beside model.onnx."""
+def _export_decoder(module, adapted, tmp: Path, out: Path, weights: str | None = None, group_size: int | None = None):
+    """The KV-cache ONNX of the run's decoder and its generation config, beside model.onnx;
+    its weights re-quantized as model.onnx's are (``weights``)."""
     import rosafx
     from rosafx.recipes.decoder_export import export_cached_decoder
     from rosafx.recipes.generation import into_model
     decoder = into_model(module, rosafx.merge(adapted))
-    report = export_cached_decoder(decoder, tmp / DECODER_NAME)
+    report = export_cached_decoder(decoder, tmp / DECODER_NAME, weights=weights, group_size=group_size)
     report.path = str(out / DECODER_NAME)
     decoder.generation_config.save_pretrained(tmp)
     return report
