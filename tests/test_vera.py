@@ -35,22 +35,49 @@ def vera_reference(x, W, bias, A_shared, B_shared, d, b, x_a=None):
     return x @ W.t() + bias + b * ((d * (x_a @ A.t())) @ B.t())
 
 
+@pytest.mark.parametrize("lead", [(2, 4), (1, 1)], ids=["8-rows", "1-row"])
+@pytest.mark.parametrize("route", ["composite", "opaque"])
 @pytest.mark.parametrize("separate_input", [False, True])
-def test_op_forward_and_gradients_match_float64(separate_input):
+def test_op_forward_and_gradients_match_float64(separate_input, route, lead, monkeypatch):
+    """rosafx::vera_linear routes a small site to aten ops (merged, or unmerged with its own
+    input) and a large one to the opaque op (forced here by a limit no site fits): y and every
+    gradient equal float64 autograd of the formula either way, and only the opaque route
+    calls the custom op."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import rosafx.ops.vera as V
+
+    class OpsSeen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[str(func.overloadpacket)] += 1
+            return func(*args, **(kwargs or {}))
+    if route == "opaque":
+        monkeypatch.setattr(V, "COMPOSITE_MACS", -1)
     g = torch.Generator().manual_seed(0)
     out_f, in_f, r = 5, 7, 3
-    tensors = [torch.randn(2, 4, in_f, generator=g), torch.randn(out_f, in_f, generator=g),
+    tensors = [torch.randn(*lead, in_f, generator=g), torch.randn(out_f, in_f, generator=g),
                torch.randn(out_f, generator=g), torch.randn(r, in_f + 3, generator=g),
                torch.randn(out_f + 2, r, generator=g), torch.randn(r, generator=g), torch.randn(out_f, generator=g)]
     if separate_input:
-        tensors.append(torch.randn(2, 4, in_f, generator=g))
+        tensors.append(torch.randn(*lead, in_f, generator=g))
     grads = [True, True, True, False, False, True, True, True]
     ours = [t.clone().requires_grad_(grads[i]) for i, t in enumerate(tensors)]
     ref = [t.double().requires_grad_(grads[i]) for i, t in enumerate(tensors)]
-    y = torch.ops.rosafx.vera_linear.default(*ours)
+    if route == "composite":    # merged with 8 rows (out·in = 35 ≤ 8·12), unmerged with 1 or its own input
+        want = V.composite_merged if lead == (2, 4) and not separate_input else V.composite_unmerged
+        assert V.choose_route(*ours) is want
+    with OpsSeen() as seen:
+        y = torch.ops.rosafx.vera_linear.default(*ours)
+        dy = torch.randn(y.shape, generator=g)
+        y.backward(dy)
+    assert (seen.ops["rosafx.vera_linear_opaque"] == 1) == (route == "opaque")
     y64 = vera_reference(*ref)
-    dy = torch.randn(y.shape, generator=g)
-    y.backward(dy)
     y64.backward(dy.double())
     assert rel_err(y.double(), y64.detach()) < 1e-6
     for i, (a, b) in enumerate(zip(ours, ref)):
@@ -83,7 +110,7 @@ def test_backward_reuses_the_forwards_transient_weight(separate_input, rows, mon
     grads = [True, False, False, False, False, True, True, True]
     ours = [t.clone().requires_grad_(grads[i]) for i, t in enumerate(tensors)]
     ref = [t.double().requires_grad_(grads[i]) for i, t in enumerate(tensors)]
-    y = torch.ops.rosafx.vera_linear.default(*ours)
+    y = torch.ops.rosafx.vera_linear_opaque.default(*ours)
     assert spec._HANDOFF.output is None
     forward_builds = len(built)
     dy = torch.randn(y.shape, generator=g)
@@ -94,7 +121,7 @@ def test_backward_reuses_the_forwards_transient_weight(separate_input, rows, mon
         if grads[i]:
             assert rel_err(a.grad.double(), b.grad) < 1e-5, i
     with torch.no_grad():
-        torch.ops.rosafx.vera_linear.default(*ours)
+        torch.ops.rosafx.vera_linear_opaque.default(*ours)
     assert spec._HANDOFF.output is None
 
 
@@ -119,7 +146,7 @@ def test_low_rank_route_matches_float64_and_builds_no_weight(separate_input, bas
     grads = [True, False, False, False, False, True, True, True]
     ours = [(t.to(base_dtype) if i in half else t).requires_grad_(grads[i]) for i, t in enumerate(tensors)]
     ref = [t.detach().double().requires_grad_(grads[i]) for i, t in enumerate(ours)]
-    y = torch.ops.rosafx.vera_linear.default(*ours)
+    y = torch.ops.rosafx.vera_linear_opaque.default(*ours)
     assert y.dtype == base_dtype
     dy = torch.randn(y.shape, generator=g).to(base_dtype)
     y.backward(dy)
@@ -193,3 +220,19 @@ def test_seed_changes_the_pair_and_identity_holds_with_dropout():
     assert not torch.equal(one.rosafx_shared.vera_A, two.rosafx_shared.vera_A)
     ids = one.meta["rosafx"]["example_inputs"][1]["input_ids"]
     assert rel_err(run(two.eval(), (ids,)), run(model, (ids,))) < 1e-6
+
+
+def test_route_choice_by_shape():
+    """Small sites take aten ops (merged when the rows outweigh the weight, else unmerged); a
+    large dense product or a large update ΔW (out·r·in), or autocast, take the opaque op."""
+    import rosafx.ops.vera as V
+
+    def args(n, in_f, out_f, r):
+        return (torch.randn(n, in_f), torch.randn(out_f, in_f), None, torch.randn(r, in_f), torch.randn(out_f, r),
+                torch.randn(r), torch.randn(out_f))
+    assert V.choose_route(*args(16, 64, 64, 256)) is V.composite_unmerged       # the host-bound llama row
+    assert V.choose_route(*args(128, 64, 64, 256)) is V.composite_merged
+    assert V.choose_route(*args(2048, 384, 384, 256)) is None                    # MiniLM: the opaque op
+    assert V.choose_route(*args(4, 128, 128, 512)) is None                       # ΔW's 8.4 M multiply-adds
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert V.choose_route(*args(16, 64, 64, 256)) is None

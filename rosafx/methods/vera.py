@@ -54,6 +54,8 @@ def draw_shared_pair(rank: int, in_max: int, out_max: int, seed: int) -> tuple[T
 class VeraAdapter(Adapter):
     """d (r) and b (out); reads the shared pair through ``rosafx::vera_linear``."""
 
+    bankable = ("lambda_d", "lambda_b")   # no life cycle: stacked with other sites' (passes/bank.py)
+
     def __init__(self, site, config: VeraConfig, shared: nn.Module):
         super().__init__(site, config)
         self.lambda_d = nn.Parameter(torch.full((config.rank,), float(config.d_initial)))

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rosafx.ops.spec import kept_for_backward, op_spec, rows
+from rosafx.ops.spec import implement_routed, kept_for_backward, op_spec, rows
 
 
 @op_spec(roles={"input": "x", "weight": "weight", "bias": "bias", "down": "A_shared", "up": "B_shared",
@@ -197,5 +197,47 @@ def forward_given_h_saving(x, weight, bias, A_shared, B_shared, d, b, x_a, h) ->
     return forward_saving(x, weight, bias, A_shared, B_shared, d, b, x_a)
 
 
-vera_linear.implement("torch", forward, backward, forward_saving=forward_saving)
+# ---------------------------------------------------------------- routes (issue 22)
+# As rosafx::lowrank_linear (ops/lowrank.py, whose measurements set the limit): a small site
+# costs what the Python around the opaque op costs (its autograd.Function and Python
+# backward), so it runs as aten ops that autograd differentiates in C++.
+COMPOSITE_MACS = 1 << 22
+"""The largest site run as aten ops, in multiply-adds of its dense product N·in·out and of
+its update ΔW (out·r·in, which the merged composite forms in the forward and, through
+addmm's backward, twice more in the backward)."""
+
+
+def composite_merged(x, weight, bias, A_shared, B_shared, d, b, x_a=None):
+    """y = x·(W + diag(b)·B_sl·diag(d)·A_sl)ᵀ + bias in aten ops; autograd reaches d and b
+    through the products' backward (A_shared, B_shared are frozen: no gradient formed)."""
+    A, B = _slices(weight, A_shared, B_shared)
+    return F.linear(x, torch.addmm(weight, B * b[:, None], A * d[:, None]), bias)
+
+
+def composite_unmerged(x, weight, bias, A_shared, B_shared, d, b, x_a=None):
+    """y = x·Wᵀ + bias + b ⊙ ((d ⊙ (x_a·A_slᵀ))·B_slᵀ) in aten ops, in d's dtype (an adapter
+    input of its own, or dtypes a merged weight would round)."""
+    A, B = _slices(weight, A_shared, B_shared)
+    adapter_in = x if x_a is None else x_a
+    if adapter_in.dtype != d.dtype:
+        adapter_in = adapter_in.to(d.dtype)
+    update = F.linear(F.linear(adapter_in, A.to(d.dtype)) * d, B.to(d.dtype)) * b
+    y = F.linear(x, weight, bias)
+    return y + (update if update.dtype == y.dtype else update.to(y.dtype))
+
+
+def choose_route(x, weight, bias, A_shared, B_shared, d, b, x_a=None):
+    """The composite for this call, or None for the opaque op (under autocast too, as lowrank's)."""
+    out_f, in_f = weight.shape
+    if (x.numel() * out_f > COMPOSITE_MACS or out_f * in_f * A_shared.shape[0] > COMPOSITE_MACS
+            or torch._C._is_any_autocast_enabled()):
+        return None
+    one_dtype = x.dtype == weight.dtype == d.dtype == b.dtype == A_shared.dtype == B_shared.dtype
+    # the merged weight's products (out·r·in) against the update's own (N·r·(in + out)): few rows, unmerged
+    if x_a is None and one_dtype and out_f * in_f <= x.numel() // in_f * (in_f + out_f):
+        return composite_merged
+    return composite_unmerged
+
+
+implement_routed(vera_linear, "torch", forward, backward, forward_saving=forward_saving, choose=choose_route)
 vera_linear_given_h.implement("torch", forward_given_h, backward, forward_saving=forward_given_h_saving)
