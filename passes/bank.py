@@ -6,7 +6,7 @@ p.requires_grad])``, runs its single-tensor loop on CPU: about ten dispatched op
 of host time per tensor and step, whatever the tensor's size. With 154 LoRA sites (308
 tensors of 1–2 K numbers each, the TinyLlama row of bench/overhead.py) that is 12–13 ms of a
 70 ms step, more than all the adapters' forward and backward arithmetic. ``bank_adapters``
-stacks the bankable tensors (``Adapter.bankable``: lora's A and B) of equal trailing shape,
+stacks the bankable tensors (``Adapter.bankable``: lora's A and B, vera's d and b) of equal trailing shape,
 dtype and device along dim 0 into one Parameter per group (``gm.rosafx_bank.lora_A_<i>`` /
 ``lora_B_<i>``: a filter by name such as ``"lora_" in name`` still finds them; three groups for
 Llama's projections), so the optimizer sees three tensors; Adam's update is
