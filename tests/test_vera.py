@@ -43,20 +43,8 @@ def test_op_forward_and_gradients_match_float64(separate_input, route, lead, mon
     input) and a large one to the opaque op (forced here by a limit no site fits): y and every
     gradient equal float64 autograd of the formula either way, and only the opaque route
     calls the custom op."""
-    import collections
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     import rosafx.ops.vera as V
-
-    class OpsSeen(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = collections.Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops[str(func.overloadpacket)] += 1
-            return func(*args, **(kwargs or {}))
+    from test_ops_lowrank import OpsSeen
     if route == "opaque":
         monkeypatch.setattr(V, "COMPOSITE_MACS", -1)
     g = torch.Generator().manual_seed(0)
