@@ -78,9 +78,9 @@ def llama_floor(base, ids):
     return step, 0
 
 
-def llama_graph_floor(base, ids):
+def graph_floor(base, ids):
     """The captured graph before any adapter (what rosafx.transform starts from), frozen,
-    input gradients only: the floor's counterpart for the graph's own host cost."""
+    input gradients only: the floor's counterpart for the graph's own host cost (both rows)."""
     from rosafx.pipeline.transform import capture_sites
     embeddings = base.get_input_embeddings()
     gm = capture_sites(base, {"inputs_embeds": embeddings(ids).detach()}).module.train()
@@ -148,18 +148,6 @@ def minilm(name):
     return lambda base, ids: MINILM_VARIANTS[name](base, ids, False)
 
 
-def minilm_graph_floor(base, ids):
-    """The captured MiniLM graph before any adapter, frozen, input gradients only (as llama's)."""
-    from rosafx.pipeline.transform import capture_sites
-    embeddings = base.get_input_embeddings()
-    gm = capture_sites(base, {"inputs_embeds": embeddings(ids).detach()}).module.train()
-
-    def step():
-        x = embeddings(ids).detach().requires_grad_()
-        as_hidden(gm(inputs_embeds=x)).last_hidden_state.float().pow(2).mean().backward()
-    return step, 0
-
-
 def minilm_unbanked(base, ids):
     """bench/train_step.py's lora with ``bank=False`` (two Parameters a site, the default before)."""
     from common import ENCODER_LINEARS
@@ -190,7 +178,7 @@ def minilm_before(base, ids):
 
 ROWS = {
     "llama": {"load": tiny_llama, "ids": (1, 16), "sites": 154,
-              "variants": {"floor": llama_floor, "graph-floor": llama_graph_floor, "peft": llama_peft,
+              "variants": {"floor": llama_floor, "graph-floor": graph_floor, "peft": llama_peft,
                            "rosafx": llama_rosafx,
                            "rosafx-opaque": forced_opaque(llama_rosafx),
                            "rosafx-asserts": lambda base, ids: llama_rosafx(base, ids, keep_asserts=True),
@@ -200,7 +188,7 @@ ROWS = {
                                 "rosafx-unbanked": lambda base, ids: llama_vera_rosafx(base, ids, bank=False),
                                 "rosafx-opaque": forced_opaque(llama_vera_rosafx, "rosafx.ops.vera")}},
     "minilm": {"load": load_minilm, "ids": (32, 64), "sites": 36,
-               "variants": {"floor": minilm("floor"), "graph-floor": minilm_graph_floor,
+               "variants": {"floor": minilm("floor"), "graph-floor": graph_floor,
                             "peft": minilm("peft-lora"), "rosafx": minilm("lora"),
                             "rosafx-before": minilm_before, "rosafx-unbanked": minilm_unbanked}},
 }

@@ -20,21 +20,7 @@ from rosafx.graph.adapted_graph import adapters_of
 from rosafx.passes.bank import BANK, site_grad
 
 from invariants import perturb, rel_err
-
-
-class Block(nn.Module):
-    """A's 12 wide (five) and 20 wide (down's alone: a group of one is not banked), B's rank wide."""
-
-    def __init__(self):
-        super().__init__()
-        self.q, self.k, self.v = nn.Linear(12, 12), nn.Linear(12, 12, bias=False), nn.Linear(12, 6)
-        self.gate, self.up = nn.Linear(12, 20, bias=False), nn.Linear(12, 20, bias=False)
-        self.down = nn.Linear(20, 12)
-
-    def forward(self, x):
-        q, k, v = self.q(x), self.k(x), self.v(x)
-        a = torch.softmax(q @ k.transpose(-1, -2), -1) @ torch.cat([v, v], -1) + x
-        return self.down(torch.nn.functional.silu(self.gate(a)) * self.up(a))
+from test_fuse_siblings import Siblings as Block  # A's 12 wide (five) and 20 wide (down's alone: not banked)
 
 
 LORA = {"method": "lora", "rank": 3, "alpha": 6}

@@ -82,3 +82,21 @@ def test_state_of_another_model_is_refused(batches):
     _, other, _ = build(bank=True)
     with pytest.raises(RosafxError, match="resume with the model the run trained"):
         optimization_over(other).load_state_dict(saved)
+
+
+def test_several_groups_resume_only_into_the_same_form(batches):
+    """A banked model under an optimizer of several parameter groups keeps its own indexing
+    (form "banked"); resuming it unbanked is refused with what to do, not a torch error."""
+    def two_groups(params):
+        params = list(params)
+        return torch.optim.AdamW([{"params": params[:1]}, {"params": params[1:], "lr": 1e-3}], lr=1e-2)
+    _, banked, _ = build(bank=True)
+    opt = Optimization(two_groups, lambda step: 1.0).build(banked)
+    steps(banked, opt, batches[:1])
+    saved = opt.state_dict()
+    assert saved["optimizer"][FORM] == "banked"
+    _, again, _ = build(bank=True)
+    Optimization(two_groups, lambda step: 1.0).build(again).load_state_dict(saved)   # the same form loads
+    _, plain, _ = build()
+    with pytest.raises(RosafxError, match="Resume the model as it was trained"):
+        Optimization(two_groups, lambda step: 1.0).build(plain).load_state_dict(saved)

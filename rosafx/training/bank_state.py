@@ -52,8 +52,9 @@ def to_canonical(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict
     if len(optimizer.param_groups) != 1:
         return {**saved, FORM: "banked"}
     index = {id(p): k for k, p in enumerate(optimizer.param_groups[0]["params"])}
+    canonical = canonical_tensors(model)
     state = {}
-    for j, (tensor, group, start, rows) in enumerate(canonical_tensors(model)):
+    for j, (tensor, group, start, rows) in enumerate(canonical):
         source = tensor if group is None else bank.group(group)
         entry = saved["state"].get(index.get(id(source)))
         if entry is None:
@@ -62,7 +63,7 @@ def to_canonical(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict
             # the step too is a copy: single-tensor Adam adds 1 to each tensor's step in place
             key: (value[start:start + rows].clone() if _moment(value) else _copy(value))
             for key, value in entry.items()}
-    group0 = {**saved["param_groups"][0], "params": list(range(len(canonical_tensors(model))))}
+    group0 = {**saved["param_groups"][0], "params": list(range(len(canonical)))}
     return {"state": state, "param_groups": [group0], FORM: "canonical"}
 
 
@@ -73,11 +74,15 @@ def from_canonical(model: nn.Module, optimizer: torch.optim.Optimizer, saved: di
     bank = model._modules.get(BANK)
     banked_now = bank is not None and len(optimizer.param_groups) == 1
     if form == "banked" or not banked_now:
-        if (form == "banked") != (bank is not None and not banked_now):
-            raise RosafxError("This checkpoint's optimizer state was saved with the adapters "
-                              f"{'banked' if form == 'banked' else 'unbanked'} and an optimizer of several "
-                              "parameter groups; resume it the way it was trained (rosafx.bank / rosafx.unbank, "
-                              "or transform(..., bank=...)).")
+        # loaded as saved, which needs the same indexing: both banked with several groups, or both unbanked
+        multi_banked_now = bank is not None and not banked_now
+        if (form == "banked") != multi_banked_now:
+            def described(banked_multi: bool) -> str:
+                return "banked, with several parameter groups" if banked_multi else "one by one (canonical)"
+            raise RosafxError("This checkpoint's optimizer state indexes the adapter tensors "
+                              f"{described(form == 'banked')}; this model and optimizer index them {described(multi_banked_now)} (banked tensors are "
+                              "converted only for a one-group optimizer). Resume the model as it was trained "
+                              "(rosafx.bank / rosafx.unbank, or transform(..., bank=...)).")
         return saved
     params = optimizer.param_groups[0]["params"]
     index = {id(p): k for k, p in enumerate(params)}
